@@ -1,0 +1,1 @@
+"""phenaki_jax: Phenaki-style text-to-video models in JAX/Flax."""

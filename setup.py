@@ -1,0 +1,43 @@
+"""phenaki_jax: Phenaki-style text-to-video training in JAX/Flax."""
+import setuptools
+
+# Ranges that install and work together on Python 3.11 (see shared STACK notes):
+# jax 0.10 with flax 0.12, orbax 0.12, grain 0.2.18.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "jaxlib>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain==0.2.18",
+    "array_record>=0.8.6,<0.9",
+    "ml_collections>=1.1.0,<1.2",
+    "absl-py>=2.5.1,<3",
+    "clu==0.0.12",
+    # clu's metric writers and periodic actions import TensorFlow + tensorboard.
+    "tensorflow-cpu>=2.21.0,<2.22",
+    "tensorboard>=2.21.0,<2.22",
+    "h5py<3.15",
+    "tensorflow-datasets>=4.9.10,<4.10",
+    "numpy>=2.0",
+    "einops>=0.8",
+    "av>=18,<19",
+    "imageio>=2.38,<2.39",
+    "imageio-ffmpeg>=0.8,<0.9",
+    "pillow",
+    "tqdm",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8"],
+}
+
+setuptools.setup(
+    name="phenaki_jax",
+    version="0.1.0",
+    description="Phenaki-style text-to-video models (C-ViViT + MaskGIT) in JAX/Flax",
+    packages=setuptools.find_packages(include=["phenaki_jax", "phenaki_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

@@ -1,0 +1,17 @@
+"""Test-wide setup: 8 simulated CPU devices, so sharding tests see a real mesh."""
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# grain's multiprocessing reads absl flags; tests are not run under absl.app.
+flags.FLAGS.mark_as_parsed()
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: longer than CI can afford; run with -m slow")
