@@ -1,0 +1,67 @@
+"""Entry point: python -m phenaki_jax.main --config=configs/JOB.py[:variant] --workdir=DIR.
+
+Dispatches on config.job: 'cvivit' trains the tokenizer, 'prepare' turns a
+manifest of videos/images into ArrayRecord shards.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (and :variant).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and outputs go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run_job(config, workdir: str):
+  job = config.get("job")
+  if job == "cvivit":
+    from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
+    return train_cvivit.train_and_evaluate(config, workdir)
+  if job == "prepare":
+    from phenaki_jax.data import prepare  # pylint: disable=g-import-not-at-top
+    return prepare.run(config, workdir)
+  raise ValueError(f"config.job={job!r}: unknown job; expected 'cvivit' or 'prepare'")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with config override errors that name the key.
+
+  ml_collections reports an unknown override as a bare KeyError('foo').
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:
+    missing = str(e).strip("\"'")
+    culprits = [a for a in argv[1:] if a.startswith("--config.")
+                and missing in a.split("=", 1)[0].split(".")]
+    where = culprits[0] if culprits else "a --config.* override"
+    print(f"error: unknown config key {missing!r} in {where}: the config file has no such key "
+          "(see phenaki_jax/config_schema.py for every key)", file=sys.stderr)
+    sys.exit(2)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # TensorFlow (pulled in by CLU's writers) must not take the accelerator.
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+  except ImportError:
+    pass
+  logging.set_verbosity(logging.INFO)
+  run_job(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,203 @@
+"""Transformer building blocks with logical axis names.
+
+Parameters carry logical names ('embed', 'mlp', 'heads', 'kv', ...) and big
+activations are constrained with 'act_*' names. Which mesh axis each name maps
+to lives in the config's rules, never here. Activations use their own names so
+that FSDP can shard a weight's 'embed' dimension while the activation's batch
+dimension takes the same mesh axis.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+default_kernel_init = nn.initializers.xavier_uniform()
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+  return nn.with_logical_constraint(x, names)
+
+
+class DenseGeneral(nn.Module):
+  """nn.DenseGeneral whose kernel (and bias) carry logical axis names."""
+  features: int | tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  axis: int | tuple[int, ...] = -1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    axis = tuple(a % x.ndim for a in axis)
+    in_shape = tuple(x.shape[a] for a in axis)
+    # The kernel is created in its full rank (not flattened) so its logical
+    # axis names apply to the right dimensions.
+    fan_in = int(np.prod(in_shape))
+
+    def init(key, shape, dtype):
+      flat = self.kernel_init(key, (fan_in, int(np.prod(features))), dtype)
+      return flat.reshape(shape)
+
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                        in_shape + features, self.param_dtype)
+    contract = (axis, tuple(range(len(axis))))
+    y = jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel, self.dtype),
+                            (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, self.kernel_axes[-len(features):]), features, self.param_dtype)
+      y = y + jnp.asarray(bias, self.dtype)
+    return y
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32, scale/bias sharded along 'embed'."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.LayerNorm(
+        dtype=jnp.float32,
+        param_dtype=self.param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name="norm",
+    )(x.astype(jnp.float32))
+    return y.astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention; self-attention when `context` is None."""
+  num_heads: int
+  head_dim: int
+  causal: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  # None lets XLA pick; 'cudnn' asks for the fused GPU kernel.
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None = None,
+               context_mask: jax.Array | None = None) -> jax.Array:
+    features = x.shape[-1]
+    kv_input = x if context is None else context
+    proj = lambda name: DenseGeneral(
+        (self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
+        use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    q = proj("query")(x)
+    k = proj("key")(kv_input)
+    v = proj("value")(kv_input)
+    q = constrain(q, "act_batch", "act_len", "act_heads", "act_kv")
+    k = constrain(k, "act_batch", "act_len", "act_heads", "act_kv")
+    v = constrain(v, "act_batch", "act_len", "act_heads", "act_kv")
+    mask = None
+    if context_mask is not None:
+      # (B, Lk) -> (B, 1, 1, Lk): broadcast over heads and queries.
+      mask = context_mask[:, None, None, :].astype(bool)
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=self.causal and context is None,
+        implementation=self.attention_impl)
+    out = checkpoint_name(out, "attention_out")
+    out = constrain(out, "act_batch", "act_len", "act_heads", "act_kv")
+    return DenseGeneral(features, kernel_axes=("heads", "kv", "embed"), axis=(-2, -1),
+                        use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="out")(out)
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    h = DenseGeneral(self.mlp_dim, kernel_axes=("embed", "mlp"), dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="wi")(x)
+    h = nn.gelu(h)
+    h = checkpoint_name(h, "mlp_hidden")
+    h = constrain(h, "act_batch", "act_len", "act_mlp")
+    return DenseGeneral(features, kernel_axes=("mlp", "embed"), dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="wo")(h)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm block: self-attention, optional cross-attention, MLP."""
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  causal: bool = False
+  cross_attention: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None = None,
+               context_mask: jax.Array | None = None) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = lambda name, causal: MultiHeadAttention(
+        self.num_heads, self.head_dim, causal=causal,
+        attention_impl=self.attention_impl, name=name, **kw)
+    x = constrain(x, "act_batch", "act_len", "act_embed")
+    x = x + attn("self_attention", self.causal)(LayerNorm(name="pre_attention_norm", **kw)(x))
+    if self.cross_attention:
+      h = LayerNorm(name="pre_cross_attention_norm", **kw)(x)
+      x = x + attn("cross_attention", False)(h, context, context_mask)
+    x = x + MlpBlock(self.mlp_dim, name="mlp", **kw)(LayerNorm(name="pre_mlp_norm", **kw)(x))
+    return constrain(x, "act_batch", "act_len", "act_embed")
+
+
+class Transformer(nn.Module):
+  """A stack of TransformerBlocks, optionally rematerialised per block."""
+  num_layers: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  causal: bool = False
+  cross_attention: bool = False
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None = None,
+               context_mask: jax.Array | None = None) -> jax.Array:
+    block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+    for i in range(self.num_layers):
+      x = block_cls(
+          num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
+          causal=self.causal, cross_attention=self.cross_attention,
+          dtype=self.dtype, param_dtype=self.param_dtype,
+          attention_impl=self.attention_impl, name=f"block_{i}")(x, context, context_mask)
+    return LayerNorm(name="final_norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
+  """Fixed sin/cos embedding of integer positions: (..., ) -> (..., dim).
+
+  Used for the temporal axis of the tokenizer: it depends only on a frame's own
+  index, so it can never leak information from later frames, and it extends to
+  any clip length.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / max(half, 1))
+  angles = positions.astype(jnp.float32)[..., None] * freqs
+  emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, [(0, 0)] * (emb.ndim - 1) + [(0, 1)])
+  return emb

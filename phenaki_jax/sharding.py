@@ -1,0 +1,115 @@
+"""Device meshes and the mapping from logical axis names to them.
+
+Models name their axes logically; the config's rules say which mesh axis
+('data', 'fsdp', 'tensor') each name lives on. Everything here works the same
+for 1 CPU device, 8 simulated ones, or a pod slice.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Sequence[tuple[str, Any]]
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Fills one -1 entry so that the product equals `num_devices`."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"config.mesh.shape={shape}: needs one size per axis {MESH_AXES}")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"config.mesh.shape={shape}: sizes must be positive, with at most one -1")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if num_devices % known:
+    raise ValueError(f"config.mesh.shape={shape}: {known} does not divide the {num_devices} devices")
+  if -1 in shape:
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if int(np.prod(shape)) != num_devices:
+    raise ValueError(f"config.mesh.shape={shape} has {int(np.prod(shape))} devices; "
+                     f"there are {num_devices}")
+  return shape
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh with Auto axes (needed by flax constraints)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(shape, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Enter a mesh and logical rules together.
+
+  `jax.set_mesh` (not the deprecated `with mesh:`) is what makes flax's
+  activation constraints reach the lowered program.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(as_rules(rules)):
+    yield
+
+
+def as_rules(rules: Rules) -> tuple[tuple[str, Any], ...]:
+  """Config rules (lists from JSON/ConfigDict) -> flax's tuple form."""
+  out = []
+  for name, axes in rules:
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    out.append((str(name), axes))
+  return tuple(out)
+
+
+def logical_sharding(mesh: Mesh, rules: Rules, *logical_axes: str | None) -> NamedSharding:
+  spec = nn.logical_to_mesh_axes(logical_axes, as_rules(rules))
+  return NamedSharding(mesh, spec)
+
+
+def tree_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for an (abstract) tree holding nn.LogicallyPartitioned boxes.
+
+  The result has the structure of the unboxed tree; leaves without names are
+  replicated.
+  """
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, as_rules(rules))
+
+
+def strip_boxes(tree: Any) -> Any:
+  """Removes nn.Partitioned boxes without applying their sharding constraint.
+
+  (nn.unbox constrains each leaf, which only works while tracing; this also
+  works on the ShapeDtypeStructs from eval_shape.)
+  """
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Sharding of input batches: the leading axis along the batch rule."""
+  return logical_sharding(mesh, rules, "act_batch")
+
+
+def batch_divisor(mesh: Mesh, rules: Rules) -> int:
+  """How many ways the batch axis is split: the global batch must divide by it."""
+  spec = batch_sharding(mesh, rules).spec
+  axes = spec[0] if len(spec) else None
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def host_to_global(local_batch: Any, sharding: NamedSharding) -> Any:
+  """Process-local numpy batch -> global jax.Arrays laid out by `sharding`."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)

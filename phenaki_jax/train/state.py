@@ -1,0 +1,14 @@
+"""The train state: a plain pytree of step, parameters and optimizer state."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any

@@ -1,0 +1,198 @@
+"""Trains the C-ViViT tokenizer: a linear trainer, top to bottom.
+
+Setup -> Mesh -> Input -> Model & optimizer (eval_shape) -> Shardings -> Restore
+or Init -> Update step -> Evals -> Loop. The same code runs on one CPU device,
+8 simulated devices, or a pod slice; only config.mesh and the rules change.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from phenaki_jax import checkpointing, config_schema, losses, metrics, optimizers, sharding
+from phenaki_jax.data import pipeline
+from phenaki_jax.models import cvivit
+from phenaki_jax.train.state import TrainState
+
+
+def build_model(config: ml_collections.ConfigDict) -> cvivit.CViViT:
+  return cvivit.from_config(config.model, config.input.resolution)
+
+
+def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, num_frames: int,
+                 resolution: int):
+  """rng -> TrainState with logically boxed leaves (eval_shape it for shardings)."""
+  def init(rng: jax.Array) -> TrainState:
+    dummy = jnp.zeros((1, num_frames, resolution, resolution, 3), jnp.float32)
+    params = model.init(rng, dummy)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init
+
+
+def abstract_state_and_shardings(config: ml_collections.ConfigDict, model: nn.Module,
+                                 tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+  """(abstract unboxed state, its NamedShardings, unboxing init fn)."""
+  init = make_init_fn(model, tx, config.input.num_frames, config.input.resolution)
+  abstract_boxed = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding.tree_shardings(abstract_boxed, mesh, config.logical_axis_rules)
+  abstract = sharding.strip_boxes(abstract_boxed)
+  return abstract, shardings, lambda rng: nn.unbox(init(rng))
+
+
+def compute_losses(model: nn.Module, params: Any, video: jax.Array,
+                   loss_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss and its logged parts for a float video batch in [-1, 1]."""
+  recon, aux = model.apply({"params": params}, video)
+  l2 = losses.l2_loss(video, recon)
+  vq = losses.vq_loss(aux["codebook_loss"], aux["commitment_loss"], loss_cfg.commitment_cost)
+  total = loss_cfg.l2_weight * l2 + loss_cfg.vq_weight * vq
+  parts = {
+      "train/loss": total,
+      "train/l2": l2,
+      "train/vq/loss": vq,
+      "train/vq/codebook_loss": aux["codebook_loss"],
+      "train/vq/commitment_loss": aux["commitment_loss"],
+      "train/vq/usage": aux["usage"],
+      "train/vq/perplexity": aux["perplexity"],
+  }
+  return total, parts
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict):
+  schedule = optimizers.learning_rate_schedule(config.optimizer, config.total_steps)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    video = pipeline.to_model_input(batch["frames"])
+    grad_fn = jax.value_and_grad(
+        lambda p: compute_losses(model, p, video, config.loss), has_aux=True)
+    (_, parts), grads = grad_fn(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    parts["train/grad_norm"] = optax.global_norm(grads)
+    parts["train/learning_rate"] = schedule(state.step)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), parts
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module):
+  def eval_step(params: Any, frames: jax.Array):
+    video = pipeline.to_model_input(frames)
+    recon, aux = model.apply({"params": params}, video)
+    return jnp.clip(recon, -1, 1), {
+        "eval/psnr": losses.psnr(video, recon),
+        "eval/l2": losses.l2_loss(video, recon),
+        "eval/vq/usage": aux["usage"],
+        "eval/vq/perplexity": aux["perplexity"],
+    }
+  return eval_step
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains until config.total_steps, resuming from workdir's checkpoints."""
+  # --- Setup: a bad config fails here, before anything compiles.
+  config = config_schema.complete(config)
+  config_schema.validate_cvivit(config, jax.device_count(), jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  save_config(config, workdir)
+  writer = metrics.create_writer(workdir)
+  rules = config.logical_axis_rules
+
+  # --- Mesh.
+  mesh = sharding.make_mesh(config.mesh.shape)
+  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  replicated = sharding.replicated(mesh)
+
+  # --- Input.
+  train_iter = iter(pipeline.make_train_dataset(
+      config.input, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count()))
+
+  with sharding.use_mesh(mesh, rules):
+    # --- Model & optimizer, shapes only.
+    model = build_model(config)
+    tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
+    abstract_state, state_shardings, init_fn = abstract_state_and_shardings(config, model, tx, mesh)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+    logging.info("C-ViViT with %.2fM parameters", num_params / 1e6)
+
+    # --- Restore, or initialise already sharded.
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      max_to_keep=config.keep_checkpoints,
+                                      async_save=config.async_checkpointing)
+    restored = ckpt.restore_latest(
+        checkpointing.abstract_with_shardings(abstract_state, state_shardings), train_iter)
+    if restored is None:
+      state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.key(config.seed))
+      start_step = 0
+      logging.info("no checkpoint in %s: starting from scratch", workdir)
+    else:
+      state, start_step = restored
+      logging.info("resumed from step %d", start_step)
+
+    # --- Update step: one jitted function, explicit shardings, state donated.
+    train_step = jax.jit(make_train_step(model, tx, config),
+                         in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(model),
+                        in_shardings=(state_shardings.params, replicated),
+                        out_shardings=(replicated, replicated))
+    eval_frames = None
+    if config.eval_every_steps > 0:
+      eval_frames = pipeline.eval_videos(config.input, seed=config.seed,
+                                         count=config.num_eval_examples)
+
+    def run_eval(step: int) -> dict[str, float]:
+      recon, scalars = eval_step(state.params, jax.device_put(eval_frames, replicated))
+      scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
+      writer.write_scalars(step, scalars)
+      if jax.process_index() == 0:
+        grid = metrics.reconstruction_grid(eval_frames / 127.5 - 1.0, np.asarray(recon))
+        writer.write_images(step, {"eval/reconstructions": grid[None]})
+        metrics.save_png(os.path.join(workdir, "reconstructions", f"step_{step:07d}.png"), grid,
+                         upscale=max(1, 128 // config.input.resolution))
+      logging.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+      return scalars
+
+    # --- Loop.
+    progress = metrics.ProgressLogger(config.total_steps, start_step)
+    last_scalars: dict[str, float] = {}
+    eval_scalars: dict[str, float] = {}
+    for step in range(start_step + 1, config.total_steps + 1):
+      batch = sharding.host_to_global(next(train_iter), batch_sharding)
+      state, step_metrics = train_step(state, batch)
+      is_last = step == config.total_steps
+      if step % config.log_every_steps == 0 or is_last:
+        last_scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        rate = progress.steps_per_sec(step)
+        last_scalars["perf/steps_per_sec"] = rate
+        last_scalars["perf/examples_per_sec"] = rate * config.input.batch_size
+        last_scalars["train/is_video"] = float(batch["frames"].shape[1] > 1)
+        writer.write_scalars(step, last_scalars)
+        progress.log(step, last_scalars, rate)
+      if eval_frames is not None and (step % config.eval_every_steps == 0 or is_last):
+        eval_scalars = run_eval(step)
+      if step % config.checkpoint_every_steps == 0 or is_last:
+        ckpt.save(step, state, train_iter, config)
+    ckpt.close()
+    writer.flush()
+  return {"step": config.total_steps, "train": last_scalars, "eval": eval_scalars,
+          "state": state}
