@@ -6,6 +6,7 @@ manifest of videos/images into ArrayRecord shards.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -38,12 +39,16 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (KeyError, AttributeError) as e:
-    missing = str(e).strip("\"'")
-    culprits = [a for a in argv[1:] if a.startswith("--config.")
-                and missing in a.split("=", 1)[0].split(".")]
-    where = culprits[0] if culprits else "a --config.* override"
-    print(f"error: unknown config key {missing!r} in {where}: the config file has no such key "
-          "(see phenaki_jax/config_schema.py for every key)", file=sys.stderr)
+    text = str(e).replace("\\n", "\n")
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    culprits = [a for a in overrides
+                if any(f"'{part}'" in text or f'"{part}"' in text
+                       for part in a.split("=", 1)[0].split(".")[1:])]
+    where = culprits[0] if culprits else (overrides[0] if overrides else "the config")
+    hint = re.search(r"Did you mean[^?]*\?", text)
+    print(f"error: unknown config key in {where}: the config has no such key"
+          f"{' (' + hint.group(0) + ')' if hint else ''}; every key is listed in "
+          "phenaki_jax/config_schema.py", file=sys.stderr)
     sys.exit(2)
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)

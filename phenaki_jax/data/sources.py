@@ -1,7 +1,10 @@
-"""grain random-access sources over clip shards written by `prepare.py`.
+"""grain random-access sources of `{"frames", "caption"}` examples.
 
-Also home of the clip record format, which both sides share. A record is one
-msgpack map (language-neutral, no pickle):
+`ClipShardSource` reads the clip shards written by `prepare.py`;
+`TfdsClipSource` reads a TFDS dataset prepared in ArrayRecord format.
+
+This module also holds the clip record format, which prepare and the reader
+share. A record is one msgpack map (language-neutral, no pickle):
 
   fmt         "phenaki_jax/clip"
   version     RECORD_VERSION; readers refuse newer records
@@ -29,7 +32,6 @@ import os
 from typing import Any, Sequence
 
 from absl import logging
-import grain
 import msgpack  # flax's serialisation dependency; plain maps suffice here.
 import numpy as np
 from PIL import Image
@@ -87,7 +89,8 @@ def decode_clip_record(data: bytes) -> dict[str, Any]:
   shape = tuple(record["shape"])
   codec = record["codec"]
   if codec == "raw":
-    frames = np.frombuffer(record["frames"], dtype=np.uint8).reshape(shape)
+    # Copy: a view of the message bytes would be read-only.
+    frames = np.frombuffer(record["frames"], np.uint8).reshape(shape).copy()
   elif codec in ("png", "jpeg"):
     frames = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
                        for b in record["frames"]])
@@ -175,6 +178,10 @@ class ClipShardSource:
       kind: "video" or "image", for a prepare output folder.
       with_metadata: also return source path, start time and kind.
     """
+    # grain imports jax (~2 s): only readers pay for it, not the prepare
+    # workers that import this module for the record format.
+    import grain  # pylint: disable=g-import-not-at-top
+
     self._paths = _resolve_paths(paths_or_dir, kind)
     self._with_metadata = with_metadata
     self._source = grain.sources.ArrayRecordDataSource(self._paths)
@@ -205,3 +212,77 @@ class ClipShardSource:
   def __repr__(self) -> str:
     return (f"ClipShardSource({len(self._paths)} shards, first="
             f"{self._paths[0]!r})")
+
+
+# ----------------------------------------------------------------------------
+# TFDS datasets.
+
+
+def _lookup(example: dict[str, Any], key: str) -> Any:
+  """`example["a"]["b"]` for key "a/b" (TFDS nests FeaturesDicts)."""
+  value = example
+  for part in key.split("/"):
+    value = value[part]
+  return value
+
+
+def _as_clip(frames: Any, key: str) -> np.ndarray:
+  if isinstance(frames, (list, tuple)):  # numpy-decoded Video: per frame
+    frames = np.stack(frames)
+  frames = np.asarray(frames)
+  if frames.ndim == 3:  # an Image feature: a 1-frame clip
+    frames = frames[None]
+  if frames.ndim != 4 or frames.shape[-1] not in (1, 3):
+    raise ValueError(f"feature {key!r} is not [T, H, W, C<=3] video or "
+                     f"[H, W, C] image: shape {frames.shape}")
+  if frames.dtype != np.uint8:
+    raise ValueError(f"feature {key!r} has dtype {frames.dtype}, not uint8")
+  if frames.shape[-1] == 1:
+    frames = np.repeat(frames, 3, axis=-1)
+  return frames
+
+
+class TfdsClipSource:
+  """`{"frames", "caption"}` examples from a TFDS dataset.
+
+  Reads through `tfds.data_source`: random access and grain-ready, but only
+  for datasets prepared in ArrayRecord format (and without TensorFlow only
+  that works at all). Image features come out as 1-frame clips, grey ones
+  with 3 channels. Picklable.
+  """
+
+  def __init__(self, name: str, *, split: str = "train",
+               data_dir: str | None = None, frames_key: str = "video",
+               caption_key: str = "caption"):
+    """Opens a prepared TFDS dataset.
+
+    Args:
+      name: TFDS name, e.g. "my_clips" or "my_clips/config:1.0.0", or the
+        prepared version's folder (`DATA_DIR/my_clips/1.0.0`), which needs
+        no builder code.
+      split: split (slicing allowed: "train[:90%]").
+      data_dir: where the dataset was prepared.
+      frames_key: feature with the frames; "/" goes into nested dicts.
+      caption_key: text feature with the caption.
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    if os.path.isdir(name):
+      builder = tfds.builder_from_directory(name)
+      self._source = builder.as_data_source(split=split)
+    else:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+    self._frames_key = frames_key
+    self._caption_key = caption_key
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    example = self._source[index]
+    caption = _lookup(example, self._caption_key)
+    if isinstance(caption, bytes):
+      caption = caption.decode("utf-8")
+    return {"frames": _as_clip(_lookup(example, self._frames_key),
+                               self._frames_key),
+            "caption": str(caption)}

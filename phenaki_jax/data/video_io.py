@@ -159,12 +159,12 @@ def _check_file(path: str) -> None:
     raise VideoDecodeError(path, UNREADABLE, f"cannot read file: {e}") from e
 
 
-def _iso_bmff_problem(path: str) -> str | None:
-  """For MP4/MOV files: says how the box structure is cut short, if it is."""
+def _iso_boxes(path: str) -> tuple[list[tuple[str, int, int]], int] | None:
+  """Top-level (name, offset, size) boxes of an MP4/MOV file, else None."""
   size = os.path.getsize(path)
   boxes = []
   with open(path, "rb") as f:
-    head = f.read(12)
+    head = f.read(8)
     if len(head) < 8 or head[4:8] not in (b"ftyp", b"moov", b"mdat", b"wide",
                                           b"free", b"skip"):
       return None
@@ -177,16 +177,35 @@ def _iso_bmff_problem(path: str) -> str | None:
         box_size = struct.unpack(">Q", header[8:16])[0]
       elif box_size == 0:  # runs to the end of the file
         box_size = size - offset
-      name = box_type.decode("latin-1")
+      boxes.append((box_type.decode("latin-1"), offset, box_size))
       if box_size < 8:
-        return f"invalid MP4 box '{name}' at byte {offset}"
-      if offset + box_size > size:
-        return (f"truncated: MP4 box '{name}' at byte {offset} needs "
-                f"{box_size} bytes but the file ends at byte {size}"
-                + ("" if "moov" in boxes else "; no 'moov' index"))
-      boxes.append(name)
+        break
       offset += box_size
-  if "moov" not in boxes:
+  return boxes, size
+
+
+def _iso_bmff_problem(path: str, *, opened: bool) -> str | None:
+  """For MP4/MOV files: how the box structure is cut short, if it is.
+
+  Args:
+    path: the file.
+    opened: FFmpeg opened the file; then only a media box running past the
+      end counts (trailing junk after a complete file is harmless).
+  """
+  found = _iso_boxes(path)
+  if found is None:
+    return None
+  boxes, size = found
+  names = [name for name, _, _ in boxes]
+  for name, offset, box_size in boxes:
+    if box_size < 8 and not opened:
+      return f"invalid MP4 box '{name}' at byte {offset}"
+    if offset + box_size > size and (
+        not opened or name in ("mdat", "moov", "moof")):
+      return (f"truncated: MP4 box '{name}' at byte {offset} needs "
+              f"{box_size} bytes but the file ends at byte {size}"
+              + ("" if "moov" in names else "; no 'moov' index"))
+  if "moov" not in names and not opened:
     return "truncated or incomplete MP4: no 'moov' index box"
   return None
 
@@ -198,7 +217,7 @@ def _looks_like_text(path: str) -> bool:
 
 
 def _open_failure(path: str, err: Exception) -> VideoDecodeError:
-  problem = _iso_bmff_problem(path)
+  problem = _iso_bmff_problem(path, opened=False)
   if problem:
     return VideoDecodeError(path, TRUNCATED, problem)
   if _looks_like_text(path):
@@ -211,14 +230,22 @@ def _open_failure(path: str, err: Exception) -> VideoDecodeError:
 def _open(path: str) -> av.container.InputContainer:
   _check_file(path)
   try:
-    return av.open(path, metadata_errors="ignore")
+    container = av.open(path, metadata_errors="ignore")
   except av.error.FFmpegError as e:
     raise _open_failure(path, e) from e
+  # An MP4 cut after its index opens fine and may even decode without an
+  # error, just shorter: catch it here.
+  problem = _iso_bmff_problem(path, opened=True)
+  if problem:
+    container.close()
+    raise VideoDecodeError(path, TRUNCATED, problem)
+  return container
 
 
 def _video_stream(container, path: str):
   if not container.streams.video:
-    raise VideoDecodeError(path, NO_VIDEO_STREAM, "the file has no video stream")
+    raise VideoDecodeError(path, NO_VIDEO_STREAM,
+                           "the file has no video stream")
   return container.streams.video[0]
 
 
@@ -265,7 +292,8 @@ def _rotation(frame: av.VideoFrame) -> int:
   return int(round(angle / 90.0)) * 90 % 360
 
 
-def _decoded(container, stream, path: str) -> Iterator[tuple[float, av.VideoFrame]]:
+def _decoded(container, stream, path: str
+             ) -> Iterator[tuple[float, av.VideoFrame]]:
   """Yields (seconds, frame) in decode order, with raw timestamps."""
   fps = _stream_fps(stream) or 25.0
   last = None
@@ -279,14 +307,14 @@ def _decoded(container, stream, path: str) -> Iterator[tuple[float, av.VideoFram
       count += 1
       yield t, frame
   except av.error.FFmpegError as e:
-    where = f"after {count} frames" + (f" (t={last:.2f}s)" if last else "")
-    problem = _iso_bmff_problem(path)
-    if problem:
-      raise VideoDecodeError(path, TRUNCATED, f"{problem}; decoding stopped "
-                             f"{where}") from e
+    where = f"after {_frames(count)}" + (f" (t={last:.2f}s)" if last else "")
     raise VideoDecodeError(path, CORRUPTED,
                            f"corrupted stream: decoding failed {where}: {e}"
                            ) from e
+
+
+def _frames(n: int) -> str:
+  return f"{n} frame" + ("" if n == 1 else "s")
 
 
 def _sorted_times(timed: Iterator[tuple[float, av.VideoFrame]]
@@ -436,7 +464,7 @@ def iter_clips(path: str, *, num_frames: int, stride: int | None = None,
     rate = f" at {fps:g} fps" if fps else ""
     raise VideoDecodeError(
         os.fspath(path), TOO_SHORT,
-        f"too short for one clip: {seen} frames{rate}, a clip needs "
+        f"too short for one clip: {_frames(seen)}{rate}, a clip needs "
         f"{num_frames}")
 
 
@@ -473,7 +501,8 @@ def _image_to_rgb(image: Image.Image) -> Image.Image:
   if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
     # 16-bit / float grey: PIL's convert("RGB") would clip, not scale.
     arr = np.asarray(image, dtype=np.float64)
-    peak = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+    wide = image.mode.startswith("I;16") or arr.max() > 255
+    peak = 65535.0 if wide else 255.0
     arr = np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
     return Image.fromarray(arr, mode="L").convert("RGB")
   if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:

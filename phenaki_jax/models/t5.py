@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phenaki_jax.models import layers
+
 Array = jax.Array
 DType = Any
-Initializer = Callable[..., Array]
 
 PAD_ID = 0
 EOS_ID = 1
@@ -163,40 +164,12 @@ class T5LayerNorm(nn.Module):
     return (x * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-class DenseGeneral(nn.Module):
-  """Bias-free linear map contracting the last `num_in_axes` input axes."""
-  features: tuple[int, ...]
-  kernel_axes: tuple[str, ...]
-  num_in_axes: int = 1
-  kernel_init: Initializer = nn.initializers.variance_scaling(
-      1.0, 'fan_in', 'truncated_normal')
-  dtype: DType = jnp.float32
-  param_dtype: DType = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    in_shape = x.shape[x.ndim - self.num_in_axes:]
-    kernel_shape = tuple(in_shape) + tuple(self.features)
-    fan_in = int(np.prod(in_shape))
-    fan_out = int(np.prod(self.features))
-
-    def init(key, shape, dtype):
-      # Initialise as the equivalent 2D matrix so fan-in/out are right for
-      # multi-axis kernels, then view it in the stored shape.
-      return self.kernel_init(key, (fan_in, fan_out), dtype).reshape(shape)
-
-    kernel = self.param(
-        'kernel', nn.with_logical_partitioning(init, self.kernel_axes),
-        kernel_shape, self.param_dtype)
-    x = x.astype(self.dtype)
-    kernel = kernel.astype(self.dtype)
-    in_axes = tuple(range(x.ndim - self.num_in_axes, x.ndim))
-    return jax.lax.dot_general(
-        x, kernel, ((in_axes, tuple(range(self.num_in_axes))), ((), ())))
-
-
 class RelativePositionBias(nn.Module):
-  """Per-head learned bias over bucketed relative positions, (1, H, Lq, Lk)."""
+  """Per-head learned bias over bucketed relative positions, (1, H, Lq, Lk).
+
+  The bias is returned in float32 whatever `dtype` is, because it is added to
+  the float32 attention logits.
+  """
   num_heads: int
   num_buckets: int = 32
   max_distance: int = 128
@@ -238,9 +211,10 @@ class T5SelfAttention(nn.Module):
       return base_init(*args) / math.sqrt(self.d_kv)
 
     def proj(name, init):
-      return DenseGeneral(
+      return layers.DenseGeneral(
           features=(self.num_heads, self.d_kv),
           kernel_axes=('embed', 'heads', 'kv'),
+          use_bias=False,
           kernel_init=init,
           dtype=self.dtype,
           param_dtype=self.param_dtype,
@@ -257,10 +231,11 @@ class T5SelfAttention(nn.Module):
         weights, deterministic=deterministic)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     out = nn.with_logical_constraint(out, act_axes)
-    return DenseGeneral(
+    return layers.DenseGeneral(
         features=(d_model,),
         kernel_axes=('heads', 'kv', 'embed'),
-        num_in_axes=2,
+        axis=(-2, -1),
+        use_bias=False,
         kernel_init=base_init,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
@@ -280,8 +255,9 @@ class T5GatedMlp(nn.Module):
     init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
 
     def dense(features, axes, name):
-      return DenseGeneral(
-          features=(features,), kernel_axes=axes, kernel_init=init,
+      return layers.DenseGeneral(
+          features=(features,), kernel_axes=axes, use_bias=False,
+          kernel_init=init,
           dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     gate = jax.nn.gelu(dense(self.d_ff, ('embed', 'mlp'), 'wi_0')(x),
@@ -329,6 +305,23 @@ class T5EncoderLayer(nn.Module):
             h, deterministic=deterministic)
     x = x + drop(h, deterministic=deterministic)
     return nn.with_logical_constraint(x, act_axes)
+
+
+class Embed(nn.Module):
+  """Token embedding table (vocab, embed); T5 does not scale the lookup."""
+  num_embeddings: int
+  features: int
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: Array) -> Array:
+    table = self.param(
+        'embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0),
+                                     ('vocab', 'embed')),
+        (self.num_embeddings, self.features), self.param_dtype)
+    return jnp.take(table, ids.astype(jnp.int32), axis=0).astype(self.dtype)
 
 
 class T5Encoder(nn.Module):
@@ -413,23 +406,6 @@ class T5Encoder(nn.Module):
     x = nn.Dropout(self.dropout_rate, name='output_dropout')(
         x, deterministic=deterministic)
     return nn.with_logical_constraint(x, act_axes), mask
-
-
-class Embed(nn.Module):
-  """Token embedding table (vocab, embed); T5 does not scale the lookup."""
-  num_embeddings: int
-  features: int
-  dtype: DType = jnp.float32
-  param_dtype: DType = jnp.float32
-
-  @nn.compact
-  def __call__(self, ids: Array) -> Array:
-    table = self.param(
-        'embedding',
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0),
-                                     ('vocab', 'embed')),
-        (self.num_embeddings, self.features), self.param_dtype)
-    return jnp.take(table, ids.astype(jnp.int32), axis=0).astype(self.dtype)
 
 
 def param_shapes(module: T5Encoder) -> dict[str, Any]:

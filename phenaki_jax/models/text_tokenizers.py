@@ -73,7 +73,7 @@ class TextTokenizer(abc.ABC):
 
 
 class ByteTokenizer(TextTokenizer):
-  """ByT5-style UTF-8 byte tokenizer: id = byte + 3; needs no vocabulary file."""
+  """ByT5-style UTF-8 bytes: id = byte + 3; needs no vocabulary file."""
 
   num_special = 3
 

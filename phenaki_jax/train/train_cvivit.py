@@ -104,8 +104,13 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains until config.total_steps, resuming from workdir's checkpoints."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after_step: int | None = None) -> dict[str, Any]:
+  """Trains until config.total_steps, resuming from workdir's checkpoints.
+
+  `stop_after_step` ends this run early with a checkpoint, as a preemption
+  would, without changing anything that depends on total_steps.
+  """
   # --- Setup: a bad config fails here, before anything compiles.
   config = config_schema.complete(config)
   config_schema.validate_cvivit(config, jax.device_count(), jax.process_count())
@@ -190,9 +195,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         progress.log(step, last_scalars, rate)
       if eval_frames is not None and (step % config.eval_every_steps == 0 or is_last):
         eval_scalars = run_eval(step)
-      if step % config.checkpoint_every_steps == 0 or is_last:
+      stopping = stop_after_step is not None and step >= stop_after_step
+      if step % config.checkpoint_every_steps == 0 or is_last or stopping:
         ckpt.save(step, state, train_iter, config)
+      if stopping:
+        logging.info("stopping after step %d as asked; run again to resume", step)
+        break
     ckpt.close()
     writer.flush()
-  return {"step": config.total_steps, "train": last_scalars, "eval": eval_scalars,
+  return {"step": int(state.step), "train": last_scalars, "eval": eval_scalars,
           "state": state}

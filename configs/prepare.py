@@ -1,0 +1,35 @@
+"""Prepare a captioned video/image manifest into ArrayRecord clip shards.
+
+  python -m phenaki_jax.main --config=configs/prepare.py --workdir=DIR \
+      --config.manifest=videos/captions.jsonl
+
+Variants (`configs/prepare.py:VARIANT`):
+  webvid  WebVid CSV (videoid, name, page_dir, ...) with the videos
+          downloaded to `{page_dir}/{videoid}.mp4` next to the CSV.
+  tiny    the small test media in tests/data/media, 32x32, in-process; runs
+          in seconds from the repository root.
+
+Field meanings: `phenaki_jax.data.prepare.default_config`.
+"""
+
+import ml_collections
+
+from phenaki_jax.data import prepare
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the prepare config, optionally a named variant."""
+  config = prepare.default_config()
+  config.job = "prepare"
+  if arg == "webvid":
+    config.manifest_format = "csv"
+    config.caption_column = "name"
+    config.path_format = "{page_dir}/{videoid}.mp4"
+  elif arg == "tiny":
+    config.manifest = "tests/data/media/manifest.jsonl"
+    config.resolution = 32
+    config.files_per_unit = 4
+    config.num_workers = 1
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r}: use webvid or tiny")
+  return config

@@ -1,0 +1,620 @@
+"""Turns a manifest of videos/images with captions into ArrayRecord shards.
+
+    python -m phenaki_jax.data.prepare --manifest=captions.jsonl --out=DIR \
+        [--config.resolution=128 --config.num_workers=8 ...]
+
+or `main.py --config=configs/prepare.py --workdir=DIR` (calls `run`).
+
+Manifests: JSONL (`{"path": ..., "caption": ...}` a line) or CSV/TSV with
+configurable column names; `path_format` builds paths from several columns
+(WebVid: `{page_dir}/{videoid}.mp4`). Relative paths resolve against the
+manifest's folder (or `media_root`). A path with an image extension is an
+image-text pair, anything else a video.
+
+Output (DIR):
+  metadata.json          settings, manifest hash, record format version
+  video/video-UUUUU-PPP.array_record   clips of work unit U, part P
+  image/image-UUUUU-PPP.array_record   1-frame (or still) image clips
+  units/unit-UUUUU.json  a finished unit's report; its existence = "done"
+  summary.json           counts, every skipped file with its reason
+
+Work is cut into deterministic units of `files_per_unit` manifest entries.
+Each unit writes its shards (at most `clips_per_shard` records each) under a
+`.tmp` name, renames them into place, then writes its report. A re-run with
+the same settings and manifest skips finished units and redoes any other
+unit from scratch (removing its leftovers), so a killed run resumes without
+duplicates or losses. A unit that produced no record of a kind writes no shard
+of that kind. Bad inputs (missing, empty, not a video, truncated, corrupted,
+too short, undecodable image, bad manifest row) are skipped, each logged and
+listed in summary.json with a reason that names the file.
+
+Record format (see `sources.py` for the fields). Measured 2026-11-22 on the
+project's 2-core CPU machine (shared: load ~3.5, so speeds are the range of
+three best-of-3 runs) with the 30 clips of 11 frames cut from the five videos
+in shared/data/real/videos. Size: file size / records over 300 records
+(ArrayRecord pads files to 64 KiB blocks). Read: grain ArrayRecordDataSource
+in random order, msgpack + decode to uint8 arrays, one process.
+
+  64x64 (raw clip 132 KiB)       KiB/clip  read clips/s    PSNR dB
+    raw, uncompressed               132.5   17,300-23,500   lossless
+    raw, array_record zstd:3        100.3    6,000-6,800    lossless
+    PNG per frame (level 1)          82.3      360-430      lossless
+    JPEG per frame (q95)             32.6      490-750      37.1
+    JPEG per frame (q90)             25.6      460-1,200    34.6
+    mp4 per clip (x264 crf 18)        9.0       70-160      34.4
+  128x128 (raw clip 528 KiB)
+    raw, uncompressed               528.6    4,750-6,600    lossless
+    raw, array_record zstd:3        361.8    1,650-2,050    lossless
+    PNG per frame (level 1)         275.0      110-150      lossless
+    JPEG per frame (q95)             83.6      320-550      40.5
+    mp4 per clip (x264 crf 18)       22.4       40-60       36.9
+
+Default `frame_codec="raw"` (zstd inside ArrayRecord): lossless, so the
+tokenizer sees exactly what the decoder produced (the sources are already
+lossy once), 24-32% smaller than raw, thousands of clips/s per core. PNG
+saves 18-24% more but reads >10x slower. `frame_codec="jpeg"` (q95) is the
+option for large corpora: 3-4x smaller than zstd at 37-40 dB, still hundreds
+of clips/s per core, far ahead of a training step here. Per-clip mp4 is the
+smallest but the slowest to read, and is not offered.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import fcntl
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from typing import Any, Iterator
+
+from absl import logging
+from array_record.python import array_record_module
+import ml_collections
+import tqdm
+
+from phenaki_jax.data import sources
+from phenaki_jax.data import video_io
+
+METADATA_FORMAT = "phenaki_jax/clip_shards"
+_JSONL_EXTENSIONS = (".jsonl", ".json", ".ndjson")
+_CSV_EXTENSIONS = (".csv", ".tsv")
+BAD_MANIFEST_ENTRY = "bad_manifest_entry"
+UNEXPECTED_ERROR = "error"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Settings of `run`; configs/prepare.py starts from these."""
+  c = ml_collections.ConfigDict()
+  c.manifest = ""  # JSONL or CSV/TSV file.
+  c.manifest_format = "auto"  # "auto" (by extension), "jsonl" or "csv".
+  c.path_column = "path"
+  c.caption_column = "caption"
+  # If set, str.format template over a row's fields giving the path, e.g.
+  # WebVid "{page_dir}/{videoid}.mp4"; path_column is then unused.
+  c.path_format = ""
+  c.media_root = ""  # Base of relative paths; "" = the manifest's folder.
+  c.resolution = 64  # Square side: resize on the short side, centre crop.
+  c.num_frames = 11  # Frames per video clip (1 + 5 * temporal patch 2).
+  c.fps = 8.0  # Clips are resampled to this rate (Phenaki: 8 fps).
+  c.clip_stride_frames = 0  # Frames between clip starts; 0 = num_frames.
+  c.max_clips_per_video = 0  # 0 = every clip of every video.
+  c.image_num_frames = 1  # >1 repeats an image into a still clip.
+  c.frame_codec = "raw"  # "raw" (zstd'd shards), "png" or "jpeg".
+  c.jpeg_quality = 95
+  c.clips_per_shard = 1024  # Upper bound on records per shard file.
+  c.files_per_unit = 64  # Manifest entries per resumable work unit.
+  c.num_workers = 0  # Processes; 0 = one per CPU, 1 = in this process.
+  c.max_units = 0  # Stop after this many new units (0 = all); for tests.
+  c.progress = True  # tqdm progress bar on stderr.
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What determines the bytes written; a resumed run must match them."""
+  resolution: int
+  num_frames: int
+  fps: float
+  clip_stride_frames: int
+  max_clips_per_video: int
+  image_num_frames: int
+  frame_codec: str
+  jpeg_quality: int
+  clips_per_shard: int
+  files_per_unit: int
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> Settings:
+    s = cls(
+        resolution=int(config.resolution), num_frames=int(config.num_frames),
+        fps=float(config.fps),
+        clip_stride_frames=int(config.clip_stride_frames or config.num_frames),
+        max_clips_per_video=int(config.max_clips_per_video),
+        image_num_frames=int(config.image_num_frames),
+        frame_codec=str(config.frame_codec),
+        jpeg_quality=int(config.jpeg_quality),
+        clips_per_shard=int(config.clips_per_shard),
+        files_per_unit=int(config.files_per_unit))
+    if s.frame_codec not in sources.FRAME_CODECS:
+      raise ValueError(f"frame_codec must be one of {sources.FRAME_CODECS}, "
+                       f"got {s.frame_codec!r}")
+    for name in ("resolution", "num_frames", "clip_stride_frames",
+                 "image_num_frames", "clips_per_shard", "files_per_unit"):
+      if getattr(s, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(s, name)}")
+    if s.fps <= 0:
+      raise ValueError(f"fps must be > 0, got {s.fps}")
+    return s
+
+
+# ----------------------------------------------------------------------------
+# Manifests.
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestEntry:
+  index: int  # 0-based position among the manifest's entries
+  line: int  # 1-based line in the manifest file, for messages
+  path: str  # resolved path ("" when the entry is unusable)
+  caption: str
+  problem: str = ""  # why the entry itself is unusable
+
+
+def manifest_format(path: str, fmt: str = "auto") -> str:
+  """"jsonl" or "csv" for a manifest file."""
+  if fmt in ("jsonl", "csv"):
+    return fmt
+  if fmt != "auto":
+    raise ValueError(f"manifest_format must be auto, jsonl or csv: {fmt!r}")
+  ext = os.path.splitext(path)[1].lower()
+  if ext in _JSONL_EXTENSIONS:
+    return "jsonl"
+  if ext in _CSV_EXTENSIONS:
+    return "csv"
+  raise ValueError(f"{path}: cannot tell the manifest format from its "
+                   f"extension; set manifest_format to jsonl or csv")
+
+
+def iter_manifest(path: str, *, fmt: str = "auto", path_column: str = "path",
+                  caption_column: str = "caption", path_format: str = "",
+                  media_root: str = "") -> Iterator[ManifestEntry]:
+  """Streams a manifest's entries, resolving paths; never skips silently.
+
+  Rows that cannot be used (bad JSON, missing field, URL) come out with
+  `problem` set, so they are reported like bad files. A CSV missing a
+  configured column raises ValueError: that is a config error.
+  """
+  path = os.fspath(path)
+  root = media_root or os.path.dirname(os.path.abspath(path))
+  fmt = manifest_format(path, fmt)
+
+  def entry(index, line, row):
+    try:
+      if path_format:
+        rel = path_format.format(**row)
+      elif path_column in row and row[path_column] not in (None, ""):
+        rel = str(row[path_column])
+      else:
+        return ManifestEntry(index, line, "", "",
+                             f"no '{path_column}' field")
+    except (KeyError, IndexError, ValueError) as e:
+      return ManifestEntry(index, line, "", "",
+                           f"path_format {path_format!r} failed: {e!r}")
+    if caption_column not in row or row[caption_column] is None:
+      return ManifestEntry(index, line, rel, "", f"no '{caption_column}' field")
+    if "://" in rel:
+      return ManifestEntry(index, line, rel, "", "remote URLs are not "
+                           "supported: download the file and list its path")
+    resolved = os.path.normpath(os.path.join(root, os.path.expanduser(rel)))
+    return ManifestEntry(index, line, resolved, str(row[caption_column]))
+
+  with open(path, newline="" if fmt == "csv" else None,
+            encoding="utf-8") as f:
+    if fmt == "jsonl":
+      index = 0
+      for line_no, text in enumerate(f, start=1):
+        if not text.strip():
+          continue
+        try:
+          row = json.loads(text)
+          if not isinstance(row, dict):
+            raise ValueError("not a JSON object")
+        except ValueError as e:
+          yield ManifestEntry(index, line_no, "", "", f"bad JSON: {e}")
+        else:
+          yield entry(index, line_no, row)
+        index += 1
+    else:
+      delimiter = "\t" if path.lower().endswith(".tsv") else ","
+      reader = csv.DictReader(f, delimiter=delimiter)
+      columns = reader.fieldnames or []
+      needed = [caption_column] + ([] if path_format else [path_column])
+      absent = [c for c in needed if c not in columns]
+      if absent:
+        raise ValueError(f"{path}: no column(s) {absent}; columns are "
+                         f"{columns}. Set path_column / caption_column.")
+      for index, row in enumerate(reader):
+        yield entry(index, reader.line_num, row)
+
+
+def _file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _count_lines(path: str) -> int:
+  with open(path, "rb") as f:
+    return sum(1 for line in f if line.strip())
+
+
+# ----------------------------------------------------------------------------
+# Atomic files.
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _writer_options(codec: str) -> str:
+  # group_size:1 keeps reads random-access; png/jpeg bytes gain nothing from
+  # a second compressor, raw pixels lose 23-31% to zstd (see docstring).
+  return "group_size:1," + ("zstd:3" if codec == "raw" else "uncompressed")
+
+
+class _ShardWriter:
+  """Writes records to `{prefix}-PPP.array_record` files, each atomically."""
+
+  def __init__(self, directory: str, prefix: str, max_records: int,
+               options: str):
+    self._dir, self._prefix = directory, prefix
+    self._max, self._options = max_records, options
+    self._writer = None
+    self._count = 0
+    self._tmp = self._final = ""
+    self.shards: list[dict[str, Any]] = []
+
+  def write(self, record: bytes) -> None:
+    if self._writer is None:
+      name = f"{self._prefix}-{len(self.shards):03d}{sources.SHARD_SUFFIX}"
+      self._final = os.path.join(self._dir, name)
+      self._tmp = self._final + ".tmp"
+      os.makedirs(self._dir, exist_ok=True)
+      self._writer = array_record_module.ArrayRecordWriter(self._tmp,
+                                                           self._options)
+    self._writer.write(record)
+    self._count += 1
+    if self._count >= self._max:
+      self._finish()
+
+  def _finish(self) -> None:
+    self._writer.close()
+    with open(self._tmp, "rb") as f:  # durable before it becomes visible
+      os.fsync(f.fileno())
+    os.replace(self._tmp, self._final)
+    self.shards.append({"file": os.path.basename(self._final),
+                        "records": self._count})
+    self._writer, self._count = None, 0
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._finish()
+
+
+# ----------------------------------------------------------------------------
+# One work unit (runs in a worker process).
+
+
+def _unit_report_path(out_dir: str, unit: int) -> str:
+  return os.path.join(out_dir, "units", f"unit-{unit:05d}.json")
+
+
+def _remove_unit_leftovers(out_dir: str, unit: int) -> None:
+  for kind in sources.KINDS:
+    for path in glob.glob(os.path.join(out_dir, kind, f"{kind}-{unit:05d}-*")):
+      os.remove(path)
+
+
+def _process_unit(out_dir: str, unit: int, entries: list[ManifestEntry],
+                  settings: Settings) -> dict[str, Any]:
+  """Decodes a unit's files, writes its shards, then its report."""
+  start = time.time()
+  _remove_unit_leftovers(out_dir, unit)
+  options = _writer_options(settings.frame_codec)
+  writers = {kind: _ShardWriter(os.path.join(out_dir, kind),
+                                f"{kind}-{unit:05d}",
+                                settings.clips_per_shard, options)
+             for kind in sources.KINDS}
+  report = {"unit": unit, "first_entry": entries[0].index,
+            "num_entries": len(entries), "video_files": 0, "image_files": 0,
+            "video_clips": 0, "image_clips": 0, "skipped": []}
+  for e in entries:
+    kind = "image" if video_io.is_image_path(e.path) else "video"
+    try:
+      if e.problem:
+        raise video_io.VideoDecodeError(
+            e.path or "<no path>", BAD_MANIFEST_ENTRY,
+            f"manifest line {e.line}: {e.problem}")
+      if kind == "image":
+        clips = [video_io.Clip(video_io.read_image(
+            e.path, resolution=settings.resolution,
+            num_frames=settings.image_num_frames), 0.0)]
+      else:
+        clips = list(video_io.iter_clips(
+            e.path, num_frames=settings.num_frames,
+            stride=settings.clip_stride_frames, fps=settings.fps,
+            resolution=settings.resolution,
+            max_clips=settings.max_clips_per_video))
+    except video_io.VideoDecodeError as err:
+      report["skipped"].append({"path": e.path, "line": e.line,
+                                "reason": err.kind, "message": str(err)})
+      continue
+    except Exception as err:  # pylint: disable=broad-except
+      # One odd file must not stop a long job; the summary names it.
+      report["skipped"].append({
+          "path": e.path, "line": e.line, "reason": UNEXPECTED_ERROR,
+          "message": f"{e.path}: unexpected {type(err).__name__}: {err}"})
+      continue
+    # Writing happens outside the try: an I/O failure must stop the unit.
+    for clip in clips:
+      writers[kind].write(sources.encode_clip_record(
+          clip.frames, kind=kind, caption=e.caption, source=e.path,
+          line=e.line, start_time=clip.start_time,
+          fps=settings.fps if kind == "video" else 0.0,
+          codec=settings.frame_codec, jpeg_quality=settings.jpeg_quality))
+    report[f"{kind}_files"] += 1
+    report[f"{kind}_clips"] += len(clips)
+  for w in writers.values():
+    w.close()
+  report["shards"] = {kind: w.shards for kind, w in writers.items()}
+  report["seconds"] = round(time.time() - start, 3)
+  _write_json_atomic(_unit_report_path(out_dir, unit), report)
+  return report
+
+
+# ----------------------------------------------------------------------------
+# Driver.
+
+
+def _units(entries: Iterator[ManifestEntry], size: int
+           ) -> Iterator[tuple[int, list[ManifestEntry]]]:
+  chunk: list[ManifestEntry] = []
+  for e in entries:
+    chunk.append(e)
+    if len(chunk) == size:
+      yield e.index // size, chunk
+      chunk = []
+  if chunk:
+    yield chunk[0].index // size, chunk
+
+
+def _check_metadata(out_dir: str, metadata: dict[str, Any]) -> None:
+  """Writes metadata.json, or checks a resumed run matches it."""
+  path = os.path.join(out_dir, "metadata.json")
+  if not os.path.exists(path):
+    _write_json_atomic(path, metadata)
+    return
+  with open(path) as f:
+    old = json.load(f)
+  keys = ("format", "record_version", "settings", "manifest_sha256")
+  diff = {k: (old.get(k), metadata[k]) for k in keys
+          if old.get(k) != metadata[k]}
+  if diff:
+    raise ValueError(
+        f"{out_dir} holds data prepared with other settings or another "
+        f"manifest ({sorted(diff)} differ: was/now {diff}); use a new output "
+        "directory or delete this one")
+
+
+def _summarize(out_dir: str, reports: dict[int, dict[str, Any]],
+               complete: bool, elapsed: float) -> dict[str, Any]:
+  summary: dict[str, Any] = {
+      "complete": complete, "units_done": len(reports), "files_read": 0,
+      "files_ok": 0, "video_files": 0, "image_files": 0, "clips_written": 0,
+      "video_clips": 0, "image_clips": 0, "files_skipped": 0,
+      "skipped_by_reason": {}, "skipped_files": [],
+      "shards": {k: [] for k in sources.KINDS},
+      "elapsed_s": round(elapsed, 3)}
+  for unit in sorted(reports):
+    r = reports[unit]
+    summary["files_read"] += r["num_entries"]
+    for key in ("video_files", "image_files", "video_clips", "image_clips"):
+      summary[key] += r[key]
+    for skip in r["skipped"]:
+      by_reason = summary["skipped_by_reason"]
+      by_reason[skip["reason"]] = by_reason.get(skip["reason"], 0) + 1
+      summary["skipped_files"].append(skip)
+    for kind in sources.KINDS:
+      summary["shards"][kind] += [
+          {"file": f"{kind}/{s['file']}", "records": s["records"]}
+          for s in r["shards"][kind]]
+  summary["files_ok"] = summary["video_files"] + summary["image_files"]
+  summary["files_skipped"] = len(summary["skipped_files"])
+  summary["clips_written"] = summary["video_clips"] + summary["image_clips"]
+  _write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+  return summary
+
+
+def _load_reports(out_dir: str) -> dict[int, dict[str, Any]]:
+  """Reports of finished units whose shards are all still on disk."""
+  reports = {}
+  for path in sorted(glob.glob(os.path.join(out_dir, "units", "unit-*.json"))):
+    with open(path) as f:
+      report = json.load(f)
+    lost = [s["file"] for kind in sources.KINDS for s in report["shards"][kind]
+            if not os.path.isfile(os.path.join(out_dir, kind, s["file"]))]
+    if lost:
+      # Redo rather than silently serve a hole in the data.
+      logging.warning("unit %d: shard(s) %s missing; redoing the unit",
+                      report["unit"], lost)
+      os.remove(path)
+      continue
+    reports[report["unit"]] = report
+  return reports
+
+
+def _log_report(report: dict[str, Any]) -> None:
+  for skip in report["skipped"]:
+    logging.warning("skipped (%s): %s", skip["reason"], skip["message"])
+  logging.info("unit %d: %d files, %d video clips, %d images, %d skipped",
+               report["unit"], report["num_entries"], report["video_clips"],
+               report["image_clips"], len(report["skipped"]))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Prepares (or resumes preparing) `config.manifest` into `workdir`.
+
+  Returns:
+    The summary also written to `workdir/summary.json`.
+  """
+  start = time.time()
+  unknown = sorted(set(config.keys()) - set(default_config().keys())
+                   - {"job"})
+  if unknown:
+    raise ValueError(f"unknown prepare config key(s) {unknown}; see "
+                     "phenaki_jax.data.prepare.default_config")
+  settings = Settings.from_config(config)
+  manifest = os.path.abspath(os.fspath(config.manifest))
+  if not config.manifest or not os.path.isfile(manifest):
+    raise FileNotFoundError(f"manifest not found: {config.manifest!r}")
+  out_dir = os.path.abspath(os.fspath(workdir))
+  os.makedirs(os.path.join(out_dir, "units"), exist_ok=True)
+  with open(os.path.join(out_dir, ".lock"), "w") as lock:
+    try:
+      # Released by the OS even on SIGKILL, so a dead run never blocks.
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+      raise RuntimeError(f"another prepare is writing to {out_dir}") from e
+    return _run_locked(config, manifest, out_dir, settings, start)
+
+
+def _run_locked(config: ml_collections.ConfigDict, manifest: str,
+                out_dir: str, settings: Settings, start: float
+                ) -> dict[str, Any]:
+  """`run` once it holds the output directory's lock."""
+  fmt = manifest_format(manifest, config.manifest_format)
+  _check_metadata(out_dir, {
+      "format": METADATA_FORMAT, "record_version": sources.RECORD_VERSION,
+      "settings": dataclasses.asdict(settings),
+      "manifest_sha256": _file_sha256(manifest), "manifest": manifest,
+      "manifest_format": fmt,
+      # Handy copies for readers; `settings` is what a rerun checks.
+      "resolution": settings.resolution, "num_frames": settings.num_frames,
+      "image_num_frames": settings.image_num_frames, "fps": settings.fps,
+      "frame_codec": settings.frame_codec})
+
+  reports = _load_reports(out_dir)
+  entries = iter_manifest(
+      manifest, fmt=fmt, path_column=config.path_column,
+      caption_column=config.caption_column, path_format=config.path_format,
+      media_root=config.media_root)
+  approx_total = max(0, _count_lines(manifest) - (fmt == "csv"))
+  progress = tqdm.tqdm(total=approx_total, unit="file", desc="prepare",
+                       disable=not config.progress, file=sys.stderr)
+  max_units = int(config.max_units)
+
+  stopped_early = []
+
+  def pending() -> Iterator[tuple[int, list[ManifestEntry]]]:
+    started = 0
+    for unit, chunk in _units(entries, settings.files_per_unit):
+      if unit in reports:
+        progress.update(len(chunk))
+        continue
+      if max_units and started >= max_units:
+        stopped_early.append(unit)
+        return
+      started += 1
+      yield unit, chunk
+
+  def finished(report: dict[str, Any]) -> None:
+    reports[report["unit"]] = report
+    progress.update(report["num_entries"])
+    _log_report(report)
+
+  num_workers = int(config.num_workers) or os.cpu_count() or 1
+  todo = pending()
+  try:
+    if num_workers == 1:
+      for unit, chunk in todo:
+        finished(_process_unit(out_dir, unit, chunk, settings))
+    else:
+      _run_pool(out_dir, todo, settings, num_workers, finished)
+  finally:
+    progress.close()
+  complete = not stopped_early
+  summary = _summarize(out_dir, reports, complete, time.time() - start)
+  logging.info("prepare %s: %d files read, %d clips written, %d skipped %s",
+               "complete" if complete else "stopped early",
+               summary["files_read"], summary["clips_written"],
+               summary["files_skipped"], summary["skipped_by_reason"])
+  return summary
+
+
+def _run_pool(out_dir, todo, settings, num_workers, finished) -> None:
+  """Runs units on spawned processes, a few in flight per worker."""
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(num_workers,
+                                              mp_context=ctx) as pool:
+    in_flight = set()
+    try:
+      for unit, chunk in todo:
+        in_flight.add(pool.submit(_process_unit, out_dir, unit, chunk,
+                                  settings))
+        # Bounded submission: the manifest may be far larger than memory.
+        while len(in_flight) >= 2 * num_workers:
+          done, in_flight = concurrent.futures.wait(
+              in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+          for future in done:
+            finished(future.result())
+      for future in concurrent.futures.as_completed(in_flight):
+        finished(future.result())
+    except BaseException:
+      for future in in_flight:
+        future.cancel()
+      raise
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv: list[str]) -> None:
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS.config
+  if flags.FLAGS.manifest:
+    config.manifest = flags.FLAGS.manifest
+  if not config.manifest:
+    raise app.UsageError("--manifest is required")
+  summary = run(config, flags.FLAGS.out)
+  print(json.dumps({k: v for k, v in summary.items()
+                    if k not in ("skipped_files", "shards")}, indent=1))
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flags.DEFINE_config_dict("config", default_config(),
+                                  "Prepare settings; override --config.X=Y.")
+  flags.DEFINE_string("manifest", "", "Manifest (shorthand for "
+                      "--config.manifest).")
+  flags.DEFINE_string("out", None, "Output directory.", required=True)
+  app.run(main)

@@ -1,0 +1,15 @@
+"""Shared test helpers: load shipped configs by variant, read run outputs."""
+import importlib.util
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(job: str, variant: str = ""):
+  """configs/<job>.py:<variant>, as main.py would load it (unlocked copy)."""
+  path = REPO / "configs" / f"{job}.py"
+  spec = importlib.util.spec_from_file_location(f"configs_{job}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant)
+  return config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config

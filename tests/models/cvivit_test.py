@@ -1,0 +1,170 @@
+"""C-ViViT: causality, variable length, image path, vector quantisation."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from phenaki_jax.models import cvivit
+from phenaki_jax.models.quantizer import VectorQuantizer, l2_normalize
+
+TP = 2
+
+
+def tiny_model(**overrides) -> cvivit.CViViT:
+  kw = dict(image_size=16, patch_size=4, temporal_patch_size=TP, width=32, num_heads=2,
+            head_dim=16, mlp_dim=64, spatial_depth=1, temporal_depth=2, codebook_size=64,
+            code_dim=8)
+  kw.update(overrides)
+  return cvivit.CViViT(**kw)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = tiny_model()
+  video = jnp.zeros((1, 5, 16, 16, 3))
+  params = jax.jit(lambda k: nn.unbox(model.init(k, video))["params"])(jax.random.key(0))
+  return Jitted(model), params
+
+
+class Jitted:
+  """model.apply, jitted per method (eager op-by-op apply is slow on CPU)."""
+
+  def __init__(self, model):
+    self.model = model
+    self.encode_features = "encode_features"
+    self.decode = "decode"
+    self._fns = {}
+
+  def apply(self, variables, x, method=None):
+    if method not in self._fns:
+      self._fns[method] = jax.jit(lambda v, x: self.model.apply(v, x, method=method))
+    return self._fns[method](variables, x)
+
+
+def random_video(key, frames, batch=2):
+  return jax.random.uniform(jax.random.key(key), (batch, frames, 16, 16, 3), minval=-1, maxval=1)
+
+
+def test_codes_of_earlier_token_frames_ignore_later_frames(model_and_params):
+  model, params = model_and_params
+  video = random_video(1, 11)
+  _, aux = model.apply({"params": params}, video)
+  feats = model.apply({"params": params}, video, method=model.encode_features)
+  for t in range(6):
+    last_frame = t * TP  # token frame t covers frames up to t·t_p
+    changed = video.at[:, last_frame + 1:].set(random_video(2, 11)[:, last_frame + 1:])
+    _, aux2 = model.apply({"params": params}, changed)
+    feats2 = model.apply({"params": params}, changed, method=model.encode_features)
+    np.testing.assert_array_equal(aux["codes"][:, :t + 1], aux2["codes"][:, :t + 1])
+    np.testing.assert_allclose(feats[:, :t + 1], feats2[:, :t + 1], atol=1e-5)
+    if t < 5:  # and the change is visible after t, so the test can fail
+      assert not np.allclose(feats[:, t + 1:], feats2[:, t + 1:], atol=1e-3)
+
+
+def test_decoder_is_causal_too(model_and_params):
+  model, params = model_and_params
+  codes = jax.random.randint(jax.random.key(3), (1, 6, 4, 4), 0, 64)
+  out = model.apply({"params": params}, codes, method=model.decode)
+  codes2 = codes.at[:, 3:].set((codes[:, 3:] + 1) % 64)
+  out2 = model.apply({"params": params}, codes2, method=model.decode)
+  # Token frames 0..2 decode to frames 0..4.
+  np.testing.assert_allclose(out[:, :5], out2[:, :5], atol=1e-5)
+  assert not np.allclose(out[:, 5:], out2[:, 5:], atol=1e-3)
+
+
+def test_temporal_attention_really_uses_the_past(model_and_params):
+  # Guards the causality test against a model that ignores time altogether.
+  model, params = model_and_params
+  video = random_video(4, 5)
+  changed = video.at[:, 0].set(-video[:, 0])
+  f1 = model.apply({"params": params}, video, method=model.encode_features)
+  f2 = model.apply({"params": params}, changed, method=model.encode_features)
+  assert not np.allclose(f1[:, 1:], f2[:, 1:], atol=1e-3)
+
+
+@pytest.mark.parametrize("frames,token_frames", [(1, 1), (3, 2), (11, 6), (21, 11)])
+def test_variable_length(model_and_params, frames, token_frames):
+  model, params = model_and_params
+  video = random_video(5, frames, batch=1)
+  recon, aux = model.apply({"params": params}, video)
+  assert aux["codes"].shape == (1, token_frames, 4, 4)
+  assert recon.shape == video.shape
+  decoded = model.apply({"params": params}, aux["codes"], method=model.decode)
+  np.testing.assert_allclose(decoded, recon, atol=1e-5)
+  assert cvivit.num_token_frames(frames, TP) == token_frames
+
+
+@pytest.mark.parametrize("frames", [0, 2, 4, 10])
+def test_impossible_frame_counts_are_refused(model_and_params, frames):
+  model, params = model_and_params
+  with pytest.raises(ValueError, match="1 \\+ k"):
+    model.model.apply({"params": params}, jnp.zeros((1, frames, 16, 16, 3)))
+
+
+def test_image_equals_first_frame_path_of_video(model_and_params):
+  model, params = model_and_params
+  video = random_video(6, 11)
+  recon_v, aux_v = model.apply({"params": params}, video)
+  recon_i, aux_i = model.apply({"params": params}, video[:, :1])
+  np.testing.assert_array_equal(aux_i["codes"][:, 0], aux_v["codes"][:, 0])
+  np.testing.assert_allclose(recon_i[:, 0], recon_v[:, 0], atol=1e-5)
+
+
+def test_vq_picks_nearest_normalised_code():
+  vq = VectorQuantizer(codebook_size=16, code_dim=4)
+  x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+  params = nn.unbox(vq.init(jax.random.key(1), x))["params"]
+  zq, aux = jax.jit(vq.apply)({"params": params}, x)
+  z = l2_normalize(x @ params["to_code"]["kernel"] + params["to_code"]["bias"])
+  book = l2_normalize(params["codebook"])
+  dist = jnp.sum((z[..., None, :] - book) ** 2, -1)
+  np.testing.assert_array_equal(aux["codes"], jnp.argmin(dist, -1))
+  e = book[aux["codes"]]
+  np.testing.assert_allclose(zq, e, atol=1e-6)  # forward value is the code itself
+  # Codebook and commitment terms are both ||z - e||² in value.
+  np.testing.assert_allclose(aux["codebook_loss"], jnp.mean((z - e) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(aux["commitment_loss"], jnp.mean((z - e) ** 2), rtol=1e-5)
+
+
+def test_vq_gradients_straight_through_and_stop_gradients():
+  vq = VectorQuantizer(codebook_size=16, code_dim=4)
+  x = jax.random.normal(jax.random.key(0), (4, 8))
+  params = nn.unbox(vq.init(jax.random.key(1), x))["params"]
+
+  def grads_of(term):
+    def f(p, x):
+      zq, aux = vq.apply({"params": p}, x)
+      return {"st": jnp.sum(zq * jnp.arange(4.0)), **aux}[term]
+    return jax.jit(jax.grad(f, argnums=(0, 1)))(params, x)
+
+  # Straight-through: the output's gradient reaches the input (the encoder)…
+  gp, gx = grads_of("st")
+  assert float(jnp.abs(gx).sum()) > 0
+  assert float(jnp.abs(gp["to_code"]["kernel"]).sum()) > 0
+  # …but not the codebook, which only the codebook loss moves.
+  assert float(jnp.abs(gp["codebook"]).sum()) == 0
+  gp, gx = grads_of("codebook_loss")
+  assert float(jnp.abs(gp["codebook"]).sum()) > 0 and float(jnp.abs(gx).sum()) == 0
+  gp, gx = grads_of("commitment_loss")
+  assert float(jnp.abs(gp["codebook"]).sum()) == 0 and float(jnp.abs(gx).sum()) > 0
+
+
+def test_gradient_reaches_encoder_through_full_model(model_and_params):
+  model, params = model_and_params
+  video = random_video(7, 5)
+  loss = lambda p: jnp.mean((model.model.apply({"params": p}, video)[0] - video) ** 2)
+  grads = jax.jit(jax.grad(loss))(params)
+  enc = grads["encoder"]["spatial"]["block_0"]["mlp"]["wi"]["kernel"]
+  assert float(jnp.abs(enc).sum()) > 0
+  assert float(jnp.abs(grads["first_frame_embed"]["kernel"]).sum()) > 0
+
+
+def test_usage_and_perplexity():
+  from phenaki_jax.models.quantizer import codebook_usage
+  out = codebook_usage(jnp.array([0, 0, 1, 1]), 8)
+  np.testing.assert_allclose(out["usage"], 2 / 8)
+  np.testing.assert_allclose(out["perplexity"], 2.0, rtol=1e-6)
+  out = codebook_usage(jnp.arange(8), 8)
+  np.testing.assert_allclose(out["usage"], 1.0)
+  np.testing.assert_allclose(out["perplexity"], 8.0, rtol=1e-5)
