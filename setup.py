@@ -29,7 +29,17 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8"],
+    # Loading real T5 checkpoints (Hugging Face safetensors + SentencePiece).
+    "t5": ["safetensors>=0.8,<0.9", "sentencepiece>=0.2.3,<0.3"],
+    # torch/transformers only build the tiny reference models of the parity
+    # tests; torch==2.13.0 is the CPU wheel already on the CI machines.
+    "test": [
+        "pytest>=8",
+        "torch==2.13.0",
+        "transformers>=5.23,<6",
+        "safetensors>=0.8,<0.9",
+        "sentencepiece>=0.2.3,<0.3",
+    ],
 }
 
 setuptools.setup(
