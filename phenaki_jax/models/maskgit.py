@@ -1,0 +1,180 @@
+"""The MaskGIT generator of Phenaki: a bidirectional transformer over video tokens.
+
+Input is a grid of C-ViViT codes (B, T, h, w) in which some entries are the
+[MASK] id (= codebook_size); output is, for every position, logits over the
+codebook_size real codes. Every token attends to every other token (no
+causality: the tokenizer is causal, the generator is not) and, through
+cross-attention in each block, to the text embeddings.
+
+Choices:
+  * Positions are learned and factorised, token frame + row + column, so the
+    model knows the 3D layout with T + h + w tables instead of T·h·w, and one
+    model serves any clip up to `max_token_frames`.
+  * One learned "null" text token is always visible in cross-attention. With
+    an all-False text mask (dropped text) a softmax over no keys has no
+    meaning; with the null token it is well defined, and that very input is
+    the unconditional model that classifier-free guidance needs.
+  * Output logits are NOT tied to the token embedding: the embedding has an
+    extra [MASK] row that is never a target, and untied heads let the 'vocab'
+    axis of the input and output tables be sharded independently. The cost is
+    codebook_size·width parameters.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from phenaki_jax.models.layers import DenseGeneral, Transformer, constrain
+
+Dtype = Any
+
+_embed_init = nn.initializers.normal(stddev=0.02)
+_EMBED_ROW_MULTIPLE = 128
+
+
+class MaskGitTransformer(nn.Module):
+  """Bidirectional text-conditioned transformer over (B, T, h, w) video tokens.
+
+  Attributes:
+    codebook_size: number of real codes V; the [MASK] id is V.
+    max_token_frames: largest T accepted (size of the frame position table).
+    grid_height: largest h accepted (row position table).
+    grid_width: largest w accepted (column position table).
+    width: width of the residual stream.
+    num_layers: transformer blocks, each with self- and cross-attention.
+    num_heads: attention heads.
+    head_dim: width of one head.
+    mlp_dim: hidden width of the MLPs.
+    remat: rematerialise each block in the backward pass.
+    dtype: compute dtype; logits are returned in float32.
+    param_dtype: dtype the parameters are created in.
+    attention_impl: None lets XLA choose; 'cudnn' for the fused GPU kernel.
+  """
+  codebook_size: int
+  max_token_frames: int
+  grid_height: int
+  grid_width: int
+  width: int
+  num_layers: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @property
+  def mask_id(self) -> int:
+    return self.codebook_size
+
+  @property
+  def embedding_rows(self) -> int:
+    """codebook_size codes + [MASK], padded up to a multiple of 128.
+
+    8192 + 1 rows could not be split over any mesh axis; the padding rows are
+    never looked up.
+    """
+    return -(-(self.codebook_size + 1) // _EMBED_ROW_MULTIPLE) * _EMBED_ROW_MULTIPLE
+
+  def _table(self, name: str, rows: int, axes: tuple[str, str]) -> jax.Array:
+    return self.param(name, nn.with_logical_partitioning(_embed_init, axes),
+                      (rows, self.width), self.param_dtype)
+
+  def _check(self, tokens: jax.Array, text: jax.Array, text_mask: jax.Array) -> None:
+    if tokens.ndim != 4:
+      raise ValueError(f"tokens must be (batch, token_frames, h, w); got {tokens.shape}")
+    _, t, h, w = tokens.shape
+    if t > self.max_token_frames or h > self.grid_height or w > self.grid_width:
+      raise ValueError(
+          f"tokens {tokens.shape[1:]} exceed this model's (max_token_frames, grid_height, "
+          f"grid_width) = {(self.max_token_frames, self.grid_height, self.grid_width)}")
+    if text.ndim != 3 or text_mask.shape != text.shape[:2]:
+      raise ValueError(f"text must be (batch, length, dim) with a (batch, length) mask; got "
+                       f"{text.shape} and {text_mask.shape}")
+
+  def _embed_text(self, text: jax.Array, text_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Text (B, L, D_text) -> context (B, 1 + L, width) led by the null token, mask (B, 1 + L)."""
+    batch = text.shape[0]
+    # 'text_embed' is not in the shared rules, so by default the text width of
+    # this small kernel is replicated while its output side follows 'embed'.
+    ctx = DenseGeneral(self.width, kernel_axes=("text_embed", "embed"), dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="text_projection")(text)
+    null = self.param("null_text", nn.with_logical_partitioning(_embed_init, ("embed",)),
+                      (self.width,), self.param_dtype)
+    null = jnp.broadcast_to(jnp.asarray(null, self.dtype), (batch, 1, self.width))
+    # Both halves laid out alike, so the concatenation needs no resharding.
+    act = ("act_batch", "act_len", "act_embed")
+    ctx = jnp.concatenate([constrain(null, *act), constrain(ctx.astype(self.dtype), *act)], axis=1)
+    mask = jnp.concatenate([jnp.ones((batch, 1), jnp.bool_), text_mask.astype(jnp.bool_)], axis=1)
+    return constrain(ctx, *act), mask
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, text: jax.Array, text_mask: jax.Array) -> jax.Array:
+    """Logits over the codes for every position.
+
+    Args:
+      tokens: int32 (B, T, h, w), entries in [0, codebook_size]; codebook_size
+        is [MASK].
+      text: (B, L, D_text) text embeddings (e.g. T5 outputs).
+      text_mask: bool (B, L), True for real text tokens; all False = no text.
+
+    Returns:
+      float32 logits (B, T, h, w, codebook_size).
+    """
+    self._check(tokens, text, text_mask)
+    batch, t, h, w = tokens.shape
+    table = self._table("token_embedding", self.embedding_rows, ("vocab", "embed"))
+    # Gather from a table whole along 'embed' (as FSDP gathers any weight before
+    # use): a lookup into an embed-sharded table would come out sharded by the
+    # wrong dimension and XLA would replicate it to reshard by batch.
+    table = nn.with_logical_constraint(jnp.asarray(table, self.dtype), ("vocab", None))
+    x = jnp.take(table, tokens.astype(jnp.int32), axis=0)
+    frame_pos = self._table("frame_pos", self.max_token_frames, ("frames", "embed"))
+    row_pos = self._table("row_pos", self.grid_height, ("grid", "embed"))
+    col_pos = self._table("col_pos", self.grid_width, ("grid", "embed"))
+    pos = (frame_pos[:t, None, None] + row_pos[None, :h, None] + col_pos[None, None, :w])
+    x = (x + jnp.asarray(pos, self.dtype)).reshape(batch, t * h * w, self.width)
+    x = constrain(x, "act_batch", "act_len", "act_embed")
+
+    context, context_mask = self._embed_text(text, text_mask)
+    x = Transformer(
+        num_layers=self.num_layers, num_heads=self.num_heads, head_dim=self.head_dim,
+        mlp_dim=self.mlp_dim, causal=False, cross_attention=True, remat=self.remat,
+        dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+        name="transformer")(x, context, context_mask)
+
+    logits = DenseGeneral(self.codebook_size, kernel_axes=("embed", "vocab"), dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="to_logits")(x)
+    logits = constrain(logits.astype(jnp.float32), "act_batch", "act_len", "act_vocab")
+    return logits.reshape(batch, t, h, w, self.codebook_size)
+
+
+def from_config(model_config: Any, *, codebook_size: int, max_token_frames: int,
+                grid_size: int | tuple[int, int]) -> MaskGitTransformer:
+  """Builds a MaskGitTransformer from a `config.model` ConfigDict.
+
+  Reads width, num_layers, num_heads, head_dim, mlp_dim, remat, dtype,
+  param_dtype and attention_impl; the token-grid sizes come from the tokenizer
+  (its codebook size, image_size // patch_size, and the clip length).
+  """
+  m = model_config
+  grid_h, grid_w = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+  return MaskGitTransformer(
+      codebook_size=codebook_size,
+      max_token_frames=max_token_frames,
+      grid_height=grid_h,
+      grid_width=grid_w,
+      width=m.width,
+      num_layers=m.num_layers,
+      num_heads=m.num_heads,
+      head_dim=m.head_dim,
+      mlp_dim=m.mlp_dim,
+      remat=m.remat,
+      dtype=jnp.dtype(m.dtype),
+      param_dtype=jnp.dtype(m.param_dtype),
+      attention_impl=m.attention_impl or None,
+  )
