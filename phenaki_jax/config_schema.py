@@ -52,7 +52,7 @@ def cvivit_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.job = "cvivit"
   c.seed = 0
-  c.total_steps = 3000
+  c.total_steps = 2500
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
@@ -66,9 +66,21 @@ def cvivit_defaults() -> ml_collections.ConfigDict:
   c.logical_axis_rules = _rules_as_lists(TOKENIZER_RULES)
 
   c.input = ml_collections.ConfigDict()
-  c.input.data = "shapes"  # 'shapes' (built in) or 'shards' (prepared ArrayRecord).
-  c.input.video_shards = ""  # a prepared dir or comma-separated shard files
+  # 'shapes' (built in), 'shards' (ArrayRecord from configs/prepare.py) or
+  # 'tfds' (a TFDS dataset prepared in ArrayRecord format).
+  c.input.data = "shapes"
+  c.input.video_shards = ""  # a prepare output dir, a shard dir, a glob, or a comma list
   c.input.image_shards = ""
+  c.input.tfds_video = ""  # TFDS name ('name/config:version') or prepared folder
+  c.input.tfds_image = ""
+  c.input.tfds_split = "train"
+  c.input.tfds_data_dir = ""
+  c.input.tfds_frames_key = "video"  # for image datasets e.g. 'image'
+  c.input.tfds_caption_key = "caption"
+  # Augmentation, the same for every frame of a clip. Off for the built-in
+  # shapes, whose captions name directions (a flip would contradict them).
+  c.input.random_crop_min_scale = 1.0  # crop side ~ U(min, 1)·side, resized back; 1 = off
+  c.input.horizontal_flip = False
   c.input.batch_size = 8  # global, per step
   c.input.num_frames = 11
   c.input.resolution = 64
@@ -97,9 +109,15 @@ def cvivit_defaults() -> ml_collections.ConfigDict:
   c.loss.vq_weight = 1.0
   c.loss.commitment_cost = 0.25  # β
 
+  # Against codebook collapse: restart codes that no token picks.
+  c.codebook = ml_collections.ConfigDict()
+  c.codebook.restart_dead_codes = True
+  c.codebook.usage_decay = 0.99
+  c.codebook.dead_fraction = 0.1  # of the uniform share 1/codebook_size
+
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = 200
+  c.optimizer.warmup_steps = 100
   c.optimizer.schedule = "cosine"  # 'cosine' or 'constant' after warm-up
   c.optimizer.end_learning_rate_ratio = 0.1
   c.optimizer.b1 = 0.9
@@ -181,7 +199,17 @@ def validate_cvivit(config: ml_collections.ConfigDict, num_devices: int,
            f"must be divisible by model.patch_size ({m.patch_size})")
   _require(0.0 <= i.video_ratio <= 1.0, "input.video_ratio", i.video_ratio,
            "must be in [0, 1]")
-  _require(i.data in ("shapes", "shards"), "input.data", i.data, "must be 'shapes' or 'shards'")
+  _require(i.data in ("shapes", "shards", "tfds"), "input.data", i.data,
+           "must be 'shapes', 'shards' or 'tfds'")
+  _require(0.0 < i.random_crop_min_scale <= 1.0, "input.random_crop_min_scale",
+           i.random_crop_min_scale, "must be in (0, 1]")
+  if i.data == "tfds":
+    if i.video_ratio > 0:
+      _require(bool(i.tfds_video), "input.tfds_video", i.tfds_video,
+               "is required when input.data='tfds' and input.video_ratio > 0")
+    if i.video_ratio < 1:
+      _require(bool(i.tfds_image), "input.tfds_image", i.tfds_image,
+               "is required when input.data='tfds' and input.video_ratio < 1")
   if i.data == "shards":
     if i.video_ratio > 0:
       _require(bool(i.video_shards), "input.video_shards", i.video_shards,
@@ -196,6 +224,8 @@ def validate_cvivit(config: ml_collections.ConfigDict, num_devices: int,
       jnp.dtype(value)
     except TypeError:
       raise ConfigError(f"config.{key}={value!r}: not a dtype name (e.g. 'float32', 'bfloat16')")
+  _require(0.0 < config.codebook.usage_decay < 1.0, "codebook.usage_decay",
+           config.codebook.usage_decay, "must be in (0, 1)")
   _require(config.optimizer.schedule in ("cosine", "constant"), "optimizer.schedule",
            config.optimizer.schedule, "must be 'cosine' or 'constant'")
   _require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",

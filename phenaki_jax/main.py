@@ -65,6 +65,9 @@ def main(argv):
   except ImportError:
     pass
   logging.set_verbosity(logging.INFO)
+  # Orbax logs several INFO lines per save; keep its warnings and errors only.
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
   run_job(_CONFIG.value, _WORKDIR.value)
 
 

@@ -33,12 +33,46 @@ def make_sources(input_cfg: ml_collections.ConfigDict, seed: int) -> tuple[Any, 
                                         resolution=input_cfg.resolution, seed=seed)
     image = synthetic.ShapesImageSource(resolution=input_cfg.resolution, seed=seed + 1)
   elif input_cfg.data == "shards":
-    from phenaki_jax.data import sources  # pylint: disable=g-import-not-at-top
-    video = sources.ClipShardSource(input_cfg.video_shards) if want_video else None
-    image = sources.ClipShardSource(input_cfg.image_shards) if want_image else None
+    video = _shard_source(input_cfg.video_shards, "video", input_cfg) if want_video else None
+    image = _shard_source(input_cfg.image_shards, "image", input_cfg) if want_image else None
+  elif input_cfg.data == "tfds":
+    video = _tfds_source(input_cfg.tfds_video, "video", input_cfg) if want_video else None
+    image = _tfds_source(input_cfg.tfds_image, "image", input_cfg) if want_image else None
   else:
-    raise ValueError(f"config.input.data={input_cfg.data!r}: must be 'shapes' or 'shards'")
+    raise ValueError(f"config.input.data={input_cfg.data!r}: must be 'shapes', 'shards' or 'tfds'")
   return (video if want_video else None), (image if want_image else None)
+
+
+def _shard_source(paths: str, kind: str, input_cfg: ml_collections.ConfigDict) -> Any:
+  """Prepared shards (a prepare output dir, a shard dir, a glob, or a comma list)."""
+  from phenaki_jax.data import sources  # pylint: disable=g-import-not-at-top
+  spec = [p for p in paths.split(",") if p] if "," in paths else paths
+  source = sources.ClipShardSource(spec, kind=kind)
+  _check_clip_shape(source, kind, input_cfg, where=f"{kind} shards {source.paths[0]}")
+  return source
+
+
+def _tfds_source(name: str, kind: str, input_cfg: ml_collections.ConfigDict) -> Any:
+  from phenaki_jax.data import sources  # pylint: disable=g-import-not-at-top
+  source = sources.TfdsClipSource(
+      name, split=input_cfg.tfds_split, data_dir=input_cfg.tfds_data_dir or None,
+      frames_key=input_cfg.tfds_frames_key, caption_key=input_cfg.tfds_caption_key)
+  _check_clip_shape(source, kind, input_cfg, where=f"TFDS {kind} dataset {name}")
+  return source
+
+
+def _check_clip_shape(source: Any, kind: str, input_cfg: ml_collections.ConfigDict,
+                      where: str) -> None:
+  if len(source) == 0:
+    raise ValueError(f"{where} holds no examples")
+  frames = np.asarray(source[0]["frames"])
+  want = ((input_cfg.num_frames if kind == "video" else 1), input_cfg.resolution,
+          input_cfg.resolution, 3)
+  if frames.shape != want:
+    raise ValueError(
+        f"{where} holds clips of shape {frames.shape}, but the config asks for {want} "
+        "(config.input.num_frames / config.input.resolution): prepare the data again with "
+        "matching num_frames and resolution")
 
 
 class SelectFrames(grain.transforms.Map):
@@ -48,13 +82,50 @@ class SelectFrames(grain.transforms.Map):
     return {"frames": np.asarray(element["frames"], np.uint8)}
 
 
+class ClipAugment(grain.transforms.RandomMap):
+  """Random crop (resized back) and horizontal flip, identical for all frames.
+
+  One draw per clip: a crop that moved between frames would add motion the
+  video does not have.
+  """
+
+  def __init__(self, min_scale: float, flip: bool):
+    self.min_scale = min_scale
+    self.flip = flip
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    frames = element["frames"]
+    _, h, w, _ = frames.shape
+    if self.min_scale < 1.0:
+      scale = rng.uniform(self.min_scale, 1.0)
+      ch, cw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+      y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+      frames = resize_frames(frames[:, y:y + ch, x:x + cw], h, w)
+    if self.flip and rng.random() < 0.5:
+      frames = frames[:, :, ::-1]
+    return {**element, "frames": np.ascontiguousarray(frames)}
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+  """uint8 (T, h, w, C) -> (T, height, width, C), bilinear with antialiasing."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if frames.shape[1:3] == (height, width):
+    return frames
+  return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR))
+                   for f in frames])
+
+
 def _batched_stream(source: Any, *, batch_size: int, seed: int, process_index: int,
-                    process_count: int) -> grain.MapDataset:
+                    process_count: int, input_cfg: ml_collections.ConfigDict) -> grain.MapDataset:
   ds = grain.MapDataset.source(source)
   # Each process reads a disjoint slice, so N processes see each example once per epoch.
   ds = ds[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat()
   ds = ds.map(SelectFrames())
+  if input_cfg.random_crop_min_scale < 1.0 or input_cfg.horizontal_flip:
+    # Seeded per (seed, index): a resumed run augments exactly as before.
+    ds = ds.random_map(ClipAugment(input_cfg.random_crop_min_scale, input_cfg.horizontal_flip),
+                       seed=seed + 1)
   return ds.batch(batch_size, drop_remainder=True)
 
 
@@ -71,7 +142,8 @@ def make_train_dataset(input_cfg: ml_collections.ConfigDict, *, seed: int, proce
                                         (image, 1.0 - input_cfg.video_ratio))):
     if source is not None and weight > 0:
       streams.append(_batched_stream(source, batch_size=local_batch, seed=seed + 7919 * i,
-                                     process_index=process_index, process_count=process_count))
+                                     process_index=process_index, process_count=process_count,
+                                     input_cfg=input_cfg))
       weights.append(weight)
   ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights=weights)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=input_cfg.prefetch))

@@ -22,9 +22,14 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
+def code_counts(codes: jax.Array, codebook_size: int) -> jax.Array:
+  """How often each code occurs in `codes`: (codebook_size,) float32."""
+  return jnp.zeros((codebook_size,), jnp.float32).at[codes.reshape(-1)].add(1.0)
+
+
 def codebook_usage(codes: jax.Array, codebook_size: int) -> dict[str, jax.Array]:
   """Fraction of codes used in `codes` and the perplexity of their histogram."""
-  counts = jnp.zeros((codebook_size,), jnp.float32).at[codes.reshape(-1)].add(1.0)
+  counts = code_counts(codes, codebook_size)
   probs = counts / jnp.maximum(counts.sum(), 1.0)
   entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0))
   return {
@@ -67,6 +72,10 @@ class VectorQuantizer(nn.Module):
     e = jnp.take(codebook, codes, axis=0)
     aux = {
         "codes": codes,
+        # The normalised encoder vectors and their quantisation errors: dead
+        # codes restart at vectors the codebook serves worst.
+        "encoder_vectors": jax.lax.stop_gradient(z),
+        "quantization_errors": jax.lax.stop_gradient(jnp.sum(jnp.square(z - e), axis=-1)),
         "codebook_loss": jnp.mean(jnp.square(jax.lax.stop_gradient(z) - e)),
         "commitment_loss": jnp.mean(jnp.square(z - jax.lax.stop_gradient(e))),
         **codebook_usage(codes, self.codebook_size),
@@ -79,3 +88,34 @@ class VectorQuantizer(nn.Module):
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     return self.quantize(x)
+
+
+def restart_dead_codes(codebook: jax.Array, usage: jax.Array, encoder_vectors: jax.Array,
+                       batch_counts: jax.Array, rng: jax.Array, *, decay: float,
+                       dead_fraction: float,
+                       errors: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Moves codes that (almost) no token picks onto this batch's encoder vectors.
+
+  `usage` is an EMA of each code's share of tokens; a code whose share falls
+  below dead_fraction × (1 / codebook_size) is re-initialised at an encoder
+  vector and its usage reset to the uniform share, which gives it a few
+  hundred steps to be picked before it can be restarted again. Vectors are
+  drawn with probability proportional to their quantisation `errors` when
+  given (as in k-means++): uniform draws land mostly on the background tokens
+  that already have codes, and spend the restarts there.
+  Returns (codebook, usage, number of codes restarted).
+  """
+  k = codebook.shape[0]
+  share = batch_counts / jnp.maximum(batch_counts.sum(), 1.0)
+  usage = decay * usage + (1.0 - decay) * share
+  dead = usage < dead_fraction / k
+  flat = encoder_vectors.reshape(-1, encoder_vectors.shape[-1])
+  if errors is None:
+    picks = jax.random.randint(rng, (k,), 0, flat.shape[0])
+  else:
+    logits = jnp.log(jnp.maximum(errors.reshape(-1).astype(jnp.float32), 1e-12))
+    picks = jax.random.categorical(rng, logits, shape=(k,))
+  candidates = jnp.take(flat, picks, axis=0).astype(codebook.dtype)
+  codebook = jnp.where(dead[:, None], candidates, codebook)
+  usage = jnp.where(dead, 1.0 / k, usage)
+  return codebook, usage, jnp.sum(dead.astype(jnp.int32))

@@ -12,3 +12,9 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+
+
+@flax.struct.dataclass
+class TokenizerState(TrainState):
+  # EMA of each code's share of tokens, for restarting dead codes.
+  code_usage: jax.Array

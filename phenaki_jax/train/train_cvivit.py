@@ -21,7 +21,8 @@ from absl import logging
 from phenaki_jax import checkpointing, config_schema, losses, metrics, optimizers, sharding
 from phenaki_jax.data import pipeline
 from phenaki_jax.models import cvivit
-from phenaki_jax.train.state import TrainState
+from phenaki_jax.models import quantizer
+from phenaki_jax.train.state import TokenizerState
 
 
 def build_model(config: ml_collections.ConfigDict) -> cvivit.CViViT:
@@ -30,11 +31,14 @@ def build_model(config: ml_collections.ConfigDict) -> cvivit.CViViT:
 
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, num_frames: int,
                  resolution: int):
-  """rng -> TrainState with logically boxed leaves (eval_shape it for shardings)."""
-  def init(rng: jax.Array) -> TrainState:
+  """rng -> TokenizerState with logically boxed leaves (eval_shape it for shardings)."""
+  def init(rng: jax.Array) -> TokenizerState:
     dummy = jnp.zeros((1, num_frames, resolution, resolution, 3), jnp.float32)
     params = model.init(rng, dummy)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    # Usage starts at zero: on the first step every code no token picked is
+    # restarted at an encoder vector, a data-dependent codebook init.
+    return TokenizerState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          code_usage=jnp.zeros((model.codebook_size,), jnp.float32))
   return init
 
 
@@ -50,7 +54,10 @@ def abstract_state_and_shardings(config: ml_collections.ConfigDict, model: nn.Mo
 
 def compute_losses(model: nn.Module, params: Any, video: jax.Array,
                    loss_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss and its logged parts for a float video batch in [-1, 1]."""
+  """Total loss and its logged parts for a float video batch in [-1, 1].
+
+  Parts under 'vq_state/' are not metrics: the step uses them to restart codes.
+  """
   recon, aux = model.apply({"params": params}, video)
   l2 = losses.l2_loss(video, recon)
   vq = losses.vq_loss(aux["codebook_loss"], aux["commitment_loss"], loss_cfg.commitment_cost)
@@ -63,6 +70,9 @@ def compute_losses(model: nn.Module, params: Any, video: jax.Array,
       "train/vq/commitment_loss": aux["commitment_loss"],
       "train/vq/usage": aux["usage"],
       "train/vq/perplexity": aux["perplexity"],
+      "vq_state/encoder_vectors": aux["encoder_vectors"],
+      "vq_state/errors": aux["quantization_errors"],
+      "vq_state/counts": quantizer.code_counts(aux["codes"], model.codebook_size),
   }
   return total, parts
 
@@ -71,16 +81,30 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict):
   schedule = optimizers.learning_rate_schedule(config.optimizer, config.total_steps)
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+  def train_step(state: TokenizerState, batch: dict[str, jax.Array]):
     video = pipeline.to_model_input(batch["frames"])
     grad_fn = jax.value_and_grad(
         lambda p: compute_losses(model, p, video, config.loss), has_aux=True)
     (_, parts), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    vectors, counts = parts.pop("vq_state/encoder_vectors"), parts.pop("vq_state/counts")
+    errors = parts.pop("vq_state/errors")
+    usage = state.code_usage
+    if config.codebook.restart_dead_codes:
+      # The rng depends only on the step, so a resumed run restarts the same codes.
+      rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+      codebook, usage, restarted = quantizer.restart_dead_codes(
+          params["quantizer"]["codebook"], usage, vectors, counts, rng,
+          decay=config.codebook.usage_decay, dead_fraction=config.codebook.dead_fraction,
+          errors=errors)
+      params = {**params, "quantizer": {**params["quantizer"], "codebook": codebook}}
+      parts["train/vq/restarted_codes"] = restarted
     parts["train/grad_norm"] = optax.global_norm(grads)
     parts["train/learning_rate"] = schedule(state.step)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), parts
+    new_state = TokenizerState(step=state.step + 1, params=params, opt_state=opt_state,
+                               code_usage=usage)
+    return new_state, parts
 
   return train_step
 

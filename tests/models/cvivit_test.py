@@ -168,3 +168,36 @@ def test_usage_and_perplexity():
   out = codebook_usage(jnp.arange(8), 8)
   np.testing.assert_allclose(out["usage"], 1.0)
   np.testing.assert_allclose(out["perplexity"], 8.0, rtol=1e-5)
+
+
+def test_dead_codes_restart_at_encoder_vectors_and_live_codes_stay():
+  from phenaki_jax.models.quantizer import restart_dead_codes
+  k, d = 8, 4
+  codebook = jnp.arange(k * d, dtype=jnp.float32).reshape(k, d)
+  vectors = jnp.full((16, d), 7.0).at[:, 0].set(jnp.arange(16.0))
+  counts = jnp.zeros((k,)).at[jnp.array([0, 1])].set(jnp.array([10.0, 6.0]))
+  usage = jnp.zeros((k,)).at[:2].set(1.0 / k)  # codes 0 and 1 in use, the rest never picked
+  new_book, new_usage, restarted = restart_dead_codes(
+      codebook, usage, vectors, counts, jax.random.key(0), decay=0.99, dead_fraction=0.1)
+  assert int(restarted) == k - 2
+  np.testing.assert_array_equal(new_book[:2], codebook[:2])
+  for row in np.asarray(new_book[2:]):
+    assert any(np.array_equal(row, v) for v in np.asarray(vectors))
+  np.testing.assert_allclose(new_usage[2:], 1.0 / k)
+  # A code in steady use is never restarted.
+  usage = jnp.full((k,), 1.0 / k)
+  _, _, restarted = restart_dead_codes(codebook, usage, vectors, jnp.ones((k,)),
+                                       jax.random.key(1), decay=0.99, dead_fraction=0.1)
+  assert int(restarted) == 0
+
+
+def test_restarts_prefer_badly_served_vectors():
+  from phenaki_jax.models.quantizer import restart_dead_codes
+  k, d = 8, 4
+  vectors = jax.random.normal(jax.random.key(2), (32, d))
+  errors = jnp.zeros((32,)).at[5].set(1.0)  # only vector 5 is poorly served
+  book, _, restarted = restart_dead_codes(
+      jnp.zeros((k, d)), jnp.zeros((k,)), vectors, jnp.zeros((k,)), jax.random.key(0),
+      decay=0.99, dead_fraction=0.1, errors=errors)
+  assert int(restarted) == k
+  np.testing.assert_allclose(book, jnp.broadcast_to(vectors[5], (k, d)))
