@@ -49,6 +49,7 @@ def get_config(variant: str = ""):
     m.dtype = "bfloat16"
     config.optimizer.learning_rate = 1e-4
     config.optimizer.warmup_steps = 10_000
+    config.optimizer.io_lr_multiplier = 1.0  # not yet measured at this scale
   else:
     raise ValueError(f"configs/cvivit.py: unknown variant {variant!r}; "
                      "choose one of '', 'tiny', 'paper'")

@@ -103,6 +103,8 @@ def cvivit_defaults() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   c.model.attention_impl = ""  # '' lets XLA choose; 'cudnn' on GPUs
+  c.model.qk_norm = False  # LayerNorm on queries/keys: stable at higher learning rates
+  c.model.zero_init_residual = True  # blocks start as identity: much faster early training
 
   c.loss = ml_collections.ConfigDict()
   c.loss.l2_weight = 1.0
@@ -124,6 +126,8 @@ def cvivit_defaults() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.99
   c.optimizer.weight_decay = 1e-4
   c.optimizer.grad_clip_norm = 1.0
+  # Learning-rate factor for parameters outside the transformer stacks.
+  c.optimizer.io_lr_multiplier = 10.0
   return c
 
 

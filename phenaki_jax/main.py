@@ -14,6 +14,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from phenaki_jax import distributed  # noqa: E402  (defines the multi-process flags)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (and :variant).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and outputs go.")
@@ -68,6 +70,13 @@ def main(argv):
   # Orbax logs several INFO lines per save; keep its warnings and errors only.
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+  # Before anything touches a device: joining a multi-process job (and
+  # --num_cpu_devices) must precede backend initialisation.
+  try:
+    distributed.initialize_from_flags()
+  except distributed.DistributedInitError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   run_job(_CONFIG.value, _WORKDIR.value)
 
 

@@ -74,6 +74,36 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+_tree_add = jax.jit(lambda a, b: jax.tree.map(lambda x, y: x + y, a, b))
+
+
+class StepAccumulator:
+  """Sums per-step metrics on device (no host sync per step), by batch kind."""
+
+  def __init__(self):
+    self._sums: dict[str, Any] = {}
+    self._counts: dict[str, int] = {}
+
+  def add(self, kind: str, step_metrics: Mapping[str, jax.Array]) -> None:
+    step_metrics = dict(step_metrics)
+    self._sums[kind] = (step_metrics if kind not in self._sums
+                        else _tree_add(self._sums[kind], step_metrics))
+    self._counts[kind] = self._counts.get(kind, 0) + 1
+
+  def means(self, per_kind: tuple[str, ...] = ()) -> dict[str, float]:
+    """Means over all steps since the last call; `per_kind` keys also as train/KIND/…."""
+    sums = jax.device_get(self._sums)
+    total = sum(self._counts.values())
+    keys = next(iter(sums.values())).keys() if sums else ()
+    out = {k: float(sum(np.asarray(s[k]) for s in sums.values()) / total) for k in keys}
+    for kind, s in sums.items():
+      for k in per_kind:
+        out[k.replace("train/", f"train/{kind}/", 1)] = float(s[k]) / self._counts[kind]
+      out[f"train/{kind}_steps"] = float(self._counts[kind])
+    self._sums, self._counts = {}, {}
+    return out
+
+
 class ProgressLogger:
   """Logs 'step a/b loss … steps/s … ETA …' at a fixed step interval."""
 

@@ -28,11 +28,35 @@ def decay_mask(params: Any) -> Any:
       lambda path, _: any(getattr(k, "key", None) == "kernel" for k in path), params)
 
 
+def _adamw(opt: ml_collections.ConfigDict, total_steps: int, scale: float):
+  schedule = learning_rate_schedule(opt, total_steps)
+  return optax.adamw(lambda step: scale * schedule(step), b1=float(opt.b1), b2=float(opt.b2),
+                     weight_decay=float(opt.weight_decay), mask=decay_mask)
+
+
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """Gradient clipping + AdamW; parameters outside the transformer stacks
+  (patch embeddings and projections, codebook) can take a larger learning
+  rate (opt.io_lr_multiplier): they train stably at rates that would
+  destabilise the attention blocks, and they set how fast the first
+  reconstructions appear.
+  """
   parts = []
   if opt.grad_clip_norm and opt.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(opt.grad_clip_norm)))
-  parts.append(optax.adamw(learning_rate_schedule(opt, total_steps), b1=float(opt.b1),
-                           b2=float(opt.b2), weight_decay=float(opt.weight_decay),
-                           mask=decay_mask))
+  multiplier = float(opt.get("io_lr_multiplier", 1.0))
+  if multiplier == 1.0:
+    parts.append(_adamw(opt, total_steps, 1.0))
+  else:
+    def labels(params):
+      return jax.tree_util.tree_map_with_path(
+          lambda path, _: "stack" if any(getattr(k, "key", None) in STACK_NAMES for k in path)
+          else "io", params)
+    parts.append(optax.multi_transform(
+        {"stack": _adamw(opt, total_steps, 1.0), "io": _adamw(opt, total_steps, multiplier)},
+        labels))
   return optax.chain(*parts)
+
+
+# Top-level submodules holding transformer stacks (see models/cvivit.py).
+STACK_NAMES = ("encoder", "decoder", "transformer")

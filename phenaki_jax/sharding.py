@@ -73,11 +73,22 @@ def logical_sharding(mesh: Mesh, rules: Rules, *logical_axes: str | None) -> Nam
 def tree_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   """NamedShardings for an (abstract) tree holding nn.LogicallyPartitioned boxes.
 
-  The result has the structure of the unboxed tree; leaves without names are
-  replicated.
+  The result has the structure of the unboxed tree (empty nodes such as
+  optax's MaskedNode stay empty); leaves without names are replicated.
   """
-  specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, as_rules(rules))
+  rules = as_rules(rules)
+
+  def one(x: Any) -> Any:
+    if isinstance(x, nn.Partitioned) and not jax.tree.leaves(x.value):
+      # An empty node in a box (optax.multi_transform masks other groups' leaves).
+      return x.value
+    if isinstance(x, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, nn.logical_to_mesh_axes(x.names, rules))
+    if isinstance(x, nn.Partitioned):
+      return NamedSharding(mesh, PartitionSpec(*x.names))
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def strip_boxes(tree: Any) -> Any:

@@ -49,6 +49,8 @@ class _SpaceTimeTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  qk_norm: bool = False
+  zero_init_residual: bool = False
 
   def _spatial(self, x: jax.Array) -> jax.Array:
     b, t, h, w, d = x.shape
@@ -66,7 +68,8 @@ class _SpaceTimeTransformer(nn.Module):
   def setup(self):
     kw = dict(num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
               remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
-              attention_impl=self.attention_impl)
+              attention_impl=self.attention_impl, qk_norm=self.qk_norm,
+              zero_init_residual=self.zero_init_residual)
     self.spatial = Transformer(num_layers=self.spatial_depth, causal=False, **kw)
     # Causal in time: the property the whole tokenizer is built around.
     self.temporal = Transformer(num_layers=self.temporal_depth, causal=True, **kw)
@@ -99,6 +102,8 @@ class CViViT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  qk_norm: bool = False
+  zero_init_residual: bool = False
 
   @property
   def grid_size(self) -> int:
@@ -111,7 +116,8 @@ class CViViT(nn.Module):
     stack = dict(width=self.width, num_heads=self.num_heads, head_dim=self.head_dim,
                  mlp_dim=self.mlp_dim, spatial_depth=self.spatial_depth,
                  temporal_depth=self.temporal_depth, remat=self.remat, dtype=self.dtype,
-                 param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+                 param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                 qk_norm=self.qk_norm, zero_init_residual=self.zero_init_residual)
     # Encoder.
     self.first_frame_embed = dense(self.width, ("patch", "embed"), "first_frame_embed")
     self.tubelet_embed = dense(self.width, ("patch", "embed"), "tubelet_embed")
@@ -204,4 +210,6 @@ def from_config(model_config: Any, image_size: int) -> CViViT:
       dtype=jnp.dtype(m.dtype),
       param_dtype=jnp.dtype(m.param_dtype),
       attention_impl=m.attention_impl or None,
+      qk_norm=m.qk_norm,
+      zero_init_residual=m.zero_init_residual,
   )

@@ -88,6 +88,10 @@ class MultiHeadAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
   # None lets XLA pick; 'cudnn' asks for the fused GPU kernel.
   attention_impl: str | None = None
+  # LayerNorm on queries and keys per head: keeps attention logits bounded, so
+  # higher learning rates train stably (as in ViT-22B).
+  qk_norm: bool = False
+  out_init: Initializer = default_kernel_init
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
@@ -100,6 +104,12 @@ class MultiHeadAttention(nn.Module):
     q = proj("query")(x)
     k = proj("key")(kv_input)
     v = proj("value")(kv_input)
+    if self.qk_norm:
+      norm = lambda name: nn.LayerNorm(
+          use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
+          scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("kv",)), name=name)
+      q = norm("query_norm")(q.astype(jnp.float32)).astype(self.dtype)
+      k = norm("key_norm")(k.astype(jnp.float32)).astype(self.dtype)
     q = constrain(q, "act_batch", "act_len", "act_heads", "act_kv")
     k = constrain(k, "act_batch", "act_len", "act_heads", "act_kv")
     v = constrain(v, "act_batch", "act_len", "act_heads", "act_kv")
@@ -114,13 +124,14 @@ class MultiHeadAttention(nn.Module):
     out = constrain(out, "act_batch", "act_len", "act_heads", "act_kv")
     return DenseGeneral(features, kernel_axes=("heads", "kv", "embed"), axis=(-2, -1),
                         use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="out")(out)
+                        kernel_init=self.out_init, name="out")(out)
 
 
 class MlpBlock(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  out_init: Initializer = default_kernel_init
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -131,7 +142,7 @@ class MlpBlock(nn.Module):
     h = checkpoint_name(h, "mlp_hidden")
     h = constrain(h, "act_batch", "act_len", "act_mlp")
     return DenseGeneral(features, kernel_axes=("mlp", "embed"), dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="wo")(h)
+                        param_dtype=self.param_dtype, kernel_init=self.out_init, name="wo")(h)
 
 
 class TransformerBlock(nn.Module):
@@ -144,20 +155,28 @@ class TransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  qk_norm: bool = False
+  # Zero-initialised residual branches: every block starts as the identity,
+  # so the stack starts as the (fast-learning) linear path around it.
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
                context_mask: jax.Array | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.zero_init_residual:
+      kw["out_init"] = nn.initializers.zeros
     attn = lambda name, causal: MultiHeadAttention(
-        self.num_heads, self.head_dim, causal=causal,
-        attention_impl=self.attention_impl, name=name, **kw)
+        self.num_heads, self.head_dim, causal=causal, attention_impl=self.attention_impl,
+        qk_norm=self.qk_norm, name=name, **kw)
     x = constrain(x, "act_batch", "act_len", "act_embed")
-    x = x + attn("self_attention", self.causal)(LayerNorm(name="pre_attention_norm", **kw)(x))
+    norm = lambda name: LayerNorm(name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x + attn("self_attention", self.causal)(norm("pre_attention_norm")(x))
     if self.cross_attention:
-      h = LayerNorm(name="pre_cross_attention_norm", **kw)(x)
+      h = norm("pre_cross_attention_norm")(x)
       x = x + attn("cross_attention", False)(h, context, context_mask)
-    x = x + MlpBlock(self.mlp_dim, name="mlp", **kw)(LayerNorm(name="pre_mlp_norm", **kw)(x))
+    norm_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x + MlpBlock(self.mlp_dim, name="mlp", **kw)(LayerNorm(name="pre_mlp_norm", **norm_kw)(x))
     return constrain(x, "act_batch", "act_len", "act_embed")
 
 
@@ -173,6 +192,8 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  qk_norm: bool = False
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
@@ -183,7 +204,8 @@ class Transformer(nn.Module):
           num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
           causal=self.causal, cross_attention=self.cross_attention,
           dtype=self.dtype, param_dtype=self.param_dtype,
-          attention_impl=self.attention_impl, name=f"block_{i}")(x, context, context_mask)
+          attention_impl=self.attention_impl, qk_norm=self.qk_norm,
+          zero_init_residual=self.zero_init_residual, name=f"block_{i}")(x, context, context_mask)
     return LayerNorm(name="final_norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 

@@ -201,3 +201,20 @@ def test_restarts_prefer_badly_served_vectors():
       decay=0.99, dead_fraction=0.1, errors=errors)
   assert int(restarted) == k
   np.testing.assert_allclose(book, jnp.broadcast_to(vectors[5], (k, d)))
+
+
+def test_zero_init_residual_blocks_start_as_identity_and_qk_norm_runs():
+  from phenaki_jax.models.layers import LayerNorm, Transformer
+  x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+  kw = dict(num_layers=2, num_heads=2, head_dim=8, mlp_dim=32, causal=True)
+  stack = Transformer(zero_init_residual=True, qk_norm=True, **kw)
+  params = jax.jit(lambda k: nn.unbox(stack.init(k, x))["params"])(jax.random.key(1))
+  assert "query_norm" in params["block_0"]["self_attention"]
+  out = jax.jit(stack.apply)({"params": params}, x)
+  norm_params = {"params": params["final_norm"]}
+  expected = LayerNorm().apply(norm_params, x)
+  np.testing.assert_allclose(out, expected, atol=1e-5)  # blocks add exactly zero at init
+  plain = Transformer(**kw)
+  p2 = jax.jit(lambda k: nn.unbox(plain.init(k, x))["params"])(jax.random.key(1))
+  assert not np.allclose(jax.jit(plain.apply)({"params": p2}, x),
+                         LayerNorm().apply({"params": p2["final_norm"]}, x), atol=1e-3)

@@ -1,0 +1,275 @@
+"""Multi-process start-up: one call, before anything touches a device.
+
+`initialize()` decides how this process joins a multi-process job and calls
+`jax.distributed.initialize` accordingly:
+
+- explicit: `--coordinator_address`, `--num_processes`, `--process_id` (or
+  the env vars PHENAKI_COORDINATOR, PHENAKI_NUM_PROCESSES, PHENAKI_PROCESS_ID;
+  flags win) for GPU clusters, several CPU processes on one machine, or
+  anything else;
+- Cloud TPU: detected from the TPU runtime's env vars (TPU_WORKER_HOSTNAMES /
+  TPU_PROCESS_ADDRESSES listing more than one host, MEGASCALE_* for
+  multislice, CLOUD_TPU_TASK_ID, TPU_ACCELERATOR_TYPE); JAX then reads the
+  topology itself. A plain TPU VM pod sets none of these in every shell, so
+  launch/tpu_pod.sh passes `--distributed=on`;
+- SLURM: SLURM_JOB_ID with more than one task in the job step; JAX reads the
+  coordinator and ranks from SLURM's variables;
+- otherwise a single process, and nothing is called.
+
+`--num_cpu_devices=N` sets `jax_num_cpu_devices` first, so one machine can
+simulate N devices per process (tests, mesh experiments).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Mapping
+
+import jax
+from absl import flags, logging
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0's coordinator for a multi-process job (env PHENAKI_COORDINATOR).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes in the job (env PHENAKI_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0 … num_processes-1 (env PHENAKI_PROCESS_ID).")
+_TIMEOUT_S = flags.DEFINE_integer(
+    "distributed_timeout_s", 300,
+    "Seconds to wait for the coordinator and all processes at start-up.")
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    "num_cpu_devices", None,
+    "Simulated CPU devices per process (sets jax_num_cpu_devices before any device use).")
+_MODE = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "auto: explicit flags/env, else detect Cloud TPU / SLURM, else one process; "
+    "on: always call jax.distributed.initialize (JAX detects the cluster); off: never.")
+
+ENV_COORDINATOR = "PHENAKI_COORDINATOR"
+ENV_NUM_PROCESSES = "PHENAKI_NUM_PROCESSES"
+ENV_PROCESS_ID = "PHENAKI_PROCESS_ID"
+
+
+class DistributedInitError(RuntimeError):
+  """This process could not join the multi-process job."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How this process starts: `kind` is 'single', 'explicit', 'cloud_tpu', 'slurm' or 'cluster'."""
+  kind: str
+  reason: str
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+  @property
+  def is_distributed(self) -> bool:
+    return self.kind != "single"
+
+
+def _int_or_none(value: str | int | None, name: str) -> int | None:
+  if value is None or value == "":
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise DistributedInitError(f"{name}={value!r}: not an integer") from None
+
+
+def _host_count(hostnames: str | None) -> int:
+  return len([h for h in (hostnames or "").split(",") if h.strip()])
+
+
+def _cloud_tpu_reason(env: Mapping[str, str]) -> str | None:
+  """Why this looks like a multi-host Cloud TPU job, or None."""
+  if int(env.get("MEGASCALE_NUM_SLICES", "1") or 1) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "MEGASCALE_* (multislice) is set"
+  for key in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+    if key in env:
+      # Listed hosts are authoritative: one host needs no coordination.
+      return f"{key} lists {_host_count(env[key])} hosts" if _host_count(env[key]) > 1 else None
+  for key in ("CLOUD_TPU_TASK_ID", "TPU_ACCELERATOR_TYPE"):
+    if env.get(key):
+      return f"{key}={env[key]} is set"
+  return None
+
+
+def _slurm_reason(env: Mapping[str, str]) -> str | None:
+  if not env.get("SLURM_JOB_ID"):
+    return None
+  # The step's task count: a batch script that runs python directly (not
+  # through srun) is one task even when the job asked for several.
+  tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")
+  if _int_or_none(tasks, "SLURM_NTASKS") is None or int(tasks) <= 1:
+    return None
+  return f"SLURM job {env['SLURM_JOB_ID']} with {tasks} tasks"
+
+
+def plan(*, coordinator_address: str | None = None, num_processes: int | None = None,
+         process_id: int | None = None, mode: str = "auto",
+         env: Mapping[str, str] | None = None) -> Plan:
+  """Decides how to start from flags (given here) and `env`; touches nothing."""
+  env = os.environ if env is None else env
+  if mode not in ("auto", "on", "off"):
+    raise DistributedInitError(f"--distributed={mode!r}: expected auto, on or off")
+  if mode == "off":
+    return Plan("single", "--distributed=off")
+  coordinator = coordinator_address or env.get(ENV_COORDINATOR) or None
+  count = num_processes if num_processes is not None else _int_or_none(
+      env.get(ENV_NUM_PROCESSES), ENV_NUM_PROCESSES)
+  index = process_id if process_id is not None else _int_or_none(
+      env.get(ENV_PROCESS_ID), ENV_PROCESS_ID)
+
+  if coordinator is not None or count is not None or index is not None:
+    if count is not None and count < 1:
+      raise DistributedInitError(f"--num_processes={count}: must be at least 1")
+    if count == 1 and index in (None, 0):
+      return Plan("single", "--num_processes=1")
+    missing = [name for name, v in (("--coordinator_address", coordinator),
+                                    ("--num_processes", count), ("--process_id", index))
+               if v is None]
+    if missing:
+      raise DistributedInitError(
+          f"a multi-process start needs --coordinator_address, --num_processes and --process_id "
+          f"(or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); missing "
+          f"{', '.join(missing)}")
+    if not 0 <= index < count:
+      raise DistributedInitError(f"--process_id={index}: must be in 0 … {count - 1} "
+                                 f"(--num_processes={count})")
+    if ":" not in coordinator:
+      raise DistributedInitError(f"--coordinator_address={coordinator!r}: expected host:port")
+    return Plan("explicit", "coordinator given", coordinator, count, index)
+
+  if mode == "on":
+    return Plan("cluster", "--distributed=on")
+  reason = _cloud_tpu_reason(env)
+  if reason:
+    return Plan("cloud_tpu", reason)
+  reason = _slurm_reason(env)
+  if reason:
+    return Plan("slurm", reason)
+  return Plan("single", "no coordinator given and no Cloud TPU or SLURM job detected")
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+  host, _, port = address.rpartition(":")
+  return host.strip("[]"), int(port)
+
+
+def _wait_for_coordinator(address: str, deadline: float) -> None:
+  """Polls the coordinator's port: a clear Python error instead of a native abort.
+
+  JAX's own wait ends in SIGABRT when the coordinator never answers; a peer
+  started before process 0 just waits here.
+  """
+  host, port = _split_host_port(address)
+  last_error: Exception | None = None
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=2.0):
+        return
+    except OSError as e:
+      last_error = e
+    if time.monotonic() >= deadline:
+      raise DistributedInitError(
+          f"could not reach the coordinator at {address} ({type(last_error).__name__}: "
+          f"{last_error}) within --distributed_timeout_s: is process 0 running with "
+          f"--coordinator_address={address}, and is that port open from here?")
+    time.sleep(0.5)
+
+
+def _describe(p: Plan) -> str:
+  if p.kind == "explicit":
+    return (f"process {p.process_id} of {p.num_processes} with coordinator "
+            f"{p.coordinator_address}")
+  return f"{p.kind} cluster ({p.reason})"
+
+
+def _set_num_cpu_devices(n: int) -> None:
+  if n < 1:
+    raise DistributedInitError(f"--num_cpu_devices={n}: must be at least 1")
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError as e:
+    raise DistributedInitError(f"--num_cpu_devices={n}: too late, the JAX backend is already "
+                               f"initialised ({e})") from None
+  # An XLA_FLAGS device count would fight the config option; the option wins
+  # on the CPU backend, but say so instead of leaving two numbers around.
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    logging.warning("--num_cpu_devices=%d overrides --xla_force_host_platform_device_count in "
+                    "XLA_FLAGS", n)
+
+
+def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, timeout_s: int = 300,
+               num_cpu_devices: int | None = None, mode: str = "auto",
+               env: Mapping[str, str] | None = None) -> Plan:
+  """Joins the multi-process job if there is one; logs the process and device layout.
+
+  Must run before anything uses a device. Raises DistributedInitError naming
+  the coordinator when it cannot be reached in `timeout_s` seconds.
+  """
+  if num_cpu_devices:
+    _set_num_cpu_devices(num_cpu_devices)
+  p = plan(coordinator_address=coordinator_address, num_processes=num_processes,
+           process_id=process_id, mode=mode, env=env)
+  if p.is_distributed and not jax.distributed.is_initialized():
+    _join(p, timeout_s)
+  how = (f"coordinator {p.coordinator_address}" if p.kind == "explicit"
+         else f"{p.kind}: {p.reason}")
+  logging.info("process %d of %d (%s); devices: %d local, %d global (%s)", jax.process_index(),
+               jax.process_count(), how,
+               jax.local_device_count(), jax.device_count(), jax.default_backend())
+  return p
+
+
+def _join(p: Plan, timeout_s: int) -> None:
+  if timeout_s < 1:
+    raise DistributedInitError(f"--distributed_timeout_s={timeout_s}: must be at least 1")
+  start = time.monotonic()
+  logging.info("joining the multi-process job as %s (timeout %d s)", _describe(p), timeout_s)
+  if p.kind == "explicit" and p.process_id != 0:
+    _wait_for_coordinator(p.coordinator_address, start + timeout_s)
+  remaining = max(1, int(round(timeout_s - (time.monotonic() - start))))
+  # When a peer never arrives, JAX aborts the process from native code after
+  # the timeout (no Python exception): say beforehand what we were waiting for.
+  where = p.coordinator_address or "the coordinator JAX derives from the cluster"
+  warning = threading.Timer(max(0.5, remaining - 1.0), _report_stuck, args=(p, where, timeout_s))
+  warning.daemon = True
+  warning.start()
+  try:
+    if p.kind == "explicit":
+      jax.distributed.initialize(coordinator_address=p.coordinator_address,
+                                 num_processes=p.num_processes, process_id=p.process_id,
+                                 initialization_timeout=remaining)
+    else:
+      jax.distributed.initialize(initialization_timeout=remaining)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DistributedInitError(f"jax.distributed.initialize failed for {_describe(p)} at {where}: "
+                               f"{type(e).__name__}: {e}") from e
+  finally:
+    warning.cancel()
+
+
+def _report_stuck(p: Plan, where: str, timeout_s: int) -> None:
+  message = (f"error: multi-process start-up ({_describe(p)}) has not completed after about "
+             f"{timeout_s} s (--distributed_timeout_s): not every process reached the "
+             f"coordinator at {where}. Check that all processes were started with the same "
+             "coordinator address and process count, and see the other processes' logs. "
+             "JAX aborts the process now.\n")
+  logging.error("%s", message.strip())
+  sys.stderr.write(message)
+  sys.stderr.flush()
+
+
+def initialize_from_flags() -> Plan:
+  """initialize() with this module's absl flags (main.py calls this first)."""
+  return initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                    process_id=_PROCESS_ID.value, timeout_s=_TIMEOUT_S.value,
+                    num_cpu_devices=_NUM_CPU_DEVICES.value, mode=_MODE.value)
