@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import sys
 import threading
 import time
 from typing import Mapping
@@ -262,10 +261,9 @@ def _report_stuck(p: Plan, where: str, timeout_s: int) -> None:
              f"{timeout_s} s (--distributed_timeout_s): not every process reached the "
              f"coordinator at {where}. Check that all processes were started with the same "
              "coordinator address and process count, and see the other processes' logs. "
-             "JAX aborts the process now.\n")
-  logging.error("%s", message.strip())
-  sys.stderr.write(message)
-  sys.stderr.flush()
+             "JAX aborts the process now.")
+  logging.error("%s", message)
+  logging.flush()
 
 
 def initialize_from_flags() -> Plan:
