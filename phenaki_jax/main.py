@@ -67,9 +67,6 @@ def main(argv):
   except ImportError:
     pass
   logging.set_verbosity(logging.INFO)
-  # Orbax logs several INFO lines per save; keep its warnings and errors only.
-  logging.get_absl_logger().addFilter(
-      lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
   # Before anything touches a device: joining a multi-process job (and
   # --num_cpu_devices) must precede backend initialisation.
   try:
