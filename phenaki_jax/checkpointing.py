@@ -160,6 +160,10 @@ class Checkpointer:
     details = "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures)
     raise NoUsableCheckpointError(f"no checkpoint in {self.directory} restores ({details})")
 
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process at the same step once a preemption was signalled."""
+    return self._manager.reached_preemption(step)
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -57,6 +57,9 @@ def cvivit_defaults() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  # Steps with a NaN/Inf loss, gradient or update are skipped; this many in a
+  # row stop the run with an error (0: never stop).
+  c.max_consecutive_nonfinite = 5
   # Reconstruction images + held-out PSNR/usage; 0 disables.
   c.eval_every_steps = 500
   c.num_eval_examples = 8
@@ -193,6 +196,8 @@ def validate_cvivit(config: ml_collections.ConfigDict, num_devices: int,
       "model.head_dim", "model.mlp_dim", "model.spatial_depth", "model.temporal_depth",
       "model.codebook_size", "model.code_dim", "input.batch_size", "input.num_frames",
       "input.resolution", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"])
+  _require(config.max_consecutive_nonfinite >= 0, "max_consecutive_nonfinite",
+           config.max_consecutive_nonfinite, "must be >= 0 (0: never stop)")
   _require(isinstance(config.total_steps, int) and config.total_steps >= 0, "total_steps",
            config.total_steps, "must be a non-negative integer")
   tp = m.temporal_patch_size

@@ -18,3 +18,6 @@ class TrainState:
 class TokenizerState(TrainState):
   # EMA of each code's share of tokens, for restarting dead codes.
   code_usage: jax.Array
+  # Consecutive steps whose loss, gradients or update were not finite (and
+  # were therefore skipped); kept on device so checking it needs no sync.
+  nonfinite_streak: jax.Array

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from typing import Any
 
 import flax.linen as nn
@@ -38,7 +40,8 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, num_frames:
     # Usage starts at zero: on the first step every code no token picked is
     # restarted at an encoder vector, a data-dependent codebook init.
     return TokenizerState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          code_usage=jnp.zeros((model.codebook_size,), jnp.float32))
+                          code_usage=jnp.zeros((model.codebook_size,), jnp.float32),
+                          nonfinite_streak=jnp.zeros((), jnp.int32))
   return init
 
 
@@ -100,10 +103,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
           errors=errors)
       params = {**params, "quantizer": {**params["quantizer"], "codebook": codebook}}
       parts["train/vq/restarted_codes"] = restarted
-    parts["train/grad_norm"] = optax.global_norm(grads)
+    grad_norm = optax.global_norm(grads)
+    # A NaN/Inf loss, gradient or update skips the step: params, optimizer
+    # state and code usage stay as they were, so nothing non-finite is ever
+    # trained on or checkpointed.
+    finite = (jnp.isfinite(parts["train/loss"]) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.global_norm(params)))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    parts["train/grad_norm"] = grad_norm
     parts["train/learning_rate"] = schedule(state.step)
-    new_state = TokenizerState(step=state.step + 1, params=params, opt_state=opt_state,
-                               code_usage=usage)
+    parts["train/nonfinite_step_fraction"] = 1.0 - finite.astype(jnp.float32)
+    new_streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    parts["nonfinite_streak"] = new_streak
+    new_state = TokenizerState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        code_usage=keep(usage, state.code_usage),
+        nonfinite_streak=new_streak)
     return new_state, parts
 
   return train_step
@@ -122,10 +139,53 @@ def make_eval_step(model: nn.Module):
   return eval_step
 
 
+class NonFiniteTrainingError(RuntimeError):
+  """Too many consecutive steps had a NaN/Inf loss, gradient or update."""
+
+
+def check_nonfinite_streak(streak: int, step: int, limit: int, last_saved: int | None) -> None:
+  if limit > 0 and streak >= limit:
+    raise NonFiniteTrainingError(
+        f"{streak} consecutive steps up to step {step} had a non-finite loss, gradient or "
+        f"update (config.max_consecutive_nonfinite={limit}); they were skipped and nothing "
+        f"non-finite was saved (newest checkpoint: step {last_saved}). Check the input data "
+        "and the learning rate, then resume from that checkpoint.")
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+
+
+class PreemptionWatch:
+  """Turns SIGTERM (and orbax's multi-host preemption notice) into a clean stop.
+
+  With one process a SIGTERM sets a flag checked after every step. With
+  several processes all must stop at the same step, so the decision comes
+  from orbax/JAX's preemption sync point instead.
+  """
+
+  def __init__(self, ckpt: checkpointing.Checkpointer):
+    self._ckpt = ckpt
+    self._requested = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint after the current step")
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return self._ckpt.reached_preemption(step)
+    return self._requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -204,11 +264,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # --- Loop.
     progress = metrics.ProgressLogger(config.total_steps, start_step)
     accumulator = metrics.StepAccumulator()
+    preemption = PreemptionWatch(ckpt)
+    pending_streak = None
+    last_saved = start_step if restored is not None else None
     last_scalars: dict[str, float] = {}
     eval_scalars: dict[str, float] = {}
     for step in range(start_step + 1, config.total_steps + 1):
       batch = sharding.host_to_global(next(train_iter), batch_sharding)
       state, step_metrics = train_step(state, batch)
+      step_metrics = dict(step_metrics)
+      # Checked one step late: by now that value is computed, so no stall.
+      if pending_streak is not None:
+        check_nonfinite_streak(int(pending_streak), step - 1, config.max_consecutive_nonfinite,
+                               last_saved)
+      pending_streak = step_metrics.pop("nonfinite_streak")
       # Averaged over the log interval, per kind too: with the 4:1 interleave a
       # single logged step would always be the same kind.
       accumulator.add("video" if batch["frames"].shape[1] > 1 else "image", step_metrics)
@@ -223,11 +292,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if eval_frames is not None and (step % config.eval_every_steps == 0 or is_last):
         eval_scalars = run_eval(step)
       stopping = stop_after_step is not None and step >= stop_after_step
-      if step % config.checkpoint_every_steps == 0 or is_last or stopping:
-        ckpt.save(step, state, train_iter, config)
+      preempted = preemption.reached(step)
+      if step % config.checkpoint_every_steps == 0 or is_last or stopping or preempted:
+        if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+          check_nonfinite_streak(int(pending_streak), step, config.max_consecutive_nonfinite,
+                                 last_saved)
+        ckpt.save(step, state, train_iter, config, force=preempted)
+        last_saved = step
+      if preempted:
+        ckpt.wait()
+        logging.warning("preempted (SIGTERM) at step %d: checkpoint committed, exiting; run the "
+                        "same command again to resume", step)
+        break
       if stopping:
         logging.info("stopping after step %d as asked; run again to resume", step)
         break
+    preemption.close()
     ckpt.close()
     writer.flush()
   return {"step": int(state.step), "train": last_scalars, "eval": eval_scalars,
