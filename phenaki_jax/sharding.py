@@ -110,16 +110,6 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   return logical_sharding(mesh, rules, "act_batch")
 
 
-def batch_divisor(mesh: Mesh, rules: Rules) -> int:
-  """How many ways the batch axis is split: the global batch must divide by it."""
-  spec = batch_sharding(mesh, rules).spec
-  axes = spec[0] if len(spec) else None
-  if axes is None:
-    return 1
-  axes = (axes,) if isinstance(axes, str) else axes
-  return int(np.prod([mesh.shape[a] for a in axes]))
-
-
 def host_to_global(local_batch: Any, sharding: NamedSharding) -> Any:
   """Process-local numpy batch -> global jax.Arrays laid out by `sharding`."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),

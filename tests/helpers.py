@@ -11,5 +11,5 @@ def load_config(job: str, variant: str = ""):
   spec = importlib.util.spec_from_file_location(f"configs_{job}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(variant)
-  return config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
+  # An unlocked copy, so tests can change values as --config.* overrides would.
+  return module.get_config(variant).copy_and_resolve_references()

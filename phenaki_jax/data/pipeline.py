@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import grain
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -166,5 +167,4 @@ def _with_video_ratio(input_cfg: ml_collections.ConfigDict, ratio: float) -> ml_
 
 def to_model_input(frames: Any) -> Any:
   """uint8 [0, 255] -> float32 [-1, 1]; done on device inside the step."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   return jnp.asarray(frames, jnp.float32) / 127.5 - 1.0

@@ -32,10 +32,6 @@ def num_token_frames(num_frames: int, temporal_patch_size: int) -> int:
   return 1 + (num_frames - 1) // temporal_patch_size
 
 
-def num_frames_for(token_frames: int, temporal_patch_size: int) -> int:
-  return 1 + (token_frames - 1) * temporal_patch_size
-
-
 class _SpaceTimeTransformer(nn.Module):
   """Spatial transformer within token frames plus causal temporal across them."""
   width: int
