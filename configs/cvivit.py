@@ -8,14 +8,16 @@ Variants: '' (default: 64×64, 11 frames, trains on a 2-core CPU in minutes),
 'tiny' (seconds; what the tests run), 'paper' (the paper's tokenizer: 128×128,
 11 frames, 8×8 patches, temporal patch 2 → 6×16×16 = 1,536 tokens, 4 spatial +
 4 temporal layers per side, width 512, 8,192 codes).
+Append ',l2vq' to any variant for the L2 + L_VQ baseline objective (no GAN,
+no perceptual networks), e.g. --config=configs/cvivit.py:tiny,l2vq.
 Every key and its default is in phenaki_jax/config_schema.py.
 """
 from phenaki_jax import config_schema
 
 
-def get_config(variant: str = ""):
+def get_config(arg: str = ""):
   config = config_schema.cvivit_defaults()
-  variant = variant or "default"
+  variant, *modifiers = (arg or "default").split(",")
   if variant == "default":
     pass
   elif variant == "tiny":
@@ -33,6 +35,9 @@ def get_config(variant: str = ""):
     m.spatial_depth = m.temporal_depth = 1
     m.codebook_size, m.code_dim = 64, 8
     config.optimizer.warmup_steps = 2
+    config.gan.start_step = 2  # the GAN is on for most of the 6 steps
+    config.gan.base_features = 8
+    config.gan.channel_multipliers = (1, 2)
   elif variant == "paper":
     config.total_steps = 1_000_000
     config.log_every_steps = 100
@@ -53,5 +58,14 @@ def get_config(variant: str = ""):
   else:
     raise ValueError(f"configs/cvivit.py: unknown variant {variant!r}; "
                      "choose one of '', 'tiny', 'paper'")
+  for modifier in modifiers:
+    if modifier == "l2vq":
+      # The baseline objective: L2 + L_VQ only, no GAN or perceptual networks.
+      config.loss.adversarial_weight = 0.0
+      config.loss.lpips_weight = 0.0
+      config.loss.video_perceptual_weight = 0.0
+    else:
+      raise ValueError(f"configs/cvivit.py: unknown modifier {modifier!r} in {arg!r}; "
+                       "the one modifier is 'l2vq' (e.g. 'tiny,l2vq')")
   config.lock()
   return config

@@ -1,7 +1,7 @@
 """Python API of a trained C-ViViT: load a checkpoint, encode and decode clips.
 
   from phenaki_jax.tokenizer import Tokenizer
-  tok = Tokenizer.load("runs/cvivit")          # newest good checkpoint
+  tok = Tokenizer.load("runs/cvivit")          # newest good checkpoint, EMA weights
   codes = tok.encode(frames)                   # uint8 (B, T, H, W, 3) -> int32 (B, 1+k, h, w)
   video = tok.decode(codes)                    # -> float32 (B, 1+k·t_p, H, W, 3) in [-1, 1]
 """
@@ -29,8 +29,12 @@ class Tokenizer:
   step: int
 
   @classmethod
-  def load(cls, workdir: str, step: int | None = None) -> "Tokenizer":
-    """Restores params from `workdir/checkpoints` (the newest good step by default)."""
+  def load(cls, workdir: str, step: int | None = None, use_ema: bool = True) -> "Tokenizer":
+    """Restores params from `workdir/checkpoints` (the newest good step by default).
+
+    `use_ema` takes the exponential moving average of the weights, which
+    evaluation uses too; False takes the last step's raw weights.
+    """
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000,
                                       async_save=False)
     steps = ckpt.all_steps()
@@ -51,7 +55,8 @@ class Tokenizer:
     else:
       state = ckpt.restore(step, target)
     ckpt.close()
-    return cls(model=model, params=state.params, config=config, step=int(step))
+    return cls(model=model, params=state.ema_params if use_ema else state.params, config=config,
+               step=int(step))
 
   def __post_init__(self):
     self._encode = jax.jit(lambda p, v: self.model.apply({"params": p}, v,

@@ -12,7 +12,7 @@ from tests.helpers import load_config
 
 
 def _config():
-  config = config_schema.complete(load_config("cvivit", "tiny"))
+  config = config_schema.complete(load_config("cvivit", "tiny,l2vq"))
   return config
 
 

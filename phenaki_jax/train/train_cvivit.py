@@ -20,10 +20,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from phenaki_jax import checkpointing, config_schema, losses, metrics, optimizers, sharding
+from phenaki_jax import checkpointing, config_schema, ema, losses, metrics, optimizers, perceptual
+from phenaki_jax import sharding
 from phenaki_jax.data import pipeline
-from phenaki_jax.models import cvivit
-from phenaki_jax.models import quantizer
+from phenaki_jax.models import cvivit, discriminator, quantizer
 from phenaki_jax.train.state import TokenizerState
 
 
@@ -31,84 +31,248 @@ def build_model(config: ml_collections.ConfigDict) -> cvivit.CViViT:
   return cvivit.from_config(config.model, config.input.resolution)
 
 
+def uses_gan(config: ml_collections.ConfigDict) -> bool:
+  return config.loss.adversarial_weight > 0
+
+
+def build_discriminator(config: ml_collections.ConfigDict
+                        ) -> tuple[discriminator.VideoDiscriminator, optax.GradientTransformation]:
+  """The discriminator and its own optimizer (Adam with StyleGAN's β1 = 0)."""
+  g = config.gan
+  return discriminator.from_config(g), optax.adam(g.learning_rate, b1=g.b1, b2=g.b2)
+
+
+def load_frozen_networks(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Weights of the pretrained networks the objective uses (none for L2+VQ)."""
+  frozen = {}
+  if config.loss.lpips_weight > 0:
+    frozen["lpips"] = perceptual.lpips_params(config.loss.lpips_net)
+  if config.loss.video_perceptual_weight > 0:
+    frozen["i3d"] = perceptual.i3d_variables()
+  return frozen
+
+
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, num_frames: int,
-                 resolution: int):
+                 resolution: int, config: ml_collections.ConfigDict | None = None):
   """rng -> TokenizerState with logically boxed leaves (eval_shape it for shardings)."""
   def init(rng: jax.Array) -> TokenizerState:
+    model_rng, disc_rng = jax.random.split(rng)
     dummy = jnp.zeros((1, num_frames, resolution, resolution, 3), jnp.float32)
-    params = model.init(rng, dummy)["params"]
+    params = model.init(model_rng, dummy)["params"]
+    disc_params, disc_opt_state = {}, {}
+    if config is not None and uses_gan(config):
+      disc, disc_tx = build_discriminator(config)
+      disc_params = disc.init(disc_rng, dummy)["params"]
+      disc_opt_state = disc_tx.init(disc_params)
     # Usage starts at zero: on the first step every code no token picked is
     # restarted at an encoder vector, a data-dependent codebook init.
     return TokenizerState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           code_usage=jnp.zeros((model.codebook_size,), jnp.float32),
-                          nonfinite_streak=jnp.zeros((), jnp.int32))
+                          nonfinite_streak=jnp.zeros((), jnp.int32),
+                          ema_params=params, disc_params=disc_params,
+                          disc_opt_state=disc_opt_state,
+                          lecam_ema=jnp.zeros((2,), jnp.float32))
   return init
 
 
 def abstract_state_and_shardings(config: ml_collections.ConfigDict, model: nn.Module,
                                  tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
   """(abstract unboxed state, its NamedShardings, unboxing init fn)."""
-  init = make_init_fn(model, tx, config.input.num_frames, config.input.resolution)
+  init = make_init_fn(model, tx, config.input.num_frames, config.input.resolution, config)
   abstract_boxed = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.tree_shardings(abstract_boxed, mesh, config.logical_axis_rules)
   abstract = sharding.strip_boxes(abstract_boxed)
   return abstract, shardings, lambda rng: nn.unbox(init(rng))
 
 
+def _random_frames(video: jax.Array, count: int, rng: jax.Array) -> jax.Array:
+  """`count` distinct random frames of each clip, flattened to (B·count, H, W, C)."""
+  b, t = video.shape[:2]
+  if count == 0 or count >= t:
+    return video.reshape((b * t,) + video.shape[2:])
+  order = jnp.argsort(jax.random.uniform(rng, (b, t)), axis=1)[:, :count]
+  picked = jnp.take_along_axis(video, order[:, :, None, None, None], axis=1)
+  return picked.reshape((b * count,) + video.shape[2:])
+
+
+def perceptual_terms(video: jax.Array, recon: jax.Array, loss_cfg: ml_collections.ConfigDict,
+                     frozen: dict[str, Any], rng: jax.Array) -> dict[str, jax.Array]:
+  """L_IP (LPIPS on random frames) and L_VP (I3D features) where they apply."""
+  terms = {}
+  if loss_cfg.lpips_weight > 0:
+    # Both clips get the same frames: the rng is shared.
+    real = _random_frames(video, loss_cfg.lpips_frames_per_clip, rng)
+    fake = _random_frames(recon, loss_cfg.lpips_frames_per_clip, rng)
+    terms["lpips"] = jnp.mean(perceptual.lpips_distance(frozen["lpips"], real, fake,
+                                                        net=loss_cfg.lpips_net))
+  t = video.shape[1]
+  if loss_cfg.video_perceptual_weight > 0 and t > 1 and t >= loss_cfg.video_perceptual_min_frames:
+    n = loss_cfg.video_perceptual_clips or video.shape[0]
+    terms["video_perceptual"] = jnp.mean(perceptual.i3d_perceptual_distance(
+        frozen["i3d"], video[:n], recon[:n], endpoint=loss_cfg.video_perceptual_endpoint,
+        resolution=loss_cfg.video_perceptual_resolution or video.shape[2]))
+  return terms
+
+
 def compute_losses(model: nn.Module, params: Any, video: jax.Array,
-                   loss_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   loss_cfg: ml_collections.ConfigDict, *, frozen: dict[str, Any] | None = None,
+                   rng: jax.Array | None = None, adversarial: Any = None,
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and its logged parts for a float video batch in [-1, 1].
 
-  Parts under 'vq_state/' are not metrics: the step uses them to restart codes.
+  `adversarial(recon) -> L_adv` is given once the GAN is on. Parts under
+  'vq_state/' are not metrics: the step uses them to restart codes, and
+  'recon' goes to the discriminator's update.
   """
   recon, aux = model.apply({"params": params}, video)
   l2 = losses.l2_loss(video, recon)
   vq = losses.vq_loss(aux["codebook_loss"], aux["commitment_loss"], loss_cfg.commitment_cost)
   total = loss_cfg.l2_weight * l2 + loss_cfg.vq_weight * vq
   parts = {
-      "train/loss": total,
       "train/l2": l2,
       "train/vq/loss": vq,
       "train/vq/codebook_loss": aux["codebook_loss"],
       "train/vq/commitment_loss": aux["commitment_loss"],
       "train/vq/usage": aux["usage"],
       "train/vq/perplexity": aux["perplexity"],
-      "vq_state/encoder_vectors": aux["encoder_vectors"],
-      "vq_state/errors": aux["quantization_errors"],
-      "vq_state/counts": quantizer.code_counts(aux["codes"], model.codebook_size),
   }
+  needs_frozen = loss_cfg.lpips_weight > 0 or loss_cfg.video_perceptual_weight > 0
+  if needs_frozen:
+    if frozen is None or rng is None:
+      raise ValueError("the perceptual terms need the frozen networks and an rng "
+                       "(load_frozen_networks(config)); or set their weights to 0")
+    terms = perceptual_terms(video, recon, loss_cfg, frozen, rng)
+    if "lpips" in terms:
+      total = total + loss_cfg.lpips_weight * terms["lpips"]
+      parts["train/lpips"] = terms["lpips"]
+    if "video_perceptual" in terms:
+      total = total + loss_cfg.video_perceptual_weight * terms["video_perceptual"]
+      parts["train/video_perceptual"] = terms["video_perceptual"]
+  if adversarial is not None:
+    adv = adversarial(recon)
+    total = total + loss_cfg.adversarial_weight * adv
+    parts["train/gan/generator_loss"] = adv
+  parts["train/loss"] = total
+  parts["vq_state/encoder_vectors"] = aux["encoder_vectors"]
+  parts["vq_state/errors"] = aux["quantization_errors"]
+  parts["vq_state/counts"] = quantizer.code_counts(aux["codes"], model.codebook_size)
+  parts["recon"] = recon
   return total, parts
+
+
+def discriminator_loss_fn(disc: nn.Module, gan_cfg: ml_collections.ConfigDict):
+  """(disc_params, real, fake, lecam_ema) -> (loss, parts).
+
+  `fake` is cut from the tokenizer's graph here, so this loss can never
+  reach the tokenizer's parameters.
+  """
+  def loss_fn(disc_params, real, fake, lecam_ema):
+    fake = jax.lax.stop_gradient(fake)
+    logits = lambda x: disc.apply({"params": disc_params}, x)
+    if gan_cfg.r1_weight > 0:
+      r1, real_logits = losses.r1_penalty(logits, real)
+    else:
+      r1, real_logits = jnp.zeros(()), logits(real)
+    fake_logits = logits(fake)
+    d_loss = losses.discriminator_loss(real_logits, fake_logits, gan_cfg.loss)
+    total = d_loss + 0.5 * gan_cfg.r1_weight * r1
+    lecam = jnp.zeros(())
+    if gan_cfg.lecam_weight > 0:
+      lecam = losses.lecam_regularizer(real_logits, fake_logits, lecam_ema[0], lecam_ema[1])
+      total = total + gan_cfg.lecam_weight * lecam
+    return total, {"train/gan/discriminator_loss": d_loss, "train/gan/r1": r1,
+                   "train/gan/lecam": lecam,
+                   "train/gan/real_logits": jnp.mean(real_logits),
+                   "train/gan/fake_logits": jnp.mean(fake_logits)}
+  return loss_fn
+
+
+_DISC_METRICS = ("train/gan/discriminator_loss", "train/gan/r1", "train/gan/lecam",
+                 "train/gan/real_logits", "train/gan/fake_logits")
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict):
   schedule = optimizers.learning_rate_schedule(config.optimizer, config.total_steps)
+  gan = uses_gan(config)
+  if gan:
+    disc, disc_tx = build_discriminator(config)
+    disc_loss_fn = discriminator_loss_fn(disc, config.gan)
 
-  def train_step(state: TokenizerState, batch: dict[str, jax.Array]):
+  def train_step(state: TokenizerState, batch: dict[str, jax.Array],
+                 frozen: dict[str, Any] | None = None):
     video = pipeline.to_model_input(batch["frames"])
+    # The rngs depend only on the step, so a resumed run repeats them.
+    step_rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    restart_rng, perceptual_rng = jax.random.split(step_rng)
+    gan_on = state.step >= config.gan.start_step
+
+    adversarial = None
+    if gan:
+      def adversarial(recon):
+        # Before gan.start_step the term is exactly 0 and D is not even run.
+        return jax.lax.cond(
+            gan_on,
+            lambda r: losses.generator_adversarial_loss(
+                disc.apply({"params": state.disc_params}, r), config.gan.loss),
+            lambda r: jnp.zeros((), jnp.float32), recon)
+
     grad_fn = jax.value_and_grad(
-        lambda p: compute_losses(model, p, video, config.loss), has_aux=True)
+        lambda p: compute_losses(model, p, video, config.loss, frozen=frozen,
+                                 rng=perceptual_rng, adversarial=adversarial), has_aux=True)
     (_, parts), grads = grad_fn(state.params)
+    recon = parts.pop("recon")
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     vectors, counts = parts.pop("vq_state/encoder_vectors"), parts.pop("vq_state/counts")
     errors = parts.pop("vq_state/errors")
     usage = state.code_usage
+    restarted_rows = None
     if config.codebook.restart_dead_codes:
-      # The rng depends only on the step, so a resumed run restarts the same codes.
-      rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+      old_codebook = params["quantizer"]["codebook"]
       codebook, usage, restarted = quantizer.restart_dead_codes(
-          params["quantizer"]["codebook"], usage, vectors, counts, rng,
+          old_codebook, usage, vectors, counts, restart_rng,
           decay=config.codebook.usage_decay, dead_fraction=config.codebook.dead_fraction,
           errors=errors)
+      restarted_rows = jnp.any(codebook != old_codebook, axis=-1)
       params = {**params, "quantizer": {**params["quantizer"], "codebook": codebook}}
       parts["train/vq/restarted_codes"] = restarted
+
+    disc_params, disc_opt_state, lecam_ema = (state.disc_params, state.disc_opt_state,
+                                              state.lecam_ema)
+    if gan:
+      def update_disc(operands):
+        d_params, d_opt, ema_logits = operands
+        (_, d_parts), d_grads = jax.value_and_grad(disc_loss_fn, has_aux=True)(
+            d_params, video, recon, ema_logits)
+        d_updates, d_opt = disc_tx.update(d_grads, d_opt, d_params)
+        d_params = optax.apply_updates(d_params, d_updates)
+        decay = config.gan.lecam_decay
+        means = jnp.stack([d_parts["train/gan/real_logits"], d_parts["train/gan/fake_logits"]])
+        ema_logits = decay * ema_logits + (1.0 - decay) * means
+        d_parts["train/gan/discriminator_grad_norm"] = optax.global_norm(d_grads)
+        return (d_params, d_opt, ema_logits), d_parts
+
+      def skip_disc(operands):
+        zeros = {k: jnp.zeros((), jnp.float32) for k in _DISC_METRICS}
+        zeros["train/gan/discriminator_grad_norm"] = jnp.zeros((), jnp.float32)
+        return operands, zeros
+
+      (disc_params, disc_opt_state, lecam_ema), d_parts = jax.lax.cond(
+          gan_on, update_disc, skip_disc, (disc_params, disc_opt_state, lecam_ema))
+      parts.update(d_parts)
+      parts["train/gan/active"] = gan_on.astype(jnp.float32)
+
+    ema_params = _updated_ema(state.ema_params, params, state.step, config.ema_decay,
+                              restarted_rows)
     grad_norm = optax.global_norm(grads)
-    # A NaN/Inf loss, gradient or update skips the step: params, optimizer
-    # state and code usage stay as they were, so nothing non-finite is ever
-    # trained on or checkpointed.
+    # A NaN/Inf loss, gradient or update skips the step: every parameter,
+    # optimizer state and statistic stays as it was, so nothing non-finite
+    # is ever trained on or checkpointed.
     finite = (jnp.isfinite(parts["train/loss"]) & jnp.isfinite(grad_norm)
               & jnp.isfinite(optax.global_norm(params)))
+    if gan:
+      finite = finite & jnp.isfinite(optax.global_norm(disc_params))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     parts["train/grad_norm"] = grad_norm
     parts["train/learning_rate"] = schedule(state.step)
@@ -120,10 +284,28 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         code_usage=keep(usage, state.code_usage),
-        nonfinite_streak=new_streak)
+        nonfinite_streak=new_streak,
+        ema_params=keep(ema_params, state.ema_params),
+        disc_params=keep(disc_params, state.disc_params),
+        disc_opt_state=keep(disc_opt_state, state.disc_opt_state),
+        lecam_ema=keep(lecam_ema, state.lecam_ema))
     return new_state, parts
 
   return train_step
+
+
+def _updated_ema(ema_params: Any, params: Any, step: jax.Array, decay: float,
+                 restarted_rows: jax.Array | None) -> Any:
+  if decay == 0:
+    return params
+  new = ema.update(ema_params, params, step, decay)
+  if restarted_rows is not None:
+    # A restarted code is a new vector: averaging it with the dead one it
+    # replaced would give a code no encoder output is near.
+    codebook = params["quantizer"]["codebook"]
+    ema_codebook = jnp.where(restarted_rows[:, None], codebook, new["quantizer"]["codebook"])
+    new = {**new, "quantizer": {**new["quantizer"], "codebook": ema_codebook}}
+  return new
 
 
 def make_eval_step(model: nn.Module):
@@ -238,11 +420,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("resumed from step %d", start_step)
 
     # --- Update step: one jitted function, explicit shardings, state donated.
+    # Pretrained LPIPS / I3D weights: step arguments, replicated, never trained.
+    frozen = jax.device_put(load_frozen_networks(config), replicated)
     train_step = jax.jit(make_train_step(model, tx, config),
-                         in_shardings=(state_shardings, batch_sharding),
+                         in_shardings=(state_shardings, batch_sharding, replicated),
                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(model),
-                        in_shardings=(state_shardings.params, replicated),
+                        in_shardings=(state_shardings.ema_params, replicated),
                         out_shardings=(replicated, replicated))
     eval_frames = None
     if config.eval_every_steps > 0:
@@ -250,7 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                          count=config.num_eval_examples)
 
     def run_eval(step: int) -> dict[str, float]:
-      recon, scalars = eval_step(state.params, jax.device_put(eval_frames, replicated))
+      recon, scalars = eval_step(state.ema_params, jax.device_put(eval_frames, replicated))
       scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
       writer.write_scalars(step, scalars)
       if jax.process_index() == 0:
@@ -271,7 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     eval_scalars: dict[str, float] = {}
     for step in range(start_step + 1, config.total_steps + 1):
       batch = sharding.host_to_global(next(train_iter), batch_sharding)
-      state, step_metrics = train_step(state, batch)
+      state, step_metrics = train_step(state, batch, frozen)
       step_metrics = dict(step_metrics)
       # Checked one step late: by now that value is computed, so no stall.
       if pending_streak is not None:

@@ -25,7 +25,7 @@ from tests.helpers import REPO
 
 PROCESS_TIMEOUT_S = 240
 # Eval off: it would add a compile per run and is not what is tested here.
-COMMON_FLAGS = ("--config=configs/cvivit.py:tiny", "--config.checkpoint_every_steps=2",
+COMMON_FLAGS = ("--config=configs/cvivit.py:tiny,l2vq", "--config.checkpoint_every_steps=2",
                 "--config.eval_every_steps=0", "--distributed_timeout_s=120")
 
 

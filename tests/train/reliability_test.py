@@ -16,7 +16,7 @@ from tests.helpers import REPO, load_config
 
 
 def _tiny(**top):
-  config = load_config("cvivit", "tiny")
+  config = load_config("cvivit", "tiny,l2vq")
   config.eval_every_steps = 0
   for k, v in top.items():
     config[k] = v
@@ -50,7 +50,7 @@ def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path, monkeypatch)
 
 
 def test_sigterm_saves_at_the_current_step_exits_zero_and_resumes(tmp_path):
-  cmd = [sys.executable, "-m", "phenaki_jax.main", "--config=configs/cvivit.py:tiny",
+  cmd = [sys.executable, "-m", "phenaki_jax.main", "--config=configs/cvivit.py:tiny,l2vq",
          f"--workdir={tmp_path}", "--config.total_steps=400", "--config.eval_every_steps=0",
          "--config.checkpoint_every_steps=1000"]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -82,7 +82,7 @@ def test_impossible_values_fail_naming_the_key(key, value, message, tmp_path):
 
 def test_command_line_unknown_key_is_named(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "phenaki_jax.main", "--config=configs/cvivit.py:tiny",
+      [sys.executable, "-m", "phenaki_jax.main", "--config=configs/cvivit.py:tiny,l2vq",
        f"--workdir={tmp_path}", "--config.model.widht=8"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
@@ -101,10 +101,15 @@ def test_tokenizer_api_loads_checkpoint_and_round_trips(uninterrupted):
   assert codes.shape == (2, 3, 4, 4) and codes.dtype == np.int32
   video = tok.decode(codes)
   assert video.shape == frames.shape
-  # Same params as the trainer's final state: same reconstruction.
-  trained = jax.device_get(out["state"].params)
+  # The trainer's final EMA weights by default, its raw weights on request.
+  final = jax.device_get(out["state"])
   np.testing.assert_allclose(jax.device_get(tok.params["first_frame_embed"]["kernel"]),
-                             trained["first_frame_embed"]["kernel"])
+                             final.ema_params["first_frame_embed"]["kernel"])
+  raw = Tokenizer.load(workdir, use_ema=False)
+  np.testing.assert_allclose(jax.device_get(raw.params["first_frame_embed"]["kernel"]),
+                             final.params["first_frame_embed"]["kernel"])
+  assert not np.allclose(final.params["first_frame_embed"]["kernel"],
+                         final.ema_params["first_frame_embed"]["kernel"])
   older = Tokenizer.load(workdir, step=3)
   assert older.step == 3
   assert not np.allclose(older.params["first_frame_embed"]["kernel"],

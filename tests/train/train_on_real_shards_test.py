@@ -24,7 +24,7 @@ def prepared(tmp_path_factory):
 
 
 def _shard_config(prepared_dir, **input_overrides):
-  config = load_config("cvivit", "tiny")
+  config = load_config("cvivit", "tiny,l2vq")
   config.input.data = "shards"
   config.input.video_shards = prepared_dir
   config.input.image_shards = prepared_dir

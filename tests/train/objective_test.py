@@ -1,0 +1,241 @@
+"""The full C-ViViT objective: each term, where gradients flow, config checks.
+
+L = L_VQ + 0.1·L_adv + 0.1·L_IP + 1.0·L_VP + 1.0·L2 with a video
+discriminator (R1, LeCam), LPIPS and I3D features from the packaged weights.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from phenaki_jax import config_schema, losses, optimizers, perceptual, sharding
+from phenaki_jax.models import discriminator
+from phenaki_jax.train import train_cvivit
+from tests.helpers import load_config
+
+
+def _video(seed, shape=(2, 5, 16, 16, 3)):
+  return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, shape), jnp.float32)
+
+
+# --- Terms on tiny inputs.
+
+def test_adversarial_losses_match_their_definitions():
+  real = jnp.array([2.0, 0.5, -1.0])
+  fake = jnp.array([-2.0, 0.0, 1.5])
+  np.testing.assert_allclose(losses.discriminator_loss(real, fake, "hinge"),
+                             np.mean([0, 0.5, 2.0]) + np.mean([0, 1.0, 2.5]), rtol=1e-6)
+  np.testing.assert_allclose(losses.generator_adversarial_loss(fake, "hinge"), -np.mean(fake))
+  sp = lambda x: np.log1p(np.exp(x))
+  np.testing.assert_allclose(losses.discriminator_loss(real, fake, "non_saturating"),
+                             np.mean(sp(-np.asarray(real))) + np.mean(sp(np.asarray(fake))),
+                             rtol=1e-6)
+  np.testing.assert_allclose(losses.generator_adversarial_loss(fake, "non_saturating"),
+                             np.mean(sp(-np.asarray(fake))), rtol=1e-6)
+  with pytest.raises(ValueError, match="wasserstein"):
+    losses.discriminator_loss(real, fake, "wasserstein")
+
+
+def test_r1_penalty_of_a_linear_critic_is_its_squared_weight_norm():
+  w = jnp.arange(12, dtype=jnp.float32).reshape(1, 2, 2, 3) / 10
+  critic = lambda x: jnp.sum(x * w, axis=(1, 2, 3)) + jnp.sum(x**2, axis=(1, 2, 3)) * 0
+  x = _video(0, (4, 2, 2, 3))
+  r1, logits = losses.r1_penalty(critic, x)
+  np.testing.assert_allclose(r1, float(jnp.sum(w**2)), rtol=1e-6)
+  np.testing.assert_allclose(logits, critic(x), rtol=1e-6)
+  # Per example, not of the batch sum: a quadratic critic's gradient is 2x.
+  r1_sq, _ = losses.r1_penalty(lambda x: jnp.sum(x**2, axis=(1, 2, 3)), x)
+  np.testing.assert_allclose(r1_sq, float(jnp.mean(jnp.sum((2 * x)**2, axis=(1, 2, 3)))), rtol=1e-5)
+
+
+def test_lecam_is_zero_when_logits_sit_beyond_the_moving_averages():
+  assert float(losses.lecam_regularizer(jnp.array([-1.0]), jnp.array([1.0]), 0.5, -0.5)) == 0
+  np.testing.assert_allclose(
+      losses.lecam_regularizer(jnp.array([1.0]), jnp.array([-1.0]), 0.0, 0.0), 2.0)
+
+
+def test_perceptual_terms_vanish_for_a_perfect_reconstruction_and_not_otherwise():
+  config = config_schema.complete(load_config("cvivit", "tiny"))
+  frozen = train_cvivit.load_frozen_networks(config)
+  video = _video(1)
+  same = train_cvivit.perceptual_terms(video, video, config.loss, frozen, jax.random.key(0))
+  assert set(same) == {"lpips", "video_perceptual"}
+  assert abs(float(same["lpips"])) < 1e-6 and abs(float(same["video_perceptual"])) < 1e-6
+  other = train_cvivit.perceptual_terms(video, 0.5 * video, config.loss, frozen,
+                                        jax.random.key(0))
+  assert float(other["lpips"]) > 1e-3 and float(other["video_perceptual"]) > 1e-3
+  # Images (1-frame clips) skip the video term, keep LPIPS.
+  image = train_cvivit.perceptual_terms(video[:, :1], 0.5 * video[:, :1], config.loss, frozen,
+                                        jax.random.key(0))
+  assert set(image) == {"lpips"}
+
+
+def test_lpips_frames_are_the_same_frames_of_input_and_reconstruction():
+  video = _video(2, (3, 7, 4, 4, 3))
+  a = train_cvivit._random_frames(video, 2, jax.random.key(5))
+  b = train_cvivit._random_frames(video, 2, jax.random.key(5))
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == (6, 4, 4, 3)
+  # Two distinct frames of each clip.
+  for clip in range(3):
+    idx = [int(np.argmax([np.allclose(a[2 * clip + j], video[clip, t]) for t in range(7)]))
+           for j in range(2)]
+    assert idx[0] != idx[1]
+  assert train_cvivit._random_frames(video, 0, jax.random.key(0)).shape == (21, 4, 4, 3)
+
+
+def test_video_perceptual_gradient_reaches_the_prediction_not_the_target():
+  variables = perceptual.i3d_variables()
+  target, prediction = _video(3), 0.3 * _video(4)
+  fn = lambda t, p: jnp.mean(perceptual.i3d_perceptual_distance(
+      variables, t, p, endpoint="Conv3d_2c_3x3", resolution=16))
+  g_target, g_pred = jax.grad(fn, argnums=(0, 1))(target, prediction)
+  assert float(jnp.abs(g_target).max()) == 0.0
+  assert float(jnp.abs(g_pred).max()) > 0.0
+  assert np.isfinite(np.asarray(g_pred)).all()
+
+
+@pytest.mark.parametrize("shape,kernel", [((2, 11, 16, 16, 3), (7, 7, 7)),
+                                          ((1, 5, 9, 13, 3), (7, 7, 7)),
+                                          ((1, 4, 8, 8, 2), (3, 3, 3))])
+def test_space_to_depth_conv_is_the_strided_conv(shape, kernel):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  k = jnp.asarray(rng.normal(size=kernel + (shape[-1], 5)), jnp.float32)
+  want = jax.lax.conv_general_dilated(x, k, (2, 2, 2), "SAME",
+                                      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+  got = perceptual.space_to_depth_conv(x, k, (2, 2, 2))
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_i3d_with_the_fast_stem_computes_the_same_features():
+  variables = perceptual.i3d_variables()
+  video = _video(5, (1, 5, 32, 32, 3))
+  kw = dict(endpoint="Mixed_3c", resolution=32)
+  plain = perceptual.i3d_features(variables, video, **kw)
+  fast = perceptual.i3d_features(variables, video, fast_input_gradient=True, **kw)
+  np.testing.assert_allclose(fast, plain, atol=1e-4 * float(jnp.abs(plain).max()))
+
+
+def test_discriminator_scores_clips_and_images_with_the_same_weights():
+  disc = discriminator.VideoDiscriminator(base_features=4, channel_multipliers=(1, 2))
+  video = _video(6, (2, 5, 16, 16, 3))
+  params = disc.init(jax.random.key(0), video)
+  assert disc.apply(params, video).shape == (2,)
+  assert disc.apply(params, video[:, :1]).shape == (2,)
+  # It sees time: shuffling the frames changes the score.
+  shuffled = video[:, ::-1]
+  assert not np.allclose(disc.apply(params, video), disc.apply(params, shuffled))
+
+
+# --- Where gradients flow inside the train step.
+
+def _step_setup(**loss_overrides):
+  config = config_schema.complete(load_config("cvivit", "tiny"))
+  config.gan.start_step = 0
+  config.loss.lpips_weight = 0.0  # these two are tested above; keep the step small
+  config.loss.video_perceptual_weight = 0.0
+  for k, v in loss_overrides.items():
+    config.loss[k] = v
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  with sharding.use_mesh(mesh, config.logical_axis_rules):
+    model = train_cvivit.build_model(config)
+    tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
+    _, shardings, init = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    step = jax.jit(train_cvivit.make_train_step(model, tx, config))
+    frames = np.random.default_rng(0).integers(0, 256, (8, 5, 16, 16, 3), dtype=np.uint8)
+    # Two steps: the learning rate warms up from 0, so the first moves nothing
+    # but the optimizer's moments and the discriminator.
+    state = jax.device_get(state)
+    new_state, _ = step(state, {"frames": frames}, {})
+    new_state, parts = step(new_state, {"frames": frames[::-1]}, {})
+  return config, model, state, jax.device_get(new_state), jax.device_get(parts)
+
+
+@pytest.fixture(scope="module")
+def two_adversarial_weights():
+  return _step_setup(adversarial_weight=0.1), _step_setup(adversarial_weight=0.5)
+
+
+def test_generator_step_does_not_update_the_discriminator(two_adversarial_weights):
+  (_, _, before, low, low_parts), (_, _, _, high, high_parts) = two_adversarial_weights
+  # The tokenizer's update depends on the adversarial weight ...
+  assert not np.allclose(low.params["tubelet_out"]["kernel"],
+                         high.params["tubelet_out"]["kernel"])
+  # ... the discriminator's does not: it only sees real clips and the
+  # reconstructions as constants, and only its own loss updates it.
+  jax.tree.map(np.testing.assert_array_equal, low.disc_params, high.disc_params)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                         jax.device_get(before.disc_params), low.disc_params)
+  assert any(jax.tree.leaves(changed))
+  assert low_parts["train/gan/active"] == 1.0 and low_parts["train/gan/r1"] > 0
+
+
+def test_discriminator_loss_has_no_gradient_into_the_tokenizer(two_adversarial_weights):
+  config, model, state, _, _ = two_adversarial_weights[0]
+  disc, _ = train_cvivit.build_discriminator(config)
+  loss_fn = train_cvivit.discriminator_loss_fn(disc, config.gan)
+  video = _video(7, (2, 5, 16, 16, 3))
+
+  def through_tokenizer(params):
+    recon, _ = model.apply({"params": params}, video)
+    return loss_fn(state.disc_params, video, recon, state.lecam_ema)[0]
+
+  grads = jax.grad(through_tokenizer)(state.params)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) == 0.0
+  d_grads = jax.grad(lambda d: loss_fn(d, video, video * 0.5, state.lecam_ema)[0])(
+      state.disc_params)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(d_grads)) > 0.0
+
+
+def test_before_the_start_step_the_gan_is_off():
+  config = config_schema.complete(load_config("cvivit", "tiny"))
+  config.loss.lpips_weight = config.loss.video_perceptual_weight = 0.0
+  config.gan.start_step = 100
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  with sharding.use_mesh(mesh, config.logical_axis_rules):
+    model = train_cvivit.build_model(config)
+    tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
+    _, shardings, init = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    frames = np.random.default_rng(0).integers(0, 256, (8, 5, 16, 16, 3), dtype=np.uint8)
+    new_state, parts = jax.jit(train_cvivit.make_train_step(model, tx, config))(
+        state, {"frames": frames}, {})
+  assert float(parts["train/gan/active"]) == 0.0
+  assert float(parts["train/gan/generator_loss"]) == 0.0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.disc_params),
+               jax.device_get(new_state.disc_params))
+
+
+# --- Config checks, before anything compiles.
+
+@pytest.mark.parametrize("key,value,message", [
+    ("loss.lpips_net", "resnet", "config.loss.lpips_net='resnet'"),
+    ("gan.loss", "wgan", "config.gan.loss='wgan'"),
+    ("loss.video_perceptual_endpoint", "Mixed_9z", "config.loss.video_perceptual_endpoint"),
+    ("loss.video_perceptual_endpoint", "Logits", "config.loss.video_perceptual_resolution=0"),
+    ("loss.adversarial_weight", -0.1, "config.loss.adversarial_weight=-0.1"),
+    ("gan.channel_multipliers", (1, 2, 4, 8, 16), "config.gan.channel_multipliers"),
+    ("ema_decay", 1.0, "config.ema_decay=1.0"),
+])
+def test_bad_objective_values_fail_naming_the_key(key, value, message, tmp_path):
+  config = load_config("cvivit", "tiny")
+  *parents, leaf = key.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_schema.ConfigError, match=message):
+    train_cvivit.train_and_evaluate(config, str(tmp_path))
+
+
+def test_i3d_logits_on_short_clips_fail_naming_the_frame_count(tmp_path):
+  config = load_config("cvivit", "tiny")
+  config.loss.video_perceptual_endpoint = "Logits"
+  config.loss.video_perceptual_resolution = 224
+  with pytest.raises(config_schema.ConfigError, match="config.input.num_frames=5"):
+    train_cvivit.train_and_evaluate(config, str(tmp_path))
+  # Or the term is skipped on such clips, by config.
+  config.loss.video_perceptual_min_frames = 9
+  config_schema.validate_cvivit(config_schema.complete(config), 8)
