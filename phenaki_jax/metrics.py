@@ -121,7 +121,7 @@ class ProgressLogger:
   def log(self, step: int, scalars: Mapping[str, float], rate: float) -> None:
     eta_s = (self.total_steps - step) / rate if rate > 0 else float("inf")
     shown = " ".join(f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in scalars.items()
-                     if k in ("train/loss", "train/l2", "train/vq/usage"))
+                     if k in ("train/loss", "train/l2", "train/vq/usage", "train/masked_accuracy"))
     logging.info("step %d/%d %s | %.2f steps/s | ETA %s", step, self.total_steps, shown, rate,
                  format_duration(eta_s))
 

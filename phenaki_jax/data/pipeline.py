@@ -77,10 +77,20 @@ def _check_clip_shape(source: Any, kind: str, input_cfg: ml_collections.ConfigDi
 
 
 class SelectFrames(grain.transforms.Map):
-  """Keeps the uint8 frames; captions are not needed by the tokenizer."""
+  """Keeps the uint8 frames, and the caption when asked.
+
+  The tokenizer needs no captions (dropping them keeps its batches pure
+  arrays); the generator keeps them and tokenises them on the host.
+  """
+
+  def __init__(self, keep_caption: bool = False):
+    self.keep_caption = keep_caption
 
   def map(self, element: dict) -> dict:
-    return {"frames": np.asarray(element["frames"], np.uint8)}
+    out = {"frames": np.asarray(element["frames"], np.uint8)}
+    if self.keep_caption:
+      out["caption"] = str(element["caption"])
+    return out
 
 
 class ClipAugment(grain.transforms.RandomMap):
@@ -117,12 +127,13 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _batched_stream(source: Any, *, batch_size: int, seed: int, process_index: int,
-                    process_count: int, input_cfg: ml_collections.ConfigDict) -> grain.MapDataset:
+                    process_count: int, input_cfg: ml_collections.ConfigDict,
+                    keep_caption: bool = False) -> grain.MapDataset:
   ds = grain.MapDataset.source(source)
   # Each process reads a disjoint slice, so N processes see each example once per epoch.
   ds = ds[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat()
-  ds = ds.map(SelectFrames())
+  ds = ds.map(SelectFrames(keep_caption))
   if input_cfg.random_crop_min_scale < 1.0 or input_cfg.horizontal_flip:
     # Seeded per (seed, index): a resumed run augments exactly as before.
     ds = ds.random_map(ClipAugment(input_cfg.random_crop_min_scale, input_cfg.horizontal_flip),
@@ -131,8 +142,12 @@ def _batched_stream(source: Any, *, batch_size: int, seed: int, process_index: i
 
 
 def make_train_dataset(input_cfg: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
-                       process_count: int = 1) -> grain.IterDataset:
-  """The infinite, checkpointable stream of this process's local batches."""
+                       process_count: int = 1, keep_caption: bool = False) -> grain.IterDataset:
+  """The infinite, checkpointable stream of this process's local batches.
+
+  Batches are {"frames": uint8 (B, T, H, W, 3)}, plus {"caption": str (B,)}
+  with `keep_caption`.
+  """
   if input_cfg.batch_size % process_count:
     raise ValueError(f"config.input.batch_size={input_cfg.batch_size} must be divisible by "
                      f"the {process_count} processes")
@@ -144,7 +159,7 @@ def make_train_dataset(input_cfg: ml_collections.ConfigDict, *, seed: int, proce
     if source is not None and weight > 0:
       streams.append(_batched_stream(source, batch_size=local_batch, seed=seed + 7919 * i,
                                      process_index=process_index, process_count=process_count,
-                                     input_cfg=input_cfg))
+                                     input_cfg=input_cfg, keep_caption=keep_caption))
       weights.append(weight)
   ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights=weights)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=input_cfg.prefetch))
@@ -157,6 +172,15 @@ def eval_videos(input_cfg: ml_collections.ConfigDict, *, seed: int, count: int) 
   """A fixed set of held-out clips, uint8 (count, T, H, W, 3)."""
   video, _ = make_sources(_with_video_ratio(input_cfg, 1.0), seed + EVAL_SEED_OFFSET)
   return np.stack([np.asarray(video[i]["frames"], np.uint8) for i in range(count)])
+
+
+def eval_clips(input_cfg: ml_collections.ConfigDict, *, seed: int,
+               count: int) -> tuple[np.ndarray, list[str]]:
+  """The held-out clips of `eval_videos` with their captions."""
+  video, _ = make_sources(_with_video_ratio(input_cfg, 1.0), seed + EVAL_SEED_OFFSET)
+  examples = [video[i] for i in range(count)]
+  return (np.stack([np.asarray(e["frames"], np.uint8) for e in examples]),
+          [str(e["caption"]) for e in examples])
 
 
 def _with_video_ratio(input_cfg: ml_collections.ConfigDict, ratio: float) -> ml_collections.ConfigDict:

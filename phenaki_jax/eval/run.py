@@ -1,0 +1,203 @@
+"""Evaluation jobs (configs/eval.py); main.py sends every 'eval_*' job here.
+
+'eval_tokenizer': a C-ViViT checkpoint on held-out clips. Writes
+WORKDIR/tokenizer_eval_step_N.json (metrics, the protocol they were measured
+under, the checkpoint, the date) and WORKDIR/tokenizer_eval_step_N.png (odd
+rows inputs, even rows reconstructions), and logs a one-line summary.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from phenaki_jax import config_schema, metrics
+from phenaki_jax.config_schema import ConfigError
+from phenaki_jax.data import pipeline
+from phenaki_jax.eval import recon
+from phenaki_jax.tokenizer import Tokenizer
+
+# input.* keys of the eval config that fall back to the tokenizer's training
+# value when left at these sentinels.
+_INPUT_SENTINELS = {"data": "", "video_shards": "", "tfds_video": "", "tfds_split": "",
+                    "tfds_data_dir": "", "tfds_frames_key": "", "num_frames": -1,
+                    "resolution": -1}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  job = config.get("job")
+  if job == "eval_tokenizer":
+    return evaluate_tokenizer(config, workdir)
+  raise ConfigError(f"config.job={job!r}: unknown evaluation job; expected 'eval_tokenizer'")
+
+
+# --- The checkpoint.
+
+def checkpoint_steps(tokenizer_dir: str) -> list[int]:
+  """Finalised checkpoint steps, without creating anything (orbax would)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(tokenizer_dir) / "checkpoints"
+  if not path.exists():
+    return []
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+
+
+def load_tokenizer(tok_cfg: ml_collections.ConfigDict) -> Tokenizer:
+  """The checkpoint tok_cfg names, or errors that name the key and the steps."""
+  steps = checkpoint_steps(tok_cfg.workdir)
+  if not steps:
+    raise ConfigError(
+        f"config.tokenizer.workdir={tok_cfg.workdir!r}: no C-ViViT checkpoint in "
+        f"{os.path.join(tok_cfg.workdir, 'checkpoints')}; train one first: python -m "
+        f"phenaki_jax.main --config=configs/cvivit.py --workdir={tok_cfg.workdir}")
+  if tok_cfg.step >= 0 and tok_cfg.step not in steps:
+    raise ConfigError(f"config.tokenizer.step={tok_cfg.step}: {tok_cfg.workdir} has checkpoint "
+                      f"steps {steps}")
+  step = None if tok_cfg.step < 0 else tok_cfg.step
+  return Tokenizer.load(tok_cfg.workdir, step=step, use_ema=tok_cfg.use_ema)
+
+
+def make_reconstruct_fn(tok: Tokenizer) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+  """frames in [-1, 1] -> (reconstruction in [-1, 1], codes), one jitted call."""
+  model = tok.model
+
+  @jax.jit
+  def apply(params, video):
+    reconstruction, aux = model.apply({"params": params}, video)
+    return jnp.clip(reconstruction, -1.0, 1.0), aux["codes"]
+
+  return lambda frames: apply(tok.params, frames)
+
+
+# --- The held-out clips.
+
+def resolve_input(eval_input: ml_collections.ConfigDict,
+                  tok_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The tokenizer's input config with the eval job's non-sentinel keys on top."""
+  cfg = ml_collections.ConfigDict(tok_config.input.to_dict())
+  for key, sentinel in _INPUT_SENTINELS.items():
+    if eval_input[key] != sentinel:
+      cfg[key] = eval_input[key]
+  cfg.video_ratio = 1.0  # clips only
+  tp = tok_config.model.temporal_patch_size
+  if cfg.resolution != tok_config.input.resolution:
+    raise ConfigError(
+        f"config.input.resolution={cfg.resolution}: the tokenizer was trained at "
+        f"{tok_config.input.resolution}x{tok_config.input.resolution} and only runs at that "
+        "size; evaluate on clips of its resolution (-1 takes it)")
+  if (cfg.num_frames - 1) % tp:
+    raise ConfigError(f"config.input.num_frames={cfg.num_frames}: the tokenizer takes 1 + k·"
+                      f"{tp} frames (model.temporal_patch_size={tp})")
+  needs = {"shards": "video_shards", "tfds": "tfds_video"}.get(cfg.data)
+  if needs and not cfg[needs]:
+    raise ConfigError(f"config.input.{needs} is required when input.data={cfg.data!r}")
+  return cfg
+
+
+def describe_source(input_cfg: ml_collections.ConfigDict, tok_config: ml_collections.ConfigDict,
+                    seed: int) -> dict[str, Any]:
+  """Where the clips come from, for the report; says so when they are not held out."""
+  source: dict[str, Any] = {"data": input_cfg.data, "num_frames": int(input_cfg.num_frames),
+                            "resolution": int(input_cfg.resolution), "seed": int(seed),
+                            "selection": "pipeline.eval_videos: the first num_clips clips of "
+                                         "the source under the eval seed"}
+  trained = tok_config.input
+  if input_cfg.data == "shapes":
+    source["held_out"] = ("built-in shapes rendered from the eval seed stream, not the "
+                          "training one")
+  elif input_cfg.data == "shards":
+    source["video_shards"] = input_cfg.video_shards
+    if trained.data == "shards" and trained.video_shards == input_cfg.video_shards:
+      source["held_out"] = ("NO: the shards the tokenizer trained on; set input.video_shards "
+                            "to shards of held-out videos")
+    else:
+      source["held_out"] = "other shards than the tokenizer's training shards (by path)"
+  else:
+    source.update(tfds_video=input_cfg.tfds_video, tfds_split=input_cfg.tfds_split)
+    if (trained.data == "tfds" and trained.tfds_video == input_cfg.tfds_video
+        and trained.tfds_split == input_cfg.tfds_split):
+      source["held_out"] = ("NO: the split the tokenizer trained on; set input.tfds_split "
+                            "to a held-out split")
+    else:
+      source["held_out"] = "another dataset or split than the tokenizer trained on"
+  return source
+
+
+def held_out_clips(input_cfg: ml_collections.ConfigDict, *, seed: int,
+                   count: int) -> np.ndarray:
+  video, _ = pipeline.make_sources(input_cfg, seed + pipeline.EVAL_SEED_OFFSET)
+  if len(video) < count:
+    raise ConfigError(f"config.protocol.num_clips={count}: the {input_cfg.data} source holds "
+                      f"only {len(video)} clips")
+  return pipeline.eval_videos(input_cfg, seed=seed, count=count)
+
+
+# --- The job.
+
+def _summary(metrics_: dict[str, float]) -> str:
+  shown = ("psnr", "ssim", "lpips", "rfvd", "codebook_usage", "codebook_perplexity",
+           "tokens_per_clip")
+  return " ".join(f"{k}={metrics_[k]:.4g}" for k in shown if k in metrics_)
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=False)
+    f.write("\n")
+  os.replace(tmp, path)  # readers never see half a report
+
+
+def evaluate_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the tokenizer evaluation; returns the report (plus 'json_path', 'png_path')."""
+  start = time.perf_counter()
+  config = config_schema.complete(config)
+  config_schema.validate_eval_tokenizer(config)
+  tok = load_tokenizer(config.tokenizer)
+  logging.info("evaluating tokenizer %s step %d", config.tokenizer.workdir, tok.step)
+  input_cfg = resolve_input(config.input, tok.config)
+  source = describe_source(input_cfg, tok.config, config.seed)
+  clips = held_out_clips(input_cfg, seed=config.seed, count=config.protocol.num_clips)
+  evaluator = recon.ReconstructionEvaluator(
+      clips, config.protocol, codebook_size=tok.config.model.codebook_size, source=source)
+  result = evaluator(make_reconstruct_fn(tok))
+
+  tokenizer_info = {"workdir": os.path.abspath(config.tokenizer.workdir), "step": int(tok.step),
+                    "weights": "ema" if config.tokenizer.use_ema else "raw",
+                    "codebook_size": int(tok.config.model.codebook_size),
+                    "token_grid": list(result.token_grid)}
+  seconds = {k: round(v, 3) for k, v in result.seconds.items()}
+  seconds["total"] = round(time.perf_counter() - start, 3)
+  report = {
+      "job": "eval_tokenizer",
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "tokenizer": tokenizer_info,
+      "metrics": result.metrics,
+      "protocol": result.protocol,
+      "seconds": seconds,
+      "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
+      "config": config.to_dict(),
+  }
+  stem = os.path.join(workdir, f"tokenizer_eval_step_{tok.step}")
+  png_path = None
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(stem + ".json", report)
+    n = min(config.num_grid_clips, len(clips))
+    if n:
+      grid = metrics.reconstruction_grid(clips[:n] / 127.5 - 1.0,
+                                         result.reconstructions[:n] / 127.5 - 1.0)
+      png_path = stem + ".png"
+      metrics.save_png(png_path, grid, upscale=max(1, 128 // input_cfg.resolution))
+  logging.info("tokenizer %s step %d on %d %s clips: %s (%.0f s) -> %s.json",
+               config.tokenizer.workdir, tok.step, len(clips), input_cfg.data,
+               _summary(result.metrics), seconds["total"], stem)
+  return {**report, "json_path": stem + ".json", "png_path": png_path}
