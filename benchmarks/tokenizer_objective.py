@@ -4,8 +4,9 @@
 
 Times the jitted train step of configs/cvivit.py (default variant unless
 --variant) for: L2+VQ alone, + LPIPS, + I3D video perceptual, + GAN (the
-discriminator's own update with R1 included), and the full objective; video
-and image batches separately, then the mix at input.video_ratio. Prints JSON
+discriminator's own update with R1 included), and the full objective, with the
+GAN on (lazy-R1 steps weighted in); video and image batches separately, then
+the mix at input.video_ratio. Prints JSON
 with seconds per step and the ratio to L2+VQ, which is what "equal wall time"
 comparisons need. Run it with nothing else heavy on the machine.
 Not a test: figures go to benchmarks/RESULTS.md with the command, machine and date.
@@ -34,7 +35,7 @@ TERMS = {
 }
 
 
-def time_step(config, num_frames: int) -> float:
+def time_step(config, num_frames: int, phase: str) -> float:
   import jax
   import numpy as np
   from phenaki_jax import optimizers, sharding
@@ -46,7 +47,8 @@ def time_step(config, num_frames: int) -> float:
     _, shardings, init = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     frozen = train_cvivit.load_frozen_networks(config)
-    step = jax.jit(train_cvivit.make_train_step(model, tx, config), donate_argnums=(0,))
+    step = jax.jit(train_cvivit.make_train_step(model, tx, config), donate_argnums=(0,),
+                   static_argnames=("phase",))
     i = config.input
     rng = np.random.default_rng(0)
     batch = {"frames": rng.integers(0, 256, (i.batch_size, num_frames, i.resolution,
@@ -54,7 +56,7 @@ def time_step(config, num_frames: int) -> float:
     times = []
     for n in range(_STEPS.value + 2):
       start = time.perf_counter()
-      state, metrics = step(state, batch, frozen)
+      state, metrics = step(state, batch, frozen, phase=phase)
       jax.block_until_ready(metrics)
       if n >= 2:
         times.append(time.perf_counter() - start)
@@ -63,6 +65,7 @@ def time_step(config, num_frames: int) -> float:
 
 def main(_):
   from phenaki_jax import config_schema
+  from phenaki_jax.train import train_cvivit
   from tests.helpers import load_config  # pylint: disable=g-import-not-at-top
   results = {}
   for name, overrides in TERMS.items():
@@ -70,8 +73,16 @@ def main(_):
     config.gan.start_step = 0  # time the step with the GAN on
     for k, v in overrides.items():
       config.loss[k] = v
-    video = time_step(config, config.input.num_frames)
-    image = time_step(config, 1)
+    def timed(num_frames):
+      if not train_cvivit.uses_gan(config):
+        return time_step(config, num_frames, "off")
+      # Lazy R1 runs on one step in gan.r1_every.
+      k = config.gan.r1_every if config.gan.r1_weight > 0 else 1
+      on = time_step(config, num_frames, "on") if k > 1 else 0.0
+      r1 = time_step(config, num_frames, "r1") if config.gan.r1_weight > 0 else on
+      return ((k - 1) * on + r1) / k
+
+    video, image = timed(config.input.num_frames), timed(1)
     ratio = config.input.video_ratio
     results[name] = {"video_step_s": round(video, 4), "image_step_s": round(image, 4),
                      "mixed_step_s": round(ratio * video + (1 - ratio) * image, 4)}

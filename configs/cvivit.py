@@ -26,6 +26,10 @@ def get_config(arg: str = ""):
     config.checkpoint_every_steps = 3
     config.eval_every_steps = 3
     config.num_eval_examples = 2
+    p = config.eval_protocol
+    p.num_clips, p.batch_size = 2, 2
+    p.fvd = False  # I3D logits need >= 9 frames; these clips have 5
+    p.lpips_net = "vgg16"  # AlexNet's stride-4 stem needs more than 16 px
     config.input.batch_size = 8
     config.input.num_frames = 5
     config.input.resolution = 16
@@ -36,13 +40,17 @@ def get_config(arg: str = ""):
     m.codebook_size, m.code_dim = 64, 8
     config.optimizer.warmup_steps = 2
     config.gan.start_step = 2  # the GAN is on for most of the 6 steps
+    config.loss.perceptual_start_step = 0
     config.gan.base_features = 8
     config.gan.channel_multipliers = (1, 2)
+    config.gan.input_patch = 1
+    config.gan.r1_every = 1  # every step exercises R1
   elif variant == "paper":
     config.total_steps = 1_000_000
     config.log_every_steps = 100
     config.checkpoint_every_steps = 2000
     config.eval_every_steps = 5000
+    config.eval_protocol.num_clips = 256
     config.input.batch_size = 256
     config.input.num_frames = 11
     config.input.resolution = 128
@@ -55,6 +63,12 @@ def get_config(arg: str = ""):
     config.optimizer.learning_rate = 1e-4
     config.optimizer.warmup_steps = 10_000
     config.optimizer.io_lr_multiplier = 1.0  # not yet measured at this scale
+    config.loss.video_perceptual_clips = 0  # every clip
+    config.gan.start_step = 0
+    config.loss.perceptual_start_step = 0
+    config.gan.base_features, config.gan.channel_multipliers = 64, (1, 2, 4, 8)
+    config.gan.input_patch = 1
+    config.gan.lecam_weight = 0.001
   else:
     raise ValueError(f"configs/cvivit.py: unknown variant {variant!r}; "
                      "choose one of '', 'tiny', 'paper'")

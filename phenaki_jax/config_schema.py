@@ -67,8 +67,16 @@ def cvivit_defaults() -> ml_collections.ConfigDict:
   # row stop the run with an error (0: never stop).
   c.max_consecutive_nonfinite = 5
   # Reconstruction images + held-out PSNR/usage; 0 disables.
+  # Periodic evaluation of the EMA weights on held-out clips: PSNR, SSIM,
+  # LPIPS, reconstruction FVD, codebook usage (phenaki_jax/eval/recon.py); 0
+  # disables. num_eval_examples of them go into the reconstruction PNG.
   c.eval_every_steps = 500
   c.num_eval_examples = 8
+  c.eval_protocol = eval_protocol_defaults()
+  # Inside training the eval must stay cheap next to the steps between evals:
+  # I3D at 224 px costs ~1 CPU-second per clip.
+  c.eval_protocol.num_clips = 32
+  c.eval_protocol.batch_size = 8
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices.
@@ -133,22 +141,37 @@ def cvivit_defaults() -> ml_collections.ConfigDict:
   # >= 9 frames and a resolution >= 193.
   c.loss.video_perceptual_endpoint = "Mixed_4f"
   c.loss.video_perceptual_resolution = 0  # I3D input side; 0: the clip's own
-  c.loss.video_perceptual_clips = 0  # clips per batch it is computed on; 0: all
+  # Clips per batch it is computed on (0: all). I3D's gradient is the dearest
+  # term on a CPU (~0.3 s per 64x64 clip); 2 of 8 keep the step ~2x L2+VQ.
+  c.loss.video_perceptual_clips = 2
   # Video clips shorter than this skip the term (image batches always do).
   c.loss.video_perceptual_min_frames = 2
+  # Step from which LPIPS and I3D are in the objective (0: from the start).
+  # The perceptual networks cost more than the tokenizer itself on a CPU;
+  # switched on once reconstructions are roughly right, they buy their
+  # LPIPS / rFVD gain at a fraction of the cost (benchmarks/RESULTS.md).
+  c.loss.perceptual_start_step = 2250
 
   # The discriminator for L_adv: its own optimizer, state in the checkpoint.
   c.gan = ml_collections.ConfigDict()
   c.gan.loss = "hinge"  # or 'non_saturating'
-  c.gan.start_step = 0  # step at which the discriminator and L_adv turn on
+  # Step at which the discriminator and L_adv turn on: once reconstructions
+  # are roughly right, so D does not win on blur alone in the first steps.
+  # The CPU default turns the GAN and the perceptual terms on for the last
+  # 10% of its steps (see loss.perceptual_start_step); :paper from step 0.
+  c.gan.start_step = 2250
   c.gan.r1_weight = 1.0  # γ of the R1 penalty (γ/2·E‖∇D(x)‖²); 0: off
+  # Lazy R1 (StyleGAN2): computed every k-th step with weight k·γ; its double
+  # backward is the dearest part of the discriminator's step.
+  c.gan.r1_every = 4
   c.gan.lecam_weight = 0.0  # LeCam regularisation; 0: off (MAGVIT uses 0.001)
   c.gan.lecam_decay = 0.999
   c.gan.learning_rate = 1e-4
   c.gan.b1 = 0.0
   c.gan.b2 = 0.99
-  c.gan.base_features = 32
+  c.gan.base_features = 16
   c.gan.channel_multipliers = (1, 2, 4)
+  c.gan.input_patch = 2  # pixels folded into channels before the first layer
   c.gan.dtype = "float32"
 
   # EMA of the tokenizer weights, used by evaluation and Tokenizer.load.
@@ -322,15 +345,20 @@ def _validate_tokenizer_objective(config: ml_collections.ConfigDict) -> None:
   _require(gan.loss in ("hinge", "non_saturating"), "gan.loss", gan.loss,
            "must be 'hinge' or 'non_saturating'")
   _require(gan.start_step >= 0, "gan.start_step", gan.start_step, "must be >= 0")
+  _require(loss.perceptual_start_step >= 0, "loss.perceptual_start_step",
+           loss.perceptual_start_step, "must be >= 0")
   _require(gan.r1_weight >= 0, "gan.r1_weight", gan.r1_weight, "must be >= 0")
   _require(gan.lecam_weight >= 0, "gan.lecam_weight", gan.lecam_weight, "must be >= 0")
   _require(0.0 <= gan.lecam_decay < 1.0, "gan.lecam_decay", gan.lecam_decay, "must be in [0, 1)")
   _require(gan.learning_rate > 0, "gan.learning_rate", gan.learning_rate, "must be > 0")
   _require(len(gan.channel_multipliers) > 0 and all(m > 0 for m in gan.channel_multipliers),
            "gan.channel_multipliers", gan.channel_multipliers, "must be positive integers")
-  _require(config.input.resolution % (2 ** len(gan.channel_multipliers)) == 0,
+  _require(gan.r1_every >= 1, "gan.r1_every", gan.r1_every, "must be >= 1")
+  _require(gan.input_patch >= 1, "gan.input_patch", gan.input_patch, "must be >= 1")
+  _require(config.input.resolution % (gan.input_patch * 2 ** len(gan.channel_multipliers)) == 0,
            "gan.channel_multipliers", gan.channel_multipliers,
-           f"one halving per block must divide input.resolution ({config.input.resolution})")
+           f"gan.input_patch ({gan.input_patch}) times one halving per block must divide "
+           f"input.resolution ({config.input.resolution})")
   _require(0.0 <= config.ema_decay < 1.0, "ema_decay", config.ema_decay, "must be in [0, 1)")
 
 

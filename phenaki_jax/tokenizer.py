@@ -46,7 +46,9 @@ class Tokenizer:
     from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
     model = train_cvivit.build_model(config)
     tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    # This process's own first device: on a multi-host job jax.devices()[0]
+    # belongs to process 0.
+    mesh = sharding.make_mesh((1, 1, 1), jax.local_devices()[:1])
     with sharding.use_mesh(mesh, config.logical_axis_rules):
       abstract, shardings, _ = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
     target = checkpointing.abstract_with_shardings(abstract, shardings)

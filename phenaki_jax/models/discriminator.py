@@ -50,6 +50,15 @@ class Conv3D(nn.Module):
     return y
 
 
+def space_to_depth(video: jax.Array, patch: int) -> jax.Array:
+  """(B, T, H, W, C) -> (B, T, H/p, W/p, p·p·C), a pure reshape (cheap gradient)."""
+  b, t, h, w, c = video.shape
+  if h % patch or w % patch:
+    raise ValueError(f"frames of {h}x{w} do not divide into {patch}x{patch} patches")
+  x = video.reshape(b, t, h // patch, patch, w // patch, patch, c)
+  return x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h // patch, w // patch, patch * patch * c)
+
+
 def downsample(x: jax.Array) -> jax.Array:
   """Halves height and width, and time while it is longer than one frame."""
   t = 2 if x.shape[1] > 1 else 1
@@ -75,6 +84,10 @@ class VideoDiscriminator(nn.Module):
   base_features: int = 32
   channel_multipliers: Sequence[int] = (1, 2, 4)
   max_features: int = 512
+  # p > 1 folds p×p pixel blocks into channels before the first layer: the
+  # full-resolution 3D convolutions dominate the cost (4x less work at p=2)
+  # and no pixel is dropped, unlike pooling.
+  input_patch: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -82,6 +95,8 @@ class VideoDiscriminator(nn.Module):
   def __call__(self, video: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     width = lambda m: min(self.base_features * m, self.max_features)
+    if self.input_patch > 1:
+      video = space_to_depth(video, self.input_patch)
     x = _leaky(Conv3D(width(1), (1, 1, 1), name="from_rgb", **kw)(video))
     x = nn.with_logical_constraint(x, ("act_batch", "act_frames", "act_height", "act_width",
                                        None))
@@ -104,4 +119,5 @@ class VideoDiscriminator(nn.Module):
 def from_config(gan_config: Any) -> VideoDiscriminator:
   return VideoDiscriminator(base_features=gan_config.base_features,
                             channel_multipliers=tuple(gan_config.channel_multipliers),
+                            input_patch=gan_config.input_patch,
                             dtype=jnp.dtype(gan_config.dtype))

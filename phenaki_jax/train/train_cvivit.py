@@ -23,6 +23,7 @@ from absl import logging
 from phenaki_jax import checkpointing, config_schema, ema, losses, metrics, optimizers, perceptual
 from phenaki_jax import sharding
 from phenaki_jax.data import pipeline
+from phenaki_jax.eval import recon as recon_eval
 from phenaki_jax.models import cvivit, discriminator, quantizer
 from phenaki_jax.train.state import TokenizerState
 
@@ -166,16 +167,19 @@ def discriminator_loss_fn(disc: nn.Module, gan_cfg: ml_collections.ConfigDict):
   `fake` is cut from the tokenizer's graph here, so this loss can never
   reach the tokenizer's parameters.
   """
-  def loss_fn(disc_params, real, fake, lecam_ema):
+  def loss_fn(disc_params, real, fake, lecam_ema, with_r1=True):
     fake = jax.lax.stop_gradient(fake)
     logits = lambda x: disc.apply({"params": disc_params}, x)
-    if gan_cfg.r1_weight > 0:
+    r1_weight = 0.0
+    if gan_cfg.r1_weight > 0 and with_r1:
+      # Lazy regularisation: on every r1_every-th step, weighted up to match.
+      r1_weight = gan_cfg.r1_weight * gan_cfg.r1_every
       r1, real_logits = losses.r1_penalty(logits, real)
     else:
       r1, real_logits = jnp.zeros(()), logits(real)
     fake_logits = logits(fake)
     d_loss = losses.discriminator_loss(real_logits, fake_logits, gan_cfg.loss)
-    total = d_loss + 0.5 * gan_cfg.r1_weight * r1
+    total = d_loss + 0.5 * r1_weight * r1
     lecam = jnp.zeros(())
     if gan_cfg.lecam_weight > 0:
       lecam = losses.lecam_regularizer(real_logits, fake_logits, lecam_ema[0], lecam_ema[1])
@@ -187,12 +191,36 @@ def discriminator_loss_fn(disc: nn.Module, gan_cfg: ml_collections.ConfigDict):
   return loss_fn
 
 
-_DISC_METRICS = ("train/gan/discriminator_loss", "train/gan/r1", "train/gan/lecam",
-                 "train/gan/real_logits", "train/gan/fake_logits")
+GAN_PHASES = ("off", "on", "r1")
+
+
+def gan_phase(config: ml_collections.ConfigDict, step: int) -> str:
+  """What the GAN does in the update from `step` (= state.step, 0-based).
+
+  'off' before gan.start_step (no discriminator work at all), 'r1' on the
+  lazy-R1 steps, 'on' otherwise. It is a static argument of the step: XLA:CPU
+  runs convolutions inside lax.cond about 3x slower, so each phase is
+  compiled as its own straight-line program instead.
+  """
+  if not uses_gan(config) or step < config.gan.start_step:
+    return "off"
+  # R1 on the GAN's first step (D is regularised from the start), then every k-th.
+  if config.gan.r1_weight > 0 and (step - config.gan.start_step) % config.gan.r1_every == 0:
+    return "r1"
+  return "on"
+
+
+def perceptual_on(config: ml_collections.ConfigDict, step: int) -> bool:
+  """Whether LPIPS / I3D are in the update from `step` (static, like the GAN phase)."""
+  return step >= config.loss.perceptual_start_step
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict):
+  """(state, batch, frozen=None, phase='off', perceptual=True) -> (state, metrics).
+
+  Jit `phase` and `perceptual` as static arguments (see gan_phase, perceptual_on).
+  """
   schedule = optimizers.learning_rate_schedule(config.optimizer, config.total_steps)
   gan = uses_gan(config)
   if gan:
@@ -200,25 +228,28 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     disc_loss_fn = discriminator_loss_fn(disc, config.gan)
 
   def train_step(state: TokenizerState, batch: dict[str, jax.Array],
-                 frozen: dict[str, Any] | None = None):
+                 frozen: dict[str, Any] | None = None, phase: str = "off",
+                 perceptual: bool = True):
+    if phase not in GAN_PHASES:
+      raise ValueError(f"GAN phase {phase!r}: expected one of {GAN_PHASES}")
     video = pipeline.to_model_input(batch["frames"])
     # The rngs depend only on the step, so a resumed run repeats them.
     step_rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
     restart_rng, perceptual_rng = jax.random.split(step_rng)
-    gan_on = state.step >= config.gan.start_step
+    gan_on = gan and phase != "off"
 
     adversarial = None
-    if gan:
+    if gan_on:
       def adversarial(recon):
-        # Before gan.start_step the term is exactly 0 and D is not even run.
-        return jax.lax.cond(
-            gan_on,
-            lambda r: losses.generator_adversarial_loss(
-                disc.apply({"params": state.disc_params}, r), config.gan.loss),
-            lambda r: jnp.zeros((), jnp.float32), recon)
+        return losses.generator_adversarial_loss(
+            disc.apply({"params": state.disc_params}, recon), config.gan.loss)
 
+    loss_cfg = config.loss
+    if not perceptual:
+      loss_cfg = ml_collections.ConfigDict(config.loss.to_dict())
+      loss_cfg.lpips_weight = loss_cfg.video_perceptual_weight = 0.0
     grad_fn = jax.value_and_grad(
-        lambda p: compute_losses(model, p, video, config.loss, frozen=frozen,
+        lambda p: compute_losses(model, p, video, loss_cfg, frozen=frozen,
                                  rng=perceptual_rng, adversarial=adversarial), has_aux=True)
     (_, parts), grads = grad_fn(state.params)
     recon = parts.pop("recon")
@@ -240,28 +271,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
     disc_params, disc_opt_state, lecam_ema = (state.disc_params, state.disc_opt_state,
                                               state.lecam_ema)
-    if gan:
-      def update_disc(operands):
-        d_params, d_opt, ema_logits = operands
-        (_, d_parts), d_grads = jax.value_and_grad(disc_loss_fn, has_aux=True)(
-            d_params, video, recon, ema_logits)
-        d_updates, d_opt = disc_tx.update(d_grads, d_opt, d_params)
-        d_params = optax.apply_updates(d_params, d_updates)
-        decay = config.gan.lecam_decay
-        means = jnp.stack([d_parts["train/gan/real_logits"], d_parts["train/gan/fake_logits"]])
-        ema_logits = decay * ema_logits + (1.0 - decay) * means
-        d_parts["train/gan/discriminator_grad_norm"] = optax.global_norm(d_grads)
-        return (d_params, d_opt, ema_logits), d_parts
-
-      def skip_disc(operands):
-        zeros = {k: jnp.zeros((), jnp.float32) for k in _DISC_METRICS}
-        zeros["train/gan/discriminator_grad_norm"] = jnp.zeros((), jnp.float32)
-        return operands, zeros
-
-      (disc_params, disc_opt_state, lecam_ema), d_parts = jax.lax.cond(
-          gan_on, update_disc, skip_disc, (disc_params, disc_opt_state, lecam_ema))
+    if gan_on:
+      # D's update uses the reconstructions of the params before this step's
+      # tokenizer update, as constants; the tokenizer's update above used D's
+      # params before D's update.
+      (_, d_parts), d_grads = jax.value_and_grad(disc_loss_fn, has_aux=True)(
+          disc_params, video, recon, lecam_ema, phase == "r1")
+      d_updates, disc_opt_state = disc_tx.update(d_grads, disc_opt_state, disc_params)
+      disc_params = optax.apply_updates(disc_params, d_updates)
+      decay = config.gan.lecam_decay
+      means = jnp.stack([d_parts["train/gan/real_logits"], d_parts["train/gan/fake_logits"]])
+      lecam_ema = decay * lecam_ema + (1.0 - decay) * means
+      d_parts["train/gan/discriminator_grad_norm"] = optax.global_norm(d_grads)
       parts.update(d_parts)
-      parts["train/gan/active"] = gan_on.astype(jnp.float32)
+    if gan:
+      parts["train/gan/active"] = jnp.float32(gan_on)
 
     ema_params = _updated_ema(state.ema_params, params, state.step, config.ema_decay,
                               restarted_rows)
@@ -271,7 +295,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     # is ever trained on or checkpointed.
     finite = (jnp.isfinite(parts["train/loss"]) & jnp.isfinite(grad_norm)
               & jnp.isfinite(optax.global_norm(params)))
-    if gan:
+    if gan_on:
       finite = finite & jnp.isfinite(optax.global_norm(disc_params))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     parts["train/grad_norm"] = grad_norm
@@ -308,17 +332,12 @@ def _updated_ema(ema_params: Any, params: Any, step: jax.Array, decay: float,
   return new
 
 
-def make_eval_step(model: nn.Module):
-  def eval_step(params: Any, frames: jax.Array):
-    video = pipeline.to_model_input(frames)
+def make_reconstruct_fn(model: nn.Module):
+  """(params, frames in [-1, 1]) -> (reconstruction clipped to [-1, 1], codes)."""
+  def reconstruct(params: Any, video: jax.Array):
     recon, aux = model.apply({"params": params}, video)
-    return jnp.clip(recon, -1, 1), {
-        "eval/psnr": losses.psnr(video, recon),
-        "eval/l2": losses.l2_loss(video, recon),
-        "eval/vq/usage": aux["usage"],
-        "eval/vq/perplexity": aux["perplexity"],
-    }
-  return eval_step
+    return jnp.clip(recon, -1, 1), aux["codes"]
+  return reconstruct
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -424,25 +443,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     frozen = jax.device_put(load_frozen_networks(config), replicated)
     train_step = jax.jit(make_train_step(model, tx, config),
                          in_shardings=(state_shardings, batch_sharding, replicated),
-                         out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(model),
-                        in_shardings=(state_shardings.ema_params, replicated),
-                        out_shardings=(replicated, replicated))
-    eval_frames = None
+                         out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+                         static_argnums=(3, 4))
+    reconstruct = jax.jit(make_reconstruct_fn(model),
+                          in_shardings=(state_shardings.ema_params, replicated),
+                          out_shardings=(replicated, replicated))
+    evaluator = None
     if config.eval_every_steps > 0:
-      eval_frames = pipeline.eval_videos(config.input, seed=config.seed,
-                                         count=config.num_eval_examples)
+      clips = pipeline.eval_videos(config.input, seed=config.seed,
+                                   count=config.eval_protocol.num_clips)
+      evaluator = recon_eval.ReconstructionEvaluator(
+          clips, config.eval_protocol, codebook_size=model.codebook_size,
+          lpips_params=frozen.get("lpips") if (config.eval_protocol.lpips_net
+                                               == config.loss.lpips_net) else None,
+          source={"data": config.input.data, "seed": config.seed, "held_out": True},
+          config_prefix="eval_protocol.")
 
     def run_eval(step: int) -> dict[str, float]:
-      recon, scalars = eval_step(state.ema_params, jax.device_put(eval_frames, replicated))
-      scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
+      result = evaluator(lambda frames: reconstruct(state.ema_params, frames))
+      scalars = {f"eval/{k}": float(v) for k, v in result.metrics.items()}
       writer.write_scalars(step, scalars)
       if jax.process_index() == 0:
-        grid = metrics.reconstruction_grid(eval_frames / 127.5 - 1.0, np.asarray(recon))
+        n = config.num_eval_examples
+        grid = metrics.reconstruction_grid(evaluator.clips[:n] / 127.5 - 1.0,
+                                           result.reconstructions[:n] / 127.5 - 1.0)
         writer.write_images(step, {"eval/reconstructions": grid[None]})
         metrics.save_png(os.path.join(workdir, "reconstructions", f"step_{step:07d}.png"), grid,
                          upscale=max(1, 128 // config.input.resolution))
-      logging.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+      logging.info("eval (EMA weights) at step %d: %s", step,
+                   " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
       return scalars
 
     # --- Loop.
@@ -455,7 +484,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     eval_scalars: dict[str, float] = {}
     for step in range(start_step + 1, config.total_steps + 1):
       batch = sharding.host_to_global(next(train_iter), batch_sharding)
-      state, step_metrics = train_step(state, batch, frozen)
+      state, step_metrics = train_step(state, batch, frozen, gan_phase(config, step - 1),
+                                       perceptual_on(config, step - 1))
       step_metrics = dict(step_metrics)
       # Checked one step late: by now that value is computed, so no stall.
       if pending_streak is not None:
@@ -473,7 +503,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last_scalars["perf/examples_per_sec"] = rate * config.input.batch_size
         writer.write_scalars(step, last_scalars)
         progress.log(step, last_scalars, rate)
-      if eval_frames is not None and (step % config.eval_every_steps == 0 or is_last):
+      if evaluator is not None and (step % config.eval_every_steps == 0 or is_last):
         eval_scalars = run_eval(step)
       stopping = stop_after_step is not None and step >= stop_after_step
       preempted = preemption.reached(step)

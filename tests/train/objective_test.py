@@ -143,13 +143,13 @@ def _step_setup(**loss_overrides):
     tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
     _, shardings, init = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-    step = jax.jit(train_cvivit.make_train_step(model, tx, config))
+    step = jax.jit(train_cvivit.make_train_step(model, tx, config), static_argnames=("phase",))
     frames = np.random.default_rng(0).integers(0, 256, (8, 5, 16, 16, 3), dtype=np.uint8)
     # Two steps: the learning rate warms up from 0, so the first moves nothing
     # but the optimizer's moments and the discriminator.
     state = jax.device_get(state)
-    new_state, _ = step(state, {"frames": frames}, {})
-    new_state, parts = step(new_state, {"frames": frames[::-1]}, {})
+    new_state, _ = step(state, {"frames": frames}, {}, phase="r1")
+    new_state, parts = step(new_state, {"frames": frames[::-1]}, {}, phase="r1")
   return config, model, state, jax.device_get(new_state), jax.device_get(parts)
 
 
@@ -189,10 +189,21 @@ def test_discriminator_loss_has_no_gradient_into_the_tokenizer(two_adversarial_w
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(d_grads)) > 0.0
 
 
-def test_before_the_start_step_the_gan_is_off():
+def test_gan_phases_follow_the_start_step_and_lazy_r1():
+  config = config_schema.complete(load_config("cvivit", ""))
+  config.gan.start_step, config.gan.r1_every = 10, 4
+  phases = [train_cvivit.gan_phase(config, s) for s in range(8, 17)]
+  # R1 on the GAN's first step, then on every 4th after it.
+  assert phases == ["off", "off", "r1", "on", "on", "on", "r1", "on", "on"]
+  config.gan.r1_weight = 0.0
+  assert train_cvivit.gan_phase(config, 12) == "on"
+  config.loss.adversarial_weight = 0.0
+  assert train_cvivit.gan_phase(config, 12) == "off"
+
+
+def test_before_the_start_step_the_discriminator_is_untouched():
   config = config_schema.complete(load_config("cvivit", "tiny"))
   config.loss.lpips_weight = config.loss.video_perceptual_weight = 0.0
-  config.gan.start_step = 100
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     model = train_cvivit.build_model(config)
@@ -200,12 +211,41 @@ def test_before_the_start_step_the_gan_is_off():
     _, shardings, init = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     frames = np.random.default_rng(0).integers(0, 256, (8, 5, 16, 16, 3), dtype=np.uint8)
-    new_state, parts = jax.jit(train_cvivit.make_train_step(model, tx, config))(
-        state, {"frames": frames}, {})
+    new_state, parts = jax.jit(train_cvivit.make_train_step(model, tx, config),
+                               static_argnames=("phase",))(state, {"frames": frames}, {},
+                                                           phase="off")
   assert float(parts["train/gan/active"]) == 0.0
-  assert float(parts["train/gan/generator_loss"]) == 0.0
+  assert "train/gan/generator_loss" not in parts
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.disc_params),
                jax.device_get(new_state.disc_params))
+
+
+def test_before_the_perceptual_start_step_lpips_and_i3d_are_left_out():
+  config = config_schema.complete(load_config("cvivit", "tiny"))
+  config.loss.adversarial_weight = 0.0
+  config.loss.perceptual_start_step = 3
+  assert [train_cvivit.perceptual_on(config, s) for s in range(5)] == [False] * 3 + [True] * 2
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  with sharding.use_mesh(mesh, config.logical_axis_rules):
+    model = train_cvivit.build_model(config)
+    tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
+    _, shardings, init = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
+    state = jax.device_get(jax.jit(init, out_shardings=shardings)(jax.random.key(0)))
+    step = jax.jit(train_cvivit.make_train_step(model, tx, config),
+                   static_argnames=("phase", "perceptual"))
+    frozen = train_cvivit.load_frozen_networks(config)
+    frames = np.random.default_rng(0).integers(0, 256, (8, 5, 16, 16, 3), dtype=np.uint8)
+    _, off = step(state, {"frames": frames}, frozen, perceptual=False)
+    _, on = step(state, {"frames": frames}, frozen, perceptual=True)
+  assert "train/lpips" not in off and "train/video_perceptual" not in off
+  assert float(on["train/lpips"]) > 0 and float(on["train/video_perceptual"]) > 0
+  # The same reconstruction terms; the total differs by exactly the perceptual terms.
+  np.testing.assert_allclose(float(off["train/l2"]), float(on["train/l2"]), rtol=1e-6)
+  w = config.loss
+  np.testing.assert_allclose(
+      float(on["train/loss"]) - float(off["train/loss"]),
+      w.lpips_weight * float(on["train/lpips"])
+      + w.video_perceptual_weight * float(on["train/video_perceptual"]), rtol=1e-4)
 
 
 # --- Config checks, before anything compiles.
@@ -218,6 +258,7 @@ def test_before_the_start_step_the_gan_is_off():
     ("loss.adversarial_weight", -0.1, "config.loss.adversarial_weight=-0.1"),
     ("gan.channel_multipliers", (1, 2, 4, 8, 16), "config.gan.channel_multipliers"),
     ("ema_decay", 1.0, "config.ema_decay=1.0"),
+    ("loss.perceptual_start_step", -1, "config.loss.perceptual_start_step=-1"),
 ])
 def test_bad_objective_values_fail_naming_the_key(key, value, message, tmp_path):
   config = load_config("cvivit", "tiny")
