@@ -728,3 +728,67 @@ def validate_eval_tokenizer(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(config.num_grid_clips, int) and config.num_grid_clips >= 0,
            "num_grid_clips", config.num_grid_clips, "must be >= 0")
   _check_protocol(config)
+
+
+# ---------------------------------------------------------------------------
+# The sampling job (configs/sample.py).
+
+def sample_defaults() -> ml_collections.ConfigDict:
+  """Defaults of the sampling job (phenaki_jax/sampling/run.py)."""
+  c = ml_collections.ConfigDict()
+  c.job = "sample"
+  c.seed = 0  # batch i samples with seed + i
+
+  c.generator = ml_collections.ConfigDict()
+  c.generator.workdir = ""  # required: the workdir of a configs/maskgit.py run
+  c.generator.step = -1  # -1: newest good checkpoint
+  c.generator.use_ema = True
+  # '' decodes with the tokenizer the generator trained on (its tokenizer.json).
+  c.generator.tokenizer_workdir = ""
+
+  # What to sample: these prompts, the lines of prompts_file, and shapes_eval
+  # prompts of the built-in grammar (scored; see phenaki_jax/eval/shapes_score.py).
+  c.prompts = ""  # separated by ';'
+  c.prompts_file = ""
+  c.shapes_eval = 0
+  c.samples_per_prompt = 1
+  c.batch_size = 8  # clips per sampling call (a short last batch is padded)
+  c.num_frames = -1  # 1 + k·temporal_patch up to the trained length; -1: the trained length
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.num_steps = 12
+  c.sampling.guidance_scale = 3.0  # 1: conditional model only; 0: unconditional
+  c.sampling.temperature = 1.0
+  c.sampling.choice_temperature = 4.5
+  c.sampling.top_k = 0  # 0: every code
+  c.sampling.max_steps = 48  # static loop bound: one compilation for num_steps <= it
+
+  c.output = ml_collections.ConfigDict()
+  c.output.formats = "mp4"  # comma list of 'mp4', 'gif'
+  c.output.fps = 8.0
+  return c
+
+
+DEFAULTS["sample"] = sample_defaults
+
+
+def validate_sample(config: ml_collections.ConfigDict) -> None:
+  """What can be checked before the generator loads."""
+  g = config.generator
+  _require(bool(g.workdir), "generator.workdir", g.workdir,
+           "is required: the workdir of a trained generator (configs/maskgit.py), e.g. "
+           "--config.generator.workdir=runs/maskgit")
+  _require(isinstance(g.step, int) and g.step >= -1, "generator.step", g.step,
+           "must be a checkpoint step, or -1 for the newest")
+  _require(isinstance(config.prompts, str), "prompts", config.prompts,
+           "must be a string of prompts separated by ';'")
+  _require(isinstance(config.shapes_eval, int) and config.shapes_eval >= 0, "shapes_eval",
+           config.shapes_eval, "must be >= 0")
+  _positive_ints(config, ["samples_per_prompt", "batch_size"])
+  _require(isinstance(config.num_frames, int) and (config.num_frames == -1
+                                                   or config.num_frames >= 1),
+           "num_frames", config.num_frames, "must be >= 1, or -1 for the trained length")
+  formats = [f.strip() for f in config.output.formats.split(",") if f.strip()]
+  _require(bool(formats) and all(f in ("mp4", "gif") for f in formats), "output.formats",
+           config.output.formats, "must be a comma list of 'mp4' and 'gif'")
+  _require(config.output.fps > 0, "output.fps", config.output.fps, "must be > 0")

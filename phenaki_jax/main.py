@@ -1,7 +1,8 @@
 """Entry point: python -m phenaki_jax.main --config=configs/JOB.py[:variant] --workdir=DIR.
 
 Dispatches on config.job: 'cvivit' trains the tokenizer, 'maskgit' the
-generator on a trained tokenizer's codes, 'prepare' turns a manifest of
+generator on a trained tokenizer's codes, 'sample' writes videos from prompts,
+'eval_*' evaluates a checkpoint, 'prepare' turns a manifest of
 videos/images into ArrayRecord shards.
 """
 from __future__ import annotations
@@ -31,13 +32,17 @@ def run_job(config, workdir: str):
   if job == "maskgit":
     from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
     return train_maskgit.train_and_evaluate(config, workdir)
+  if job == "sample":
+    from phenaki_jax.sampling import run as sample_run  # pylint: disable=g-import-not-at-top
+    return sample_run.run(config, workdir)
   if job == "prepare":
     from phenaki_jax.data import prepare  # pylint: disable=g-import-not-at-top
     return prepare.run(config, workdir)
   if isinstance(job, str) and job.startswith("eval_"):  # configs/eval.py
     from phenaki_jax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
     return eval_run.run(config, workdir)
-  raise ValueError(f"config.job={job!r}: unknown job; expected 'cvivit', 'maskgit' or 'prepare'")
+  raise ValueError(f"config.job={job!r}: unknown job; expected 'cvivit', 'maskgit', "
+                   "'sample', 'eval_tokenizer' or 'prepare'")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

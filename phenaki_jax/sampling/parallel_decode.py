@@ -80,11 +80,15 @@ def guided_logits_fn(cond_fn: LogitsFn, uncond_fn: LogitsFn,
   """
 
   def fn(tokens: jax.Array) -> jax.Array:
-    cond = cond_fn(tokens).astype(jnp.float32)
-    uncond = uncond_fn(tokens).astype(jnp.float32)
-    return uncond + jnp.asarray(scale, jnp.float32) * (cond - uncond)
+    return guide(cond_fn(tokens), uncond_fn(tokens), scale)
 
   return fn
+
+
+def guide(cond: jax.Array, uncond: jax.Array, scale: jax.Array | float) -> jax.Array:
+  """uncond + scale·(cond − uncond) in float32, for logits computed together."""
+  cond, uncond = cond.astype(jnp.float32), uncond.astype(jnp.float32)
+  return uncond + jnp.asarray(scale, jnp.float32) * (cond - uncond)
 
 
 def _top_k_filter(logits: jax.Array, k: int) -> jax.Array:

@@ -1,0 +1,51 @@
+"""Sampling: a trained generator turns prompts into videos.
+
+  python -m phenaki_jax.main --config=configs/sample.py --workdir=runs/samples
+  python -m phenaki_jax.main --config=configs/sample.py --workdir=runs/samples \
+      --config.prompts='a large red circle moves right;a small blue square moves up'
+  python -m phenaki_jax.main --config=configs/sample.py:shapes_eval --workdir=runs/score
+  python -m phenaki_jax.main --config=configs/sample.py:tiny --workdir=/tmp/s \
+      --config.generator.workdir=/tmp/g
+
+Variants: '' (default: the generator of `configs/maskgit.py` in runs/maskgit,
+a handful of built-in prompts), 'shapes_eval' (the default generator on 60
+balanced prompts of the built-in grammar, each scored for colour, shape, size
+and motion; accuracy in samples.json), 'tiny' (a `configs/maskgit.py:tiny`
+generator, 2 prompts, 4 steps; what the tests run).
+Prompts on the command line: --config.prompts='first prompt;second prompt'.
+Every key and its default is in phenaki_jax/config_schema.py.
+"""
+from phenaki_jax import config_schema
+
+_DEFAULT_PROMPTS = (
+    "a large red circle moves right",
+    "a small blue square moves up",
+    "a large yellow triangle moves left",
+    "a small green circle moves down",
+    "a large white square stays still",
+    "a small magenta triangle moves right",
+    "a large cyan circle moves up",
+    "a small red square moves left",
+)
+
+
+def get_config(arg: str = ""):
+  config = config_schema.sample_defaults()
+  variant = arg or "default"
+  if variant == "default":
+    config.generator.workdir = "runs/maskgit"  # where README's generator command trains
+    config.prompts = ";".join(_DEFAULT_PROMPTS)
+  elif variant == "shapes_eval":
+    config.generator.workdir = "runs/maskgit"
+    config.shapes_eval = 60
+    config.batch_size = 12
+  elif variant == "tiny":
+    config.prompts = "a large red circle moves right;a small blue square"
+    config.batch_size = 2
+    config.sampling.num_steps = 4
+    config.sampling.max_steps = 8
+  else:
+    raise ValueError(f"configs/sample.py: unknown variant {variant!r}; "
+                     "choose one of '', 'shapes_eval', 'tiny'")
+  config.lock()
+  return config

@@ -1,0 +1,251 @@
+"""Python API of a trained text-to-video generator: prompts in, videos out.
+
+  from phenaki_jax.generator import Generator
+  gen = Generator.load("runs/maskgit")       # newest good checkpoint, EMA weights
+  videos = gen.generate(["a large red circle moves right"], seed=0)
+  # uint8 (B, T, H, W, 3); gen.tokenizer decodes, gen.sample_tokens stops at tokens
+
+The generator's workdir names the frozen C-ViViT it trained on (tokenizer.json,
+written by the trainer); that tokenizer checkpoint is loaded to turn the
+sampled tokens into frames. Sampling is one jitted MaskGIT decoding loop with
+classifier-free guidance; it compiles once per batch size and token-grid
+shape, and the step count, guidance scale and temperatures are traced values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from phenaki_jax import checkpointing, config_schema, metrics, optimizers, sharding
+from phenaki_jax.models import cvivit, maskgit
+from phenaki_jax.sampling import parallel_decode
+from phenaki_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """How tokens are drawn (see parallel_decode.decode).
+
+  Attributes:
+    num_steps: decoding steps, 1 ≤ num_steps ≤ max_steps.
+    guidance_scale: classifier-free guidance; 1 is the plain conditional model,
+      0 the unconditional one.
+    temperature: divides the logits before sampling.
+    choice_temperature: Gumbel noise on the confidence that picks which
+      tokens to keep, annealed to 0 over the steps.
+    top_k: sample among the k most likely codes only; 0: all.
+    max_steps: static bound of the loop (one compilation for every num_steps
+      up to it).
+  """
+  num_steps: int = 12
+  guidance_scale: float = 3.0
+  temperature: float = 1.0
+  choice_temperature: float = 4.5
+  top_k: int = 0
+  max_steps: int = 48
+
+  def check(self, where: str = "") -> None:
+    def bad(key, why):
+      raise config_schema.ConfigError(f"config.{where}{key}={getattr(self, key)!r}: {why}")
+    if not 1 <= self.max_steps:
+      bad("max_steps", "must be >= 1")
+    if not 1 <= self.num_steps <= self.max_steps:
+      bad("num_steps", f"must be in [1, max_steps={self.max_steps}]")
+    if self.temperature <= 0:
+      bad("temperature", "must be > 0")
+    if self.choice_temperature < 0:
+      bad("choice_temperature", "must be >= 0")
+    if self.guidance_scale < 0:
+      bad("guidance_scale", "must be >= 0")
+    if self.top_k < 0:
+      bad("top_k", "must be >= 0 (0: all codes)")
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / "checkpoints"
+  if not path.exists():
+    return []
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+
+
+@dataclasses.dataclass
+class Generator:
+  """A trained MaskGIT generator, its text encoder and its frozen tokenizer, on one device."""
+  model: maskgit.MaskGitTransformer
+  text: Any  # train_maskgit.TextEncoder
+  params: Any  # {'generator': ..., 'text_encoder': ... when it trained}
+  frozen_text_params: Any
+  tokenizer: Tokenizer
+  config: ml_collections.ConfigDict
+  step: int
+  tokenizer_workdir: str = ""
+
+  @classmethod
+  def load(cls, workdir: str, step: int | None = None, use_ema: bool = True,
+           tokenizer_workdir: str | None = None) -> "Generator":
+    """Restores a configs/maskgit.py run (the newest good step by default).
+
+    The tokenizer is the one recorded in WORKDIR/tokenizer.json (workdir and
+    step), unless `tokenizer_workdir` points elsewhere (its newest step).
+    """
+    # Imported here: the trainer module pulls in the input pipeline.
+    from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
+    steps = _checkpoint_steps(workdir)
+    if not steps:
+      raise FileNotFoundError(
+          f"no generator checkpoint in {os.path.join(workdir, 'checkpoints')}; train one: "
+          f"python -m phenaki_jax.main --config=configs/maskgit.py --workdir={workdir}")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"{workdir} has no checkpoint step {step}; it has {steps}")
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000,
+                                      async_save=False)
+    config = config_schema.complete(ml_collections.ConfigDict(
+        ckpt.restore_config(step if step is not None else steps[-1])))
+
+    tok, tok_dir = _load_recorded_tokenizer(workdir, tokenizer_workdir)
+    train_maskgit.check_tokenizer_match(config, tok.config, f"{tok_dir} (step {tok.step})")
+    text = train_maskgit.build_text_encoder(config.text)
+    model = train_maskgit.build_generator(config)
+    tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
+    mesh = sharding.make_mesh((1, 1, 1), jax.local_devices()[:1])
+    with sharding.use_mesh(mesh, config.logical_axis_rules):
+      abstract, shardings, _ = train_maskgit.abstract_state_and_shardings(
+          config, model, text, tx, mesh)
+    target = checkpointing.abstract_with_shardings(abstract, shardings)
+    if step is None:
+      state, step = ckpt.restore_latest(target)
+    else:
+      state = ckpt.restore(step, target)
+    ckpt.close()
+    frozen_text = {} if text.trainable else jax.device_put(text.pretrained)
+    return cls(model=model, text=text, params=state.ema_params if use_ema else state.params,
+               frozen_text_params=frozen_text, tokenizer=tok, config=config, step=int(step),
+               tokenizer_workdir=tok_dir)
+
+  def __post_init__(self):
+    self._sample = jax.jit(functools.partial(_sample_tokens, self.model, self.text),
+                           static_argnames=("max_steps", "top_k", "schedule"))
+
+  @property
+  def token_grid(self) -> tuple[int, int, int]:
+    return tuple(int(x) for x in self.config.model.token_grid)
+
+  @property
+  def num_frames(self) -> int:
+    return int(self.config.input.num_frames)
+
+  def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Host side: prompts -> (text_ids, text_mask) of config.text.max_length."""
+    return self.text.tokenizer.encode_batch([str(p) for p in prompts],
+                                            self.config.text.max_length)
+
+  def sample_tokens(self, prompts: Sequence[str], *, seed: int = 0,
+                    options: SamplingOptions = SamplingOptions(),
+                    prefix_tokens: Any = None, num_token_frames: int | None = None
+                    ) -> np.ndarray:
+    """Tokens (B, t, h, w) for the prompts.
+
+    `prefix_tokens` (B, k, h, w), k < t, are kept as given (a story's frozen
+    context); the rest is generated. `num_token_frames` < the trained length
+    samples a shorter clip (1: an image).
+    """
+    options.check()
+    t, h, w = self.token_grid
+    t = num_token_frames or t
+    if not 1 <= t <= self.token_grid[0]:
+      raise ValueError(f"num_token_frames={t}: this generator makes 1..{self.token_grid[0]}")
+    b = len(prompts)
+    ids, mask = self.encode_prompts(prompts)
+    start = np.full((b, t, h, w), self.model.mask_id, np.int32)
+    if prefix_tokens is not None:
+      prefix = np.asarray(prefix_tokens, np.int32)
+      if prefix.shape[0] != b or prefix.shape[1] >= t or prefix.shape[2:] != (h, w):
+        raise ValueError(f"prefix_tokens {prefix.shape}: expected ({b}, k < {t}, {h}, {w})")
+      start[:, :prefix.shape[1]] = prefix
+    tokens = self._sample(self.params, self.frozen_text_params, jnp.asarray(ids),
+                          jnp.asarray(mask), jax.random.key(seed), jnp.asarray(start),
+                          jnp.int32(options.num_steps), jnp.float32(options.guidance_scale),
+                          jnp.float32(options.temperature),
+                          jnp.float32(options.choice_temperature),
+                          max_steps=options.max_steps, top_k=options.top_k or None,
+                          schedule=self.config.mask_schedule)
+    return np.asarray(tokens)
+
+  def decode(self, tokens: Any) -> np.ndarray:
+    """Tokens (B, t, h, w) -> uint8 frames (B, 1 + (t−1)·t_p, H, W, 3)."""
+    return metrics.to_uint8(np.asarray(self.tokenizer.decode(tokens)))
+
+  def generate(self, prompts: Sequence[str], *, seed: int = 0,
+               options: SamplingOptions = SamplingOptions(),
+               num_frames: int | None = None) -> np.ndarray:
+    """uint8 videos (B, T, H, W, 3); `num_frames` = 1 + k·t_p up to the trained length."""
+    num_token_frames = None
+    if num_frames is not None:
+      tp = self.tokenizer.config.model.temporal_patch_size
+      if num_frames < 1 or (num_frames - 1) % tp:
+        raise ValueError(f"num_frames={num_frames}: the tokenizer makes 1 + k·{tp} frames")
+      num_token_frames = cvivit.num_token_frames(num_frames, tp)
+    tokens = self.sample_tokens(prompts, seed=seed, options=options,
+                                num_token_frames=num_token_frames)
+    return self.decode(tokens)
+
+
+def _load_recorded_tokenizer(workdir: str, tokenizer_workdir: str | None
+                             ) -> tuple[Tokenizer, str]:
+  """(tokenizer, its workdir): the one the generator trained on, or the one given."""
+  from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
+  if tokenizer_workdir:
+    return Tokenizer.load(tokenizer_workdir), tokenizer_workdir
+  path = os.path.join(workdir, train_maskgit.TOKENIZER_RECORD)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: it names the tokenizer this generator trained "
+                            "on; pass tokenizer_workdir (config.generator.tokenizer_workdir)")
+  with open(path) as f:
+    record = json.load(f)
+  steps = _checkpoint_steps(record["workdir"])
+  if record["step"] not in steps:
+    raise FileNotFoundError(
+        f"the generator in {workdir} trained on tokenizer step {record['step']} of "
+        f"{record['workdir']} (recorded in {path}), which that workdir no longer has (it has "
+        f"{steps}); its tokens would decode wrongly with another step")
+  return Tokenizer.load(record["workdir"], step=record["step"]), record["workdir"]
+
+
+def _sample_tokens(model: maskgit.MaskGitTransformer, text: Any, params: Any,
+                   frozen_text_params: Any, text_ids: jax.Array, text_mask: jax.Array,
+                   rng: jax.Array, start: jax.Array, num_steps: jax.Array,
+                   guidance_scale: jax.Array, temperature: jax.Array,
+                   choice_temperature: jax.Array, *, max_steps: int, top_k: int | None,
+                   schedule: str) -> jax.Array:
+  """MaskGIT decoding with CFG; the conditional and unconditional passes share one batch."""
+  from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
+  context, mask = train_maskgit.encode_text(text, params, frozen_text_params,
+                                            {"text_ids": text_ids, "text_mask": text_mask})
+  b = start.shape[0]
+  grid = start.shape[1:]
+  # The unconditional half sees no text at all: its mask is all False, as for
+  # the examples whose text was dropped in training.
+  both_context = jnp.concatenate([context, context], axis=0)
+  both_mask = jnp.concatenate([mask, jnp.zeros_like(mask)], axis=0)
+
+  def logits_fn(flat_tokens: jax.Array) -> jax.Array:
+    tokens = parallel_decode.unflatten_tokens(flat_tokens, grid)
+    logits = model.apply({"params": params["generator"]}, jnp.concatenate([tokens, tokens]),
+                         both_context, both_mask)
+    logits = logits.reshape(2 * b, flat_tokens.shape[1], -1)
+    return parallel_decode.guide(logits[:b], logits[b:], guidance_scale)
+
+  out = parallel_decode.decode(
+      logits_fn, rng, parallel_decode.flatten_tokens(start), num_steps, mask_id=model.mask_id,
+      max_steps=max_steps, temperature=temperature, choice_temperature=choice_temperature,
+      top_k=top_k, schedule=schedule)
+  return parallel_decode.unflatten_tokens(out.tokens, grid)

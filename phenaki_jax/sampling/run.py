@@ -1,0 +1,174 @@
+"""The sampling job (configs/sample.py): prompts in, videos out.
+
+Writes into WORKDIR:
+  samples/NNN_<prompt>.mp4 (and/or .gif)  one file per sample
+  samples.png       a strip per sample: its prompt above a row of its frames
+  samples.json      prompts, seeds, files, settings, the generator and
+                    tokenizer checkpoints, timings; for prompts of the built-in
+                    shapes grammar also what the scorer reads from each clip
+                    and the per-attribute prompt accuracy
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image, ImageDraw, ImageFont
+
+from phenaki_jax import config_schema
+from phenaki_jax.config_schema import ConfigError
+from phenaki_jax.data import video_io
+from phenaki_jax.eval import shapes_score
+from phenaki_jax.generator import Generator, SamplingOptions
+
+
+def read_prompts(config: ml_collections.ConfigDict) -> list[str]:
+  """config.prompts, then the lines of config.prompts_file, then config.shapes_eval prompts."""
+  prompts = [p.strip() for p in config.prompts.split(";") if p.strip()]
+  if config.prompts_file:
+    if not os.path.exists(config.prompts_file):
+      raise ConfigError(f"config.prompts_file={config.prompts_file!r}: no such file")
+    with open(config.prompts_file, encoding="utf-8") as f:
+      prompts += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+  if config.shapes_eval:
+    prompts += shapes_score.prompt_set(config.shapes_eval, seed=config.seed)
+  if not prompts:
+    raise ConfigError("nothing to sample: set config.prompts ('first;second'), "
+                      "config.prompts_file, or config.shapes_eval")
+  return prompts
+
+
+def sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions:
+  s = config.sampling
+  options = SamplingOptions(num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+                            temperature=s.temperature, choice_temperature=s.choice_temperature,
+                            top_k=s.top_k, max_steps=s.max_steps)
+  options.check("sampling.")
+  return options
+
+
+def slug(text: str, max_len: int = 40) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:max_len] or "prompt"
+
+
+def labelled_strips(videos: Sequence[np.ndarray], labels: Sequence[str],
+                    max_frames: int = 11, upscale: int = 1) -> np.ndarray:
+  """One row per video (up to max_frames evenly spaced frames) under its label."""
+  font = ImageFont.load_default()
+  gap, label_h = 2, 12
+  rows = []
+  for video, label in zip(videos, labels):
+    t = video.shape[0]
+    picks = np.unique(np.linspace(0, t - 1, min(t, max_frames)).round().astype(int))
+    frames = [np.asarray(Image.fromarray(video[i]).resize(
+        (video.shape[2] * upscale, video.shape[1] * upscale), Image.NEAREST)) for i in picks]
+    h, w = frames[0].shape[:2]
+    row = np.full((label_h + h, len(frames) * (w + gap) - gap, 3), 255, np.uint8)
+    for k, frame in enumerate(frames):
+      row[label_h:, k * (w + gap):k * (w + gap) + w] = frame
+    image = Image.fromarray(row)
+    ImageDraw.Draw(image).text((1, 0), label, fill=(0, 0, 0), font=font)
+    rows.append(np.asarray(image))
+  width = max(r.shape[1] for r in rows)
+  rows = [np.pad(r, ((0, gap), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+          for r in rows]
+  return np.concatenate(rows, axis=0)
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Samples every prompt, writes the files; returns the report (as in samples.json)."""
+  start = time.perf_counter()
+  config = config_schema.complete(config)
+  config_schema.validate_sample(config)
+  options = sampling_options(config)
+  prompts = read_prompts(config)
+  formats = [f.strip() for f in config.output.formats.split(",") if f.strip()]
+
+  g = config.generator
+  gen = Generator.load(g.workdir, step=None if g.step < 0 else g.step, use_ema=g.use_ema,
+                       tokenizer_workdir=g.tokenizer_workdir or None)
+  num_frames = None if config.num_frames < 0 else config.num_frames
+  logging.info("sampling %d prompt(s) x %d from %s step %d (%d steps, guidance %.3g)",
+               len(prompts), config.samples_per_prompt, g.workdir, gen.step, options.num_steps,
+               options.guidance_scale)
+  jobs = [(p, k) for p in prompts for k in range(config.samples_per_prompt)]
+  out_dir = os.path.join(workdir, "samples")
+  os.makedirs(out_dir, exist_ok=True)
+
+  records, videos, sample_seconds = [], [], 0.0
+  bs = config.batch_size
+  for first in range(0, len(jobs), bs):
+    chunk = jobs[first:first + bs]
+    # A short last batch is padded to the batch size: one compilation.
+    batch_prompts = [p for p, _ in chunk] + [chunk[-1][0]] * (bs - len(chunk))
+    batch_seed = config.seed + first // bs
+    t0 = time.perf_counter()
+    batch = gen.generate(batch_prompts, seed=batch_seed, options=options,
+                         num_frames=num_frames)[:len(chunk)]
+    sample_seconds += time.perf_counter() - t0
+    for (prompt, k), video in zip(chunk, batch):
+      index = len(records)
+      stem = os.path.join(out_dir, f"{index:03d}_{slug(prompt)}")
+      files = []
+      for fmt in formats:
+        path = f"{stem}.{fmt}"
+        if fmt == "mp4":
+          video_io.write_video(path, video, fps=config.output.fps)
+        else:
+          video_io.write_gif(path, video, fps=config.output.fps)
+        files.append(os.path.relpath(path, workdir))
+      record = {"index": index, "prompt": prompt, "sample": k, "batch_seed": batch_seed,
+                "files": files, "frames": list(video.shape)}
+      if shapes_score.is_shapes_prompt(prompt):
+        record["shapes"] = {"read": shapes_score.read_clip(video).as_dict(),
+                            "correct": shapes_score.score_clip(video, prompt)}
+      records.append(record)
+      videos.append(video)
+
+  upscale = max(1, 128 // videos[0].shape[1])
+  grid = labelled_strips(videos, [f"{r['index']:03d} {r['prompt']}" for r in records],
+                         upscale=upscale)
+  Image.fromarray(grid).save(os.path.join(workdir, "samples.png"))
+  scored = [r["shapes"]["correct"] for r in records if "shapes" in r]
+  report = {
+      "job": "sample",
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "generator": {"workdir": os.path.abspath(g.workdir), "step": gen.step,
+                    "weights": "ema" if g.use_ema else "raw",
+                    "token_grid": list(gen.token_grid)},
+      "tokenizer": {"workdir": os.path.abspath(gen.tokenizer_workdir),
+                    "step": gen.tokenizer.step},
+      "sampling": {**options.__dict__, "batch_size": bs, "seed": config.seed},
+      "samples": records,
+      "shapes_accuracy": shapes_score.accuracy(scored) if scored else None,
+      "seconds": {"sampling": round(sample_seconds, 3),
+                  "total": round(time.perf_counter() - start, 3)},
+      "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
+      "config": config.to_dict(),
+  }
+  _write_json(os.path.join(workdir, "samples.json"), report)
+  if scored:
+    acc = report["shapes_accuracy"]
+    logging.info("shapes prompt accuracy over %d clips: %s", len(scored),
+                 " ".join(f"{k}={acc[k]:.3f}" for k in (*shapes_score.ATTRIBUTES, "all")
+                          if k in acc))
+  logging.info("wrote %d sample(s) to %s (%.1f s sampling)", len(records), out_dir,
+               sample_seconds)
+  return report
+

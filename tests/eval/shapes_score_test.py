@@ -1,0 +1,71 @@
+"""The shapes prompt scorer reads the dataset's own clips right, and wrong prompts wrong."""
+import itertools
+
+import numpy as np
+import pytest
+
+from phenaki_jax.data import synthetic
+from phenaki_jax.eval import shapes_score
+
+
+@pytest.mark.parametrize("resolution,num_frames", [(64, 11), (32, 11), (64, 5)])
+def test_every_attribute_of_rendered_clips_is_read_right(resolution, num_frames):
+  source = synthetic.ShapesVideoSource(num_frames, resolution, seed=11)
+  scores = [shapes_score.score_clip(source[i]["frames"], source[i]["caption"])
+            for i in range(200)]
+  acc = shapes_score.accuracy(scores)
+  assert acc == {"colour": 1.0, "shape": 1.0, "size": 1.0, "motion": 1.0, "all": 1.0,
+                 "num_clips": 200.0}
+
+
+def test_images_are_scored_without_motion():
+  source = synthetic.ShapesImageSource(64, seed=2)
+  scores = [shapes_score.score_clip(source[i]["frames"], source[i]["caption"]) for i in range(50)]
+  assert all("motion" not in s and s["all"] for s in scores)
+
+
+def _other(choices, value):
+  return next(c for c in choices if c != value)
+
+
+@pytest.mark.parametrize("attribute", ["colour", "shape", "size", "motion"])
+def test_a_prompt_that_differs_in_one_attribute_fails_on_it_only(attribute):
+  source = synthetic.ShapesVideoSource(11, 64, seed=5)
+  choices = {"colour": tuple(synthetic.COLOURS), "shape": synthetic.SHAPES,
+             "size": synthetic.SIZES, "motion": synthetic.MOTIONS}
+  for i in range(40):
+    spec = source.spec(i)
+    fields = {"colour": spec.colour, "shape": spec.shape, "size": spec.size,
+              "motion": spec.motion}
+    fields[attribute] = _other(choices[attribute], fields[attribute])
+    prompt = f"a {fields['size']} {fields['colour']} {fields['shape']} {fields['motion']}"
+    score = shapes_score.score_clip(source[i]["frames"], prompt)
+    assert not score[attribute] and not score["all"], (prompt, score)
+    assert all(v for k, v in score.items() if k not in (attribute, "all")), (prompt, score)
+
+
+def test_a_clip_without_an_object_is_wrong_on_everything():
+  blank = np.zeros((11, 64, 64, 3), np.uint8)
+  assert shapes_score.read_clip(blank).as_dict() == {
+      "colour": None, "shape": None, "size": None, "motion": None}
+  assert shapes_score.score_clip(blank, "a small red circle moves left") == {
+      "size": False, "colour": False, "shape": False, "motion": False, "all": False}
+
+
+def test_prompt_set_is_balanced_and_fixed():
+  prompts = shapes_score.prompt_set(210)
+  parsed = [synthetic.parse_caption(p) for p in prompts]
+  combos = {(p["colour"], p["shape"], p["size"], p["motion"]) for p in parsed}
+  assert len(combos) == 210 == len(list(itertools.product(
+      synthetic.COLOURS, synthetic.SHAPES, synthetic.SIZES, synthetic.MOTIONS)))
+  assert shapes_score.prompt_set(30) == prompts[:30]
+  assert shapes_score.prompt_set(5, seed=1) == prompts[1:6]
+
+
+def test_accuracy_counts_each_attribute_over_the_clips_that_name_it():
+  acc = shapes_score.accuracy([{"colour": True, "motion": False, "all": False},
+                               {"colour": False, "all": False},
+                               {"colour": True, "motion": True, "all": True}])
+  assert acc["colour"] == pytest.approx(2 / 3) and acc["motion"] == 0.5
+  assert acc["all"] == pytest.approx(1 / 3) and acc["num_clips"] == 3.0
+  assert "shape" not in acc

@@ -1,0 +1,164 @@
+"""The sampling job and the Generator API on a `:tiny` tokenizer + generator trained here."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from phenaki_jax import config_schema
+from phenaki_jax.data import video_io
+from phenaki_jax.generator import Generator, SamplingOptions
+from phenaki_jax.sampling import run as sample_run
+from phenaki_jax.train import train_cvivit, train_maskgit
+from tests.helpers import REPO, load_config
+
+PROMPTS = ["a large red circle moves right", "a small blue square moves up"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(tokenizer workdir, generator workdir): both `:tiny`, a few steps."""
+  tok_dir = str(tmp_path_factory.mktemp("tokenizer"))
+  config = load_config("cvivit", "tiny,l2vq")
+  config.total_steps, config.checkpoint_every_steps, config.eval_every_steps = 1, 1, 0
+  train_cvivit.train_and_evaluate(config, tok_dir)
+  gen_dir = str(tmp_path_factory.mktemp("generator"))
+  config = load_config("maskgit", "tiny")
+  config.tokenizer.workdir = tok_dir
+  config.total_steps, config.eval_every_steps = 3, 0
+  train_maskgit.train_and_evaluate(config, gen_dir)
+  return tok_dir, gen_dir
+
+
+@pytest.fixture(scope="module")
+def generator(trained):
+  return Generator.load(trained[1])
+
+
+def _sample_config(gen_dir, **overrides):
+  config = load_config("sample", "tiny")
+  config.generator.workdir = gen_dir
+  for k, v in overrides.items():
+    node = config
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return config
+
+
+def test_same_seed_same_video_and_another_seed_another(generator):
+  opts = SamplingOptions(num_steps=4, max_steps=8)
+  a = generator.sample_tokens(PROMPTS, seed=3, options=opts)
+  b = generator.sample_tokens(PROMPTS, seed=3, options=opts)
+  c = generator.sample_tokens(PROMPTS, seed=4, options=opts)
+  np.testing.assert_array_equal(a, b)
+  assert (a != c).any()
+  assert a.shape == (2, 3, 4, 4)
+  assert a.min() >= 0 and a.max() < generator.model.codebook_size  # no [MASK] left
+
+
+def test_a_frozen_prefix_is_kept_and_the_rest_generated(generator):
+  prefix = np.arange(2 * 1 * 16).reshape(2, 1, 4, 4) % generator.model.codebook_size
+  tokens = generator.sample_tokens(PROMPTS, seed=0, prefix_tokens=prefix,
+                                   options=SamplingOptions(num_steps=3, max_steps=8))
+  np.testing.assert_array_equal(tokens[:, :1], prefix)
+  assert tokens.shape == (2, 3, 4, 4)
+
+
+def test_guidance_scale_one_is_the_conditional_model(generator):
+  """At scale 1 the guided logits are the conditional ones, so sampling equals
+  decoding with the conditional logits alone (greedy, so no sampling noise)."""
+  from phenaki_jax.sampling import parallel_decode
+  opts = SamplingOptions(num_steps=3, max_steps=8, guidance_scale=1.0, temperature=1e-4,
+                         choice_temperature=0.0)
+  guided = generator.sample_tokens(PROMPTS, seed=0, options=opts)
+  ids, mask = generator.encode_prompts(PROMPTS)
+  context, cmask = train_maskgit.encode_text(generator.text, generator.params, {},
+                                             {"text_ids": jnp.asarray(ids),
+                                              "text_mask": jnp.asarray(mask)})
+  grid = generator.token_grid
+  cond = parallel_decode.flat_logits_fn(
+      lambda t: generator.model.apply({"params": generator.params["generator"]}, t, context,
+                                      cmask), grid)
+  start = jnp.full((2, int(np.prod(grid))), generator.model.mask_id, jnp.int32)
+  out = jax.jit(lambda s: parallel_decode.decode(
+      cond, jax.random.key(0), s, 3, mask_id=generator.model.mask_id, max_steps=8,
+      temperature=1e-4, choice_temperature=0.0))(start)
+  np.testing.assert_array_equal(guided.reshape(2, -1), np.asarray(out.tokens))
+
+
+def test_generate_makes_clips_and_images_of_the_tokenizer_frame_count(generator):
+  opts = SamplingOptions(num_steps=2, max_steps=8)
+  video = generator.generate(PROMPTS, options=opts)
+  assert video.dtype == np.uint8 and video.shape == (2, 5, 16, 16, 3)
+  image = generator.generate(PROMPTS, options=opts, num_frames=1)
+  assert image.shape == (2, 1, 16, 16, 3)
+  with pytest.raises(ValueError, match="num_frames=4"):
+    generator.generate(PROMPTS, options=opts, num_frames=4)
+
+
+def test_sample_job_writes_valid_mp4_png_and_json(trained, tmp_path):
+  config = _sample_config(trained[1], **{"output.formats": "mp4,gif", "samples_per_prompt": 2})
+  report = sample_run.run(config, str(tmp_path))
+  assert len(report["samples"]) == 4  # 2 prompts × 2, in batches of 2
+  for record in report["samples"]:
+    mp4 = os.path.join(tmp_path, record["files"][0])
+    frames = video_io.read_video(mp4, fps=None)
+    assert frames.shape == (5, 16, 16, 3), mp4
+    assert os.path.getsize(os.path.join(tmp_path, record["files"][1])) > 0  # the GIF
+    # Prompts of the built-in grammar are scored.
+    assert set(record["shapes"]["correct"]) >= {"colour", "shape", "all"}
+  on_disk = json.load(open(tmp_path / "samples.json"))
+  assert on_disk["generator"]["step"] == 3 and on_disk["tokenizer"]["step"] == 1
+  assert on_disk["shapes_accuracy"]["num_clips"] == 4.0
+  wanted = config.prompts.split(";")
+  assert [s["prompt"] for s in on_disk["samples"]] == [wanted[0]] * 2 + [wanted[1]] * 2
+  from PIL import Image
+  png = Image.open(tmp_path / "samples.png")
+  assert png.size[1] > 4 * 16  # four labelled strips
+
+
+def test_sample_job_same_seed_same_files(trained, tmp_path):
+  outs = []
+  for name in ("a", "b"):
+    report = sample_run.run(_sample_config(trained[1]), str(tmp_path / name))
+    outs.append([video_io.read_video(str(tmp_path / name / r["files"][0]), fps=None)
+                 for r in report["samples"]])
+  for x, y in zip(*outs):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("generator.workdir", "", "config.generator.workdir=''"),
+    ("sampling.num_steps", 9, "config.sampling.num_steps=9"),
+    ("sampling.guidance_scale", -1.0, "config.sampling.guidance_scale=-1.0"),
+    ("output.formats", "avi", "config.output.formats='avi'"),
+    ("num_frames", 0, "config.num_frames=0"),
+])
+def test_bad_sample_config_fails_naming_the_key(trained, tmp_path, key, value, message):
+  config = _sample_config(trained[1], **{key: value})
+  with pytest.raises(config_schema.ConfigError, match=message):
+    sample_run.run(config, str(tmp_path))
+
+
+def test_missing_generator_checkpoint_says_how_to_train_one(tmp_path):
+  with pytest.raises(FileNotFoundError, match="configs/maskgit.py"):
+    sample_run.run(_sample_config(str(tmp_path / "nothing")), str(tmp_path / "out"))
+
+
+def test_command_line_with_prompts(trained, tmp_path):
+  out = tmp_path / "cli"
+  cmd = [sys.executable, "-m", "phenaki_jax.main", "--config=configs/sample.py:tiny",
+         f"--workdir={out}", f"--config.generator.workdir={trained[1]}",
+         "--config.prompts=a large green triangle moves down;a small white circle"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.load(open(out / "samples.json"))
+  assert [s["prompt"] for s in report["samples"]] == [
+      "a large green triangle moves down", "a small white circle"]
+  assert all(os.path.exists(out / s["files"][0]) for s in report["samples"])
