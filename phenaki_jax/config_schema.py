@@ -764,7 +764,7 @@ def sample_defaults() -> ml_collections.ConfigDict:
   c.sampling.max_steps = 48  # static loop bound: one compilation for num_steps <= it
 
   c.output = ml_collections.ConfigDict()
-  c.output.formats = "mp4"  # comma list of 'mp4', 'gif'
+  c.output.formats = "mp4,gif"  # comma list of 'mp4', 'gif'
   c.output.fps = 8.0
   return c
 

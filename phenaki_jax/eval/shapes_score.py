@@ -4,8 +4,10 @@ A prompt of the built-in dataset ("a small red circle moves left") names four
 attributes; this module reads each of them back from pixels and compares:
 
   * colour: every pixel is binarised per channel (> 127); the seven colours of
-    the dataset are exactly the seven non-black binary codes, so the object's
-    colour is the most frequent non-black code over the clip;
+    the dataset are exactly the seven non-black binary codes, so the clip's
+    colour is the most frequent non-black code over the clip; it must be the
+    prompt's. The other attributes are read from the object of the prompt's
+    colour (from the clip's colour when there is none);
   * shape: the object's pixels fill its bounding box by about 1 (square),
     π/4 (circle) or 1/2 (triangle, base and height equal), frame by frame;
   * size: the bounding box side over the frame side, against the midpoint of
@@ -68,8 +70,14 @@ def _code_of(colour: str) -> int:
   return r * 4 + g * 2 + b
 
 
-def read_clip(frames: np.ndarray) -> ClipReading:
-  """Colour, shape, size and motion of the one object in uint8 frames (T, H, W, 3)."""
+def read_clip(frames: np.ndarray, colour: str | None = None) -> ClipReading:
+  """Colour, shape, size and motion of the object in uint8 frames (T, H, W, 3).
+
+  The clip's colour is its most frequent non-black colour. Shape, size and
+  motion are read from the pixels of `colour` when given and present (the
+  prompt's object, so those attributes are judged even when another colour
+  dominates), else from the clip's colour.
+  """
   frames = np.asarray(frames)
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
     raise ValueError(f"frames must be uint8 (T, H, W, 3); got {frames.dtype} {frames.shape}")
@@ -80,8 +88,9 @@ def read_clip(frames: np.ndarray) -> ClipReading:
   if counts.max() < _MIN_PIXELS:
     return ClipReading(None, None, None, None)
   code = int(counts.argmax())
-  bits = ((code >> 2) & 1, (code >> 1) & 1, code & 1)
-  colour = _CODE_TO_COLOUR[bits]
+  seen_colour = _CODE_TO_COLOUR[((code >> 2) & 1, (code >> 1) & 1, code & 1)]
+  if colour is not None and counts[_code_of(colour)] >= _MIN_PIXELS:
+    code = _code_of(colour)
   mask = codes == code
 
   fills, sides, centroids = [], [], []
@@ -99,7 +108,7 @@ def read_clip(frames: np.ndarray) -> ClipReading:
                                                  else "circle")
   size = "large" if side > _LARGE_ABOVE else "small"
   motion = _motion(centroids, max(h, w)) if t > 1 else synthetic.STILL
-  return ClipReading(colour, shape, size, motion)
+  return ClipReading(seen_colour, shape, size, motion)
 
 
 def _motion(centroids: Sequence[tuple[float, float] | None], side: int) -> str | None:
@@ -123,7 +132,7 @@ def score_clip(frames: np.ndarray, prompt: str) -> dict[str, bool]:
   ("the red circle moves left") names no size.
   """
   wanted = synthetic.parse_caption(prompt)
-  seen = read_clip(frames).as_dict()
+  seen = read_clip(frames, colour=wanted["colour"]).as_dict()
   out = {k: seen[k] == v for k, v in wanted.items() if v is not None}
   out["all"] = all(out.values())
   return out

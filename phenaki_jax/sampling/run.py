@@ -1,8 +1,8 @@
 """The sampling job (configs/sample.py): prompts in, videos out.
 
 Writes into WORKDIR:
-  samples/NNN_<prompt>.mp4 (and/or .gif)  one file per sample
-  samples.png       a strip per sample: its prompt above a row of its frames
+  0000.mp4, 0000.gif, 0001.mp4, ...  one video per sample, in prompt order
+  samples.png       contact sheet: a strip per sample, its prompt above its frames
   samples.json      prompts, seeds, files, settings, the generator and
                     tokenizer checkpoints, timings; for prompts of the built-in
                     shapes grammar also what the scorer reads from each clip
@@ -13,19 +13,19 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 import time
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 from absl import logging
 from PIL import Image, ImageDraw, ImageFont
 
 from phenaki_jax import config_schema
 from phenaki_jax.config_schema import ConfigError
-from phenaki_jax.data import video_io
+from phenaki_jax.data import synthetic, video_io
 from phenaki_jax.eval import shapes_score
 from phenaki_jax.generator import Generator, SamplingOptions
 
@@ -53,10 +53,6 @@ def sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions:
                             top_k=s.top_k, max_steps=s.max_steps)
   options.check("sampling.")
   return options
-
-
-def slug(text: str, max_len: int = 40) -> str:
-  return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:max_len] or "prompt"
 
 
 def labelled_strips(videos: Sequence[np.ndarray], labels: Sequence[str],
@@ -108,12 +104,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                len(prompts), config.samples_per_prompt, g.workdir, gen.step, options.num_steps,
                options.guidance_scale)
   jobs = [(p, k) for p in prompts for k in range(config.samples_per_prompt)]
-  out_dir = os.path.join(workdir, "samples")
-  os.makedirs(out_dir, exist_ok=True)
+  os.makedirs(workdir, exist_ok=True)
 
   records, videos, sample_seconds = [], [], 0.0
   bs = config.batch_size
-  for first in range(0, len(jobs), bs):
+  batches = range(0, len(jobs), bs)
+  for first in tqdm.tqdm(batches, desc="sampling", unit="batch",
+                         disable=jax.process_index() != 0):
     chunk = jobs[first:first + bs]
     # A short last batch is padded to the batch size: one compilation.
     batch_prompts = [p for p, _ in chunk] + [chunk[-1][0]] * (bs - len(chunk))
@@ -124,7 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     sample_seconds += time.perf_counter() - t0
     for (prompt, k), video in zip(chunk, batch):
       index = len(records)
-      stem = os.path.join(out_dir, f"{index:03d}_{slug(prompt)}")
+      stem = os.path.join(workdir, f"{index:04d}")
       files = []
       for fmt in formats:
         path = f"{stem}.{fmt}"
@@ -136,13 +133,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       record = {"index": index, "prompt": prompt, "sample": k, "batch_seed": batch_seed,
                 "files": files, "frames": list(video.shape)}
       if shapes_score.is_shapes_prompt(prompt):
-        record["shapes"] = {"read": shapes_score.read_clip(video).as_dict(),
+        wanted_colour = synthetic.parse_caption(prompt)["colour"]
+      record["shapes"] = {"read": shapes_score.read_clip(video, wanted_colour).as_dict(),
                             "correct": shapes_score.score_clip(video, prompt)}
       records.append(record)
       videos.append(video)
 
   upscale = max(1, 128 // videos[0].shape[1])
-  grid = labelled_strips(videos, [f"{r['index']:03d} {r['prompt']}" for r in records],
+  grid = labelled_strips(videos, [f"{r['index']:04d} {r['prompt']}" for r in records],
                          upscale=upscale)
   Image.fromarray(grid).save(os.path.join(workdir, "samples.png"))
   scored = [r["shapes"]["correct"] for r in records if "shapes" in r]
@@ -168,7 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info("shapes prompt accuracy over %d clips: %s", len(scored),
                  " ".join(f"{k}={acc[k]:.3f}" for k in (*shapes_score.ATTRIBUTES, "all")
                           if k in acc))
-  logging.info("wrote %d sample(s) to %s (%.1f s sampling)", len(records), out_dir,
+  logging.info("wrote %d sample(s) to %s (%.1f s sampling)", len(records), workdir,
                sample_seconds)
   return report
 

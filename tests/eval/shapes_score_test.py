@@ -69,3 +69,14 @@ def test_accuracy_counts_each_attribute_over_the_clips_that_name_it():
   assert acc["colour"] == pytest.approx(2 / 3) and acc["motion"] == 0.5
   assert acc["all"] == pytest.approx(1 / 3) and acc["num_clips"] == 3.0
   assert "shape" not in acc
+
+
+def test_the_prompt_colour_object_is_judged_even_when_another_colour_dominates():
+  small = synthetic.ShapesSpec("triangle", "red", "small", "moves left", (0.7, 0.3))
+  large = synthetic.ShapesSpec("square", "blue", "large", "stays still", (0.3, 0.7))
+  clip = np.maximum(synthetic.render_clip(small, 11, 64), synthetic.render_clip(large, 11, 64))
+  score = shapes_score.score_clip(clip, "a small red triangle moves left")
+  # Blue covers more pixels: the colour is wrong, the red object's shape,
+  # size and motion are right.
+  assert score == {"size": True, "colour": False, "shape": True, "motion": True, "all": False}
+  assert shapes_score.score_clip(clip, "a large blue square stays still")["all"]

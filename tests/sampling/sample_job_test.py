@@ -106,6 +106,8 @@ def test_sample_job_writes_valid_mp4_png_and_json(trained, tmp_path):
   config = _sample_config(trained[1], **{"output.formats": "mp4,gif", "samples_per_prompt": 2})
   report = sample_run.run(config, str(tmp_path))
   assert len(report["samples"]) == 4  # 2 prompts × 2, in batches of 2
+  assert [r["files"] for r in report["samples"]] == [[f"000{i}.mp4", f"000{i}.gif"]
+                                                     for i in range(4)]
   for record in report["samples"]:
     mp4 = os.path.join(tmp_path, record["files"][0])
     frames = video_io.read_video(mp4, fps=None)
