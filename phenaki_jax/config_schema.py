@@ -271,8 +271,14 @@ def validate_cvivit(config: ml_collections.ConfigDict, num_devices: int,
            f"must be divisible by model.patch_size ({m.patch_size})")
   _require(0.0 <= i.video_ratio <= 1.0, "input.video_ratio", i.video_ratio,
            "must be in [0, 1]")
-  _require(i.data in ("shapes", "shards", "tfds"), "input.data", i.data,
-           "must be 'shapes', 'shards' or 'tfds'")
+  kinds = ("shapes", "shards", "tfds") + (("tokens",) if "token_shards" in i else ())
+  _require(i.data in kinds, "input.data", i.data, f"must be one of {kinds}")
+  if i.data == "tokens":
+    _require(bool(i.token_shards), "input.token_shards", i.token_shards,
+             "is required when input.data='tokens' (a configs/pretokenize.py output folder)")
+    _require(i.random_crop_min_scale == 1.0 and not i.horizontal_flip, "input.data", i.data,
+             "pre-tokenised clips cannot be augmented: set input.random_crop_min_scale=1 and "
+             "input.horizontal_flip=False (or augment when pretokenizing)")
   _require(0.0 < i.random_crop_min_scale <= 1.0, "input.random_crop_min_scale",
            i.random_crop_min_scale, "must be in (0, 1]")
   if i.data == "tfds":
@@ -452,8 +458,11 @@ def maskgit_defaults() -> ml_collections.ConfigDict:
   c.tokenizer.step = -1  # -1: newest
 
   # The same input keys as the tokenizer (one pipeline); clips are encoded
-  # on the fly by the frozen tokenizer inside the train step.
+  # on the fly by the frozen tokenizer inside the train step. Or
+  # input.data='tokens': codes (and cached text embeddings) written by
+  # configs/pretokenize.py into input.token_shards, for large runs.
   c.input = ml_collections.ConfigDict(cvivit_defaults().input.to_dict())
+  c.input.token_shards = ""
 
   c.model = ml_collections.ConfigDict()
   # What the generator is built for; checked against the tokenizer at start.
@@ -520,8 +529,14 @@ def _check_input(config: ml_collections.ConfigDict) -> None:
   """The input keys that do not depend on a model."""
   i = config.input
   _require(0.0 <= i.video_ratio <= 1.0, "input.video_ratio", i.video_ratio, "must be in [0, 1]")
-  _require(i.data in ("shapes", "shards", "tfds"), "input.data", i.data,
-           "must be 'shapes', 'shards' or 'tfds'")
+  kinds = ("shapes", "shards", "tfds") + (("tokens",) if "token_shards" in i else ())
+  _require(i.data in kinds, "input.data", i.data, f"must be one of {kinds}")
+  if i.data == "tokens":
+    _require(bool(i.token_shards), "input.token_shards", i.token_shards,
+             "is required when input.data='tokens' (a configs/pretokenize.py output folder)")
+    _require(i.random_crop_min_scale == 1.0 and not i.horizontal_flip, "input.data", i.data,
+             "pre-tokenised clips cannot be augmented: set input.random_crop_min_scale=1 and "
+             "input.horizontal_flip=False (or augment when pretokenizing)")
   _require(0.0 < i.random_crop_min_scale <= 1.0, "input.random_crop_min_scale",
            i.random_crop_min_scale, "must be in (0, 1]")
   needs = {"shards": ("video_shards", "image_shards"), "tfds": ("tfds_video", "tfds_image")}
@@ -792,3 +807,55 @@ def validate_sample(config: ml_collections.ConfigDict) -> None:
   _require(bool(formats) and all(f in ("mp4", "gif") for f in formats), "output.formats",
            config.output.formats, "must be a comma list of 'mp4' and 'gif'")
   _require(config.output.fps > 0, "output.fps", config.output.fps, "must be > 0")
+
+
+# ---------------------------------------------------------------------------
+# Pre-tokenising clips for the generator (configs/pretokenize.py).
+
+def pretokenize_defaults() -> ml_collections.ConfigDict:
+  """Defaults of the offline tokenisation job (phenaki_jax/data/pretokenize.py)."""
+  c = ml_collections.ConfigDict()
+  c.job = "pretokenize"
+  c.seed = 0  # the shapes source's seed, as the trainer's config.seed
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.workdir = ""  # required: a configs/cvivit.py workdir
+  c.tokenizer.step = -1  # -1: newest good checkpoint
+  c.tokenizer.use_ema = True
+  # What to encode: the generator's input keys (video_ratio 0 / 1 skips a kind).
+  c.input = ml_collections.ConfigDict(cvivit_defaults().input.to_dict())
+  # The generator's text keys: a frozen T5 ('t5', text.frozen) has its
+  # embeddings cached in the records; the byte encoder trains, so only the
+  # captions are stored.
+  c.text = ml_collections.ConfigDict(maskgit_defaults().text.to_dict())
+  # Examples per kind; -1: the whole source (the built-in one is endless: set them).
+  c.num_video_examples = -1
+  c.num_image_examples = -1
+  c.num_eval_examples = 64  # held-out clips, built-in data only
+  c.batch_size = 16
+  c.records_per_shard = 10_000
+  return c
+
+
+DEFAULTS["pretokenize"] = pretokenize_defaults
+
+
+def validate_pretokenize(config: ml_collections.ConfigDict) -> None:
+  t, i = config.tokenizer, config.input
+  _require(bool(t.workdir), "tokenizer.workdir", t.workdir,
+           "is required: the workdir of a trained C-ViViT (configs/cvivit.py)")
+  _check_input(config)
+  _positive_ints(config, ["batch_size", "records_per_shard"])
+  for key, wanted in (("num_video_examples", i.video_ratio > 0),
+                      ("num_image_examples", i.video_ratio < 1)):
+    value = config[key]
+    _require(isinstance(value, int) and value >= -1 and value != 0, key, value,
+             "must be a positive count, or -1 for the whole source")
+    if i.data == "shapes" and wanted:
+      _require(value > 0, key, value, "must be set for the built-in data (it is endless)")
+  _require(config.num_eval_examples >= 0, "num_eval_examples", config.num_eval_examples,
+           "must be >= 0")
+  _require(config.text.encoder in TEXT_ENCODERS, "text.encoder", config.text.encoder,
+           f"must be one of {TEXT_ENCODERS}")
+  if config.text.encoder == "t5":
+    _require(bool(config.text.t5_path), "text.t5_path", config.text.t5_path,
+             "is required when text.encoder='t5'")

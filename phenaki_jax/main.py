@@ -2,7 +2,8 @@
 
 Dispatches on config.job: 'cvivit' trains the tokenizer, 'maskgit' the
 generator on a trained tokenizer's codes, 'sample' writes videos from prompts,
-'eval_*' evaluates a checkpoint, 'prepare' turns a manifest of
+'eval_*' evaluates a checkpoint, 'pretokenize' writes a tokenizer's codes (and
+frozen text embeddings) for the generator, 'prepare' turns a manifest of
 videos/images into ArrayRecord shards.
 """
 from __future__ import annotations
@@ -35,6 +36,9 @@ def run_job(config, workdir: str):
   if job == "sample":
     from phenaki_jax.sampling import run as sample_run  # pylint: disable=g-import-not-at-top
     return sample_run.run(config, workdir)
+  if job == "pretokenize":
+    from phenaki_jax.data import pretokenize  # pylint: disable=g-import-not-at-top
+    return pretokenize.run(config, workdir)
   if job == "prepare":
     from phenaki_jax.data import prepare  # pylint: disable=g-import-not-at-top
     return prepare.run(config, workdir)
@@ -42,7 +46,7 @@ def run_job(config, workdir: str):
     from phenaki_jax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
     return eval_run.run(config, workdir)
   raise ValueError(f"config.job={job!r}: unknown job; expected 'cvivit', 'maskgit', "
-                   "'sample', 'eval_tokenizer' or 'prepare'")
+                   "'sample', 'eval_tokenizer', 'pretokenize' or 'prepare'")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

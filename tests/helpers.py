@@ -13,3 +13,43 @@ def load_config(job: str, variant: str = ""):
   spec.loader.exec_module(module)
   # An unlocked copy, so tests can change values as --config.* overrides would.
   return module.get_config(variant).copy_and_resolve_references()
+
+
+def write_tiny_t5x(folder, captions, seed=0):
+  """A tiny random T5 encoder in T5X layout (t5x.npz) + a SentencePiece model
+  (spiece.model) trained on `captions`, as a user's download would hold them.
+
+  Returns (path of t5x.npz, the encoder params as loaded).
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import sentencepiece as spm
+  from phenaki_jax import sharding
+  from phenaki_jax.models import t5
+
+  folder = pathlib.Path(folder)
+  corpus = folder / "corpus.txt"
+  corpus.write_text("\n".join(captions) + "\n")
+  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "spiece"),
+                                 vocab_size=27, minloglevel=2, pad_id=0, eos_id=1, unk_id=2,
+                                 bos_id=-1)
+  module = t5.T5EncoderConfig(vocab_size=256, d_model=16, d_kv=8, d_ff=32, num_heads=2,
+                              num_layers=1).make_module()
+  abstract = sharding.strip_boxes(
+      jax.eval_shape(module.init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"])
+  rng = np.random.default_rng(seed)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: (np.ones(x.shape, x.dtype) if path[-1].key == "scale"
+                       else rng.normal(0.0, 0.1, x.shape).astype(x.dtype)), abstract)
+  # T5X layout: kernels flattened to (inputs, outputs), under target/.
+  flat = {"target/token_embedder/embedding": params["token_embedder"]["embedding"]}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = [k.key for k in path]
+    if keys[0] == "token_embedder":
+      continue
+    in_axes = 2 if keys[-2] == "out" else 1
+    flat["target/encoder/" + "/".join(keys)] = leaf.reshape(
+        int(np.prod(leaf.shape[:in_axes])), -1) if keys[-1] == "kernel" else leaf
+  np.savez(folder / "t5x.npz", **flat)
+  return str(folder / "t5x.npz"), params

@@ -25,8 +25,12 @@ from phenaki_jax.data import synthetic
 EVAL_SEED_OFFSET = 1_000_003
 
 
-def make_sources(input_cfg: ml_collections.ConfigDict, seed: int) -> tuple[Any, Any]:
-  """(video source or None, image source or None), each a grain random-access source."""
+def make_sources(input_cfg: ml_collections.ConfigDict, seed: int,
+                 text_max_length: int = 0) -> tuple[Any, Any]:
+  """(video source or None, image source or None), each a grain random-access source.
+
+  `text_max_length` pads cached text embeddings of pre-tokenised data.
+  """
   want_video = input_cfg.video_ratio > 0
   want_image = input_cfg.video_ratio < 1
   if input_cfg.data == "shapes":
@@ -36,11 +40,19 @@ def make_sources(input_cfg: ml_collections.ConfigDict, seed: int) -> tuple[Any, 
   elif input_cfg.data == "shards":
     video = _shard_source(input_cfg.video_shards, "video", input_cfg) if want_video else None
     image = _shard_source(input_cfg.image_shards, "image", input_cfg) if want_image else None
+  elif input_cfg.data == "tokens":
+    # Codes written by configs/pretokenize.py; the trainer checks them against its tokenizer.
+    from phenaki_jax.data import pretokenize  # pylint: disable=g-import-not-at-top
+    video = (pretokenize.TokenShardSource(input_cfg.token_shards, "video", text_max_length)
+             if want_video else None)
+    image = (pretokenize.TokenShardSource(input_cfg.token_shards, "image", text_max_length)
+             if want_image else None)
   elif input_cfg.data == "tfds":
     video = _tfds_source(input_cfg.tfds_video, "video", input_cfg) if want_video else None
     image = _tfds_source(input_cfg.tfds_image, "image", input_cfg) if want_image else None
   else:
-    raise ValueError(f"config.input.data={input_cfg.data!r}: must be 'shapes', 'shards' or 'tfds'")
+    raise ValueError(f"config.input.data={input_cfg.data!r}: must be 'shapes', 'shards', 'tfds' "
+                     "or (for the generator) 'tokens'")
   return (video if want_video else None), (image if want_image else None)
 
 
@@ -77,18 +89,22 @@ def _check_clip_shape(source: Any, kind: str, input_cfg: ml_collections.ConfigDi
 
 
 class SelectFrames(grain.transforms.Map):
-  """Keeps the uint8 frames, and the caption when asked.
+  """Keeps the uint8 frames (or pre-tokenised codes), and the caption when asked.
 
   The tokenizer needs no captions (dropping them keeps its batches pure
-  arrays); the generator keeps them and tokenises them on the host.
+  arrays); the generator keeps them and tokenises them on the host, unless
+  the records carry cached text embeddings.
   """
 
   def __init__(self, keep_caption: bool = False):
     self.keep_caption = keep_caption
 
   def map(self, element: dict) -> dict:
-    out = {"frames": np.asarray(element["frames"], np.uint8)}
-    if self.keep_caption:
+    if "codes" in element:  # pre-tokenised: codes, and cached embeddings when present
+      out = {k: element[k] for k in ("codes", "text_embeddings", "text_mask") if k in element}
+    else:
+      out = {"frames": np.asarray(element["frames"], np.uint8)}
+    if self.keep_caption and "text_embeddings" not in element:
       out["caption"] = str(element["caption"])
     return out
 
@@ -142,17 +158,19 @@ def _batched_stream(source: Any, *, batch_size: int, seed: int, process_index: i
 
 
 def make_train_dataset(input_cfg: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
-                       process_count: int = 1, keep_caption: bool = False) -> grain.IterDataset:
+                       process_count: int = 1, keep_caption: bool = False,
+                       text_max_length: int = 0) -> grain.IterDataset:
   """The infinite, checkpointable stream of this process's local batches.
 
   Batches are {"frames": uint8 (B, T, H, W, 3)}, plus {"caption": str (B,)}
-  with `keep_caption`.
+  with `keep_caption`; pre-tokenised data gives {"codes": int32 (B, t, h, w)}
+  and cached {"text_embeddings", "text_mask"} in place of captions.
   """
   if input_cfg.batch_size % process_count:
     raise ValueError(f"config.input.batch_size={input_cfg.batch_size} must be divisible by "
                      f"the {process_count} processes")
   local_batch = input_cfg.batch_size // process_count
-  video, image = make_sources(input_cfg, seed)
+  video, image = make_sources(input_cfg, seed, text_max_length)
   streams, weights = [], []
   for i, (source, weight) in enumerate(((video, input_cfg.video_ratio),
                                         (image, 1.0 - input_cfg.video_ratio))):

@@ -275,7 +275,7 @@ def _writer_options(codec: str) -> str:
   return "group_size:1," + ("zstd:3" if codec == "raw" else "uncompressed")
 
 
-class _ShardWriter:
+class ShardWriter:
   """Writes records to `{prefix}-PPP.array_record` files, each atomically."""
 
   def __init__(self, directory: str, prefix: str, max_records: int,
@@ -334,7 +334,7 @@ def _process_unit(out_dir: str, unit: int, entries: list[ManifestEntry],
   start = time.time()
   _remove_unit_leftovers(out_dir, unit)
   options = _writer_options(settings.frame_codec)
-  writers = {kind: _ShardWriter(os.path.join(out_dir, kind),
+  writers = {kind: ShardWriter(os.path.join(out_dir, kind),
                                 f"{kind}-{unit:05d}",
                                 settings.clips_per_shard, options)
              for kind in sources.KINDS}

@@ -232,7 +232,12 @@ def build_text_encoder(text_cfg: ml_collections.ConfigDict) -> TextEncoder:
 
 def tokenize_captions(batch: Mapping[str, Any], tokenizer: text_tokenizers.TextTokenizer,
                       max_length: int) -> dict[str, np.ndarray]:
-  """Host side: batch['caption'] (B,) strings -> text_ids / text_mask (B, max_length)."""
+  """Host side: batch['caption'] (B,) strings -> text_ids / text_mask (B, max_length).
+
+  A batch with cached text embeddings (pre-tokenised data) has no captions.
+  """
+  if "caption" not in batch:
+    return dict(batch)
   out = {k: v for k, v in batch.items() if k != "caption"}
   ids, mask = tokenizer.encode_batch([str(c) for c in batch["caption"]], max_length)
   out["text_ids"], out["text_mask"] = ids, mask
@@ -250,6 +255,69 @@ def encode_text(text: TextEncoder, params: Any, frozen_text_params: Any,
   if not text.trainable:
     context = jax.lax.stop_gradient(context)
   return context, mask
+
+
+# --- Pre-tokenised input (configs/pretokenize.py).
+
+def check_token_shards(config: ml_collections.ConfigDict, tok: Tokenizer,
+                       text: TextEncoder) -> None:
+  """The shards must hold this tokenizer's codes, and embeddings of this text encoder."""
+  from phenaki_jax.data import pretokenize  # pylint: disable=g-import-not-at-top
+  where = config.input.token_shards
+  meta = pretokenize.read_metadata(where)
+  made_by, errors = meta["tokenizer"], []
+  if made_by["workdir"] != _abs(config.tokenizer.workdir) or made_by["step"] != tok.step:
+    errors.append(f"they hold the codes of tokenizer {made_by['workdir']} step {made_by['step']}"
+                  f", but config.tokenizer.workdir={config.tokenizer.workdir!r} loaded step "
+                  f"{tok.step}; set config.tokenizer.workdir / config.tokenizer.step to match")
+  for split, info in meta["splits"].items():
+    if split == "video" and tuple(info["token_grid"]) != tuple(config.model.token_grid):
+      errors.append(f"their video token grid is {tuple(info['token_grid'])}, "
+                    f"config.model.token_grid={tuple(config.model.token_grid)}")
+  cached = meta["text"]
+  if cached.get("cached"):
+    wanted = {"text.encoder": ("t5", config.text.encoder),
+              "text.frozen": (True, bool(config.text.frozen)),
+              "text.t5_path": (cached["t5_path"], _abs(config.text.t5_path) if config.text.t5_path else ""),
+              "text.max_length": (cached["max_length"], config.text.max_length)}
+    for key, (theirs, ours) in wanted.items():
+      if theirs != ours:
+        errors.append(f"their text embeddings were made with {key}={theirs!r}, the config "
+                      f"has {ours!r}")
+    if cached["width"] != text.width:
+      errors.append(f"their text embeddings are {cached['width']} wide, the encoder makes "
+                    f"{text.width}")
+  if errors:
+    raise ConfigError(f"config.input.token_shards={where!r} do not fit this run: "
+                      + "; ".join(errors))
+  logging.info("pre-tokenised input %s: %s; text embeddings %s", where,
+               {k: v["records"] for k, v in meta["splits"].items()},
+               "cached" if cached.get("cached") else "computed from captions")
+
+
+def held_out_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The held-out eval examples: clips + captions, or their pre-tokenised records."""
+  n = config.num_eval_examples
+  if config.input.data != "tokens":
+    frames, captions = pipeline.eval_clips(config.input, seed=config.seed, count=n)
+    return {"frames": frames, "caption": np.asarray(captions)}
+  from phenaki_jax.data import pretokenize  # pylint: disable=g-import-not-at-top
+  where = config.input.token_shards
+  split = "eval" if os.path.isdir(os.path.join(where, "eval")) else "video"
+  if split == "video":
+    logging.warning("%s has no held-out 'eval' split (only the built-in data gets one): the "
+                    "eval loss is measured on %d training clips", where, n)
+  source = pretokenize.TokenShardSource(where, split, config.text.max_length)
+  if len(source) < n:
+    raise ConfigError(f"config.num_eval_examples={n}: {where}/{split} holds {len(source)}")
+  examples = [source[i] for i in range(n)]
+  batch = {"codes": np.stack([e["codes"] for e in examples])}
+  if "text_embeddings" in examples[0]:
+    batch["text_embeddings"] = np.stack([e["text_embeddings"] for e in examples])
+    batch["text_mask"] = np.stack([e["text_mask"] for e in examples])
+  else:
+    batch["caption"] = np.asarray([e["caption"] for e in examples])
+  return batch
 
 
 # --- Model, state and shardings.
@@ -544,6 +612,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   check_tokenizer_match(config, tok.config, f"{config.tokenizer.workdir} (step {tok.step})")
   record_tokenizer(config, workdir, tok)
   text = build_text_encoder(config.text)
+  if config.input.data == "tokens":
+    check_token_shards(config, tok, text)
   save_config(config, workdir)
   writer = metrics.create_writer(workdir)
 
@@ -557,7 +627,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # --- Input: clips with captions; captions become ids on the host.
   train_iter = iter(pipeline.make_train_dataset(
       config.input, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), keep_caption=True))
+      process_count=jax.process_count(), keep_caption=True,
+      text_max_length=config.text.max_length))
 
   def to_device(local_batch: Mapping[str, Any], where: Any) -> dict[str, jax.Array]:
     host = tokenize_captions(local_batch, text.tokenizer, config.text.max_length)
@@ -604,9 +675,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         out_shardings=replicated)
     eval_batch = None
     if config.eval_every_steps > 0:
-      frames, captions = pipeline.eval_clips(config.input, seed=config.seed,
-                                             count=config.num_eval_examples)
-      eval_batch = to_device({"frames": frames, "caption": np.asarray(captions)}, replicated)
+      eval_batch = to_device(held_out_batch(config), replicated)
 
     def run_eval(step: int) -> dict[str, float]:
       scalars = {}

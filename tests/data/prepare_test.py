@@ -203,14 +203,14 @@ def test_shard_write_is_atomic(clean_run, tmp_path, monkeypatch):
   class Crash(Exception):
     pass
 
-  original = prepare._ShardWriter.write
+  original = prepare.ShardWriter.write
 
   def crash_on_second_record(self, record):
     if self._count == 1:
       raise Crash()
     original(self, record)
 
-  monkeypatch.setattr(prepare._ShardWriter, "write", crash_on_second_record)
+  monkeypatch.setattr(prepare.ShardWriter, "write", crash_on_second_record)
   with pytest.raises(Crash):
     prepare.run(_config(), out)
   # Unit 0 crashed inside its first shard: only a .tmp, no final name.

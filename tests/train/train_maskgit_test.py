@@ -16,7 +16,7 @@ from phenaki_jax.models import t5
 from phenaki_jax.sampling import mask_schedule
 from phenaki_jax.tokenizer import Tokenizer
 from phenaki_jax.train import train_cvivit, train_maskgit
-from tests.helpers import load_config
+from tests.helpers import load_config, write_tiny_t5x
 
 GRID = (3, 4, 4)  # configs/maskgit.py:tiny
 V = 64
@@ -363,28 +363,10 @@ def test_unknown_key_is_named(tmp_path):
 # --- A pretrained, frozen T5 (T5X .npz + SentencePiece).
 
 def test_frozen_t5x_encoder_loads_and_stays_out_of_the_train_state(tmp_path, tokenizer_dir):
-  spm = pytest.importorskip("sentencepiece")
-  corpus = tmp_path / "corpus.txt"
-  corpus.write_text("\n".join(_captions(200)) + "\n")
-  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "spiece"),
-                                 vocab_size=27, minloglevel=2, pad_id=0, eos_id=1, unk_id=2,
-                                 bos_id=-1)
-  sizes = t5.T5EncoderConfig(vocab_size=256, d_model=16, d_kv=8, d_ff=32, num_heads=2,
-                             num_layers=1)
-  params = jax.device_get(_random_params(sizes.make_module(), jnp.ones((1, 4), jnp.int32)))
-  # T5X layout: kernels flattened to (inputs, outputs), under target/.
-  flat = {"target/token_embedder/embedding": params["token_embedder"]["embedding"]}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    keys = [k.key for k in path]
-    if keys[0] == "token_embedder":
-      continue
-    in_axes = 2 if keys[-2] == "out" else 1
-    flat["target/encoder/" + "/".join(keys)] = leaf.reshape(
-        int(np.prod(leaf.shape[:in_axes])), -1) if keys[-1] == "kernel" else leaf
-  np.savez(tmp_path / "t5x.npz", **flat)
-
+  pytest.importorskip("sentencepiece")
+  path, params = write_tiny_t5x(tmp_path, _captions(200))
   config = _tiny(tokenizer_dir)
-  config.text.encoder, config.text.t5_path = "t5", str(tmp_path / "t5x.npz")
+  config.text.encoder, config.text.t5_path = "t5", path
   text = train_maskgit.build_text_encoder(config.text)
   assert not text.trainable and text.width == 16
   assert text.tokenizer.encode("a red circle")[-1] == 1  # SentencePiece with EOS

@@ -1,0 +1,255 @@
+"""Offline job: clips -> C-ViViT codes (+ frozen text embeddings) in ArrayRecord shards.
+
+  python -m phenaki_jax.main --config=configs/pretokenize.py --workdir=data/tokens \
+      --config.tokenizer.workdir=runs/cvivit
+  python -m phenaki_jax.main --config=configs/maskgit.py --workdir=runs/maskgit \
+      --config.input.data=tokens --config.input.token_shards=data/tokens
+
+Phenaki's generator trains on pre-tokenised data: the frozen tokenizer (and a
+frozen text encoder) would otherwise run on every example of every epoch.
+This job runs them once. Output folder:
+
+  video/tokens-NNN.array_record   the video clips' records
+  image/tokens-NNN.array_record   the images' records (one token frame)
+  eval/tokens-NNN.array_record    held-out clips (built-in data only), for
+                                  the trainer's held-out loss
+  metadata.json                   what made them: the tokenizer checkpoint, its
+                                  codebook and token grid, the text encoder and
+                                  the embedding width, counts; 'complete': true
+                                  once every shard is written
+
+A record is one msgpack map (no pickle):
+  fmt "phenaki_jax/tokens", version, kind, caption,
+  codes (bytes, C order), codes_dtype ('int16' when the codebook fits), shape [t, h, w],
+  and with a frozen T5: text_embedding (bytes, bfloat16, only the caption's
+  real tokens, (n, D)), text_length n.
+A trainable text encoder (the built-in byte encoder) cannot be cached: its
+records carry the caption, which the trainer tokenises as usual.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import ml_dtypes
+import msgpack
+import numpy as np
+import tqdm
+from absl import logging
+
+from phenaki_jax import config_schema
+from phenaki_jax.config_schema import ConfigError
+from phenaki_jax.data import pipeline, prepare, sources
+
+RECORD_FORMAT = "phenaki_jax/tokens"
+RECORD_VERSION = 1
+METADATA = "metadata.json"
+SPLITS = ("video", "image", "eval")
+
+
+# --- The record format.
+
+def encode_token_record(codes: np.ndarray, *, kind: str, caption: str,
+                        text_embedding: np.ndarray | None = None) -> bytes:
+  """One example's codes (t, h, w) and, optionally, its caption's embeddings (n, D)."""
+  codes = np.asarray(codes)
+  if codes.ndim != 3:
+    raise ValueError(f"codes must be (token frames, h, w); got {codes.shape}")
+  dtype = "int16" if codes.max(initial=0) < 2 ** 15 and codes.min(initial=0) >= 0 else "int32"
+  record = {"fmt": RECORD_FORMAT, "version": RECORD_VERSION, "kind": kind,
+            "caption": str(caption), "shape": list(codes.shape), "codes_dtype": dtype,
+            "codes": np.ascontiguousarray(codes.astype(dtype)).tobytes()}
+  if text_embedding is not None:
+    emb = np.asarray(text_embedding).astype(ml_dtypes.bfloat16)
+    record.update(text_embedding=emb.tobytes(), text_length=int(emb.shape[0]),
+                  text_width=int(emb.shape[1]))
+  return msgpack.packb(record, use_bin_type=True)
+
+
+def decode_token_record(data: bytes) -> dict[str, Any]:
+  record = msgpack.unpackb(data, raw=False)
+  if not isinstance(record, dict) or record.get("fmt") != RECORD_FORMAT:
+    raise ValueError("not a phenaki_jax token record (was this folder written by "
+                     "configs/pretokenize.py?)")
+  if record["version"] > RECORD_VERSION:
+    raise ValueError(f"token record version {record['version']} is newer than this reader "
+                     f"({RECORD_VERSION}): update phenaki_jax")
+  record["codes"] = np.frombuffer(record["codes"], record["codes_dtype"]).reshape(
+      record["shape"]).astype(np.int32)
+  if "text_embedding" in record:
+    record["text_embedding"] = np.frombuffer(record["text_embedding"], ml_dtypes.bfloat16
+                                             ).reshape(record["text_length"], record["text_width"])
+  return record
+
+
+class TokenShardSource:
+  """Random access to token records: {'codes', 'caption'} (+ 'text_embeddings', 'text_mask').
+
+  Cached embeddings come back padded to `max_length` rows (bfloat16) with a
+  bool mask of the real ones, the shapes the trainer's text encoder would
+  produce. Picklable for grain's workers.
+  """
+
+  def __init__(self, directory: str, split: str, max_length: int):
+    import grain  # pylint: disable=g-import-not-at-top
+    self.directory, self.split, self.max_length = directory, split, int(max_length)
+    self._paths = sorted(os.path.join(directory, split, f)
+                         for f in os.listdir(os.path.join(directory, split))
+                         if f.endswith(sources.SHARD_SUFFIX))
+    if not self._paths:
+      raise FileNotFoundError(f"no {split} token shards in {os.path.join(directory, split)}")
+    self._source = grain.sources.ArrayRecordDataSource(self._paths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _example(self, data: bytes) -> dict[str, Any]:
+    record = decode_token_record(data)
+    out = {"codes": record["codes"], "caption": record["caption"]}
+    if "text_embedding" in record:
+      emb = record["text_embedding"][:self.max_length]
+      padded = np.zeros((self.max_length, emb.shape[1]), ml_dtypes.bfloat16)
+      padded[:len(emb)] = emb
+      out["text_embeddings"] = padded
+      out["text_mask"] = np.arange(self.max_length) < len(emb)
+    return out
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._example(self._source[index])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    return [self._example(d) for d in self._source.__getitems__(indices)]
+
+  def __repr__(self) -> str:
+    return f"TokenShardSource({self.directory!r}, {self.split!r}, {len(self._paths)} shards)"
+
+
+def read_metadata(directory: str) -> dict[str, Any]:
+  path = os.path.join(directory, METADATA)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: {directory} is not a finished "
+                            "configs/pretokenize.py output")
+  with open(path) as f:
+    meta = json.load(f)
+  if not meta.get("complete"):
+    raise ValueError(f"{directory}: pretokenize did not finish (metadata.json says incomplete); "
+                     "run it again")
+  return meta
+
+
+# --- The job.
+
+def _encode_split(name: str, source: Any, count: int, tok: Any, text_fn: Any, batch_size: int,
+                  out_dir: str, records_per_shard: int) -> dict[str, Any]:
+  """Encodes `count` examples of `source` into out_dir/name/; returns its summary."""
+  writer = prepare.ShardWriter(os.path.join(out_dir, name), "tokens", records_per_shard,
+                               "group_size:1,zstd:3")
+  grid = None
+  start = time.perf_counter()
+  with tqdm.tqdm(total=count, desc=f"pretokenize {name}", unit="clip") as bar:
+    for first in range(0, count, batch_size):
+      chunk = [source[i] for i in range(first, min(first + batch_size, count))]
+      frames = np.stack([np.asarray(e["frames"], np.uint8) for e in chunk])
+      captions = [str(e["caption"]) for e in chunk]
+      n = len(chunk)
+      if n < batch_size:  # one compiled shape: pad the last batch
+        frames = np.concatenate([frames, np.repeat(frames[-1:], batch_size - n, axis=0)])
+      codes = np.asarray(tok.encode(frames))[:n]
+      grid = list(codes.shape[1:])
+      embeddings = [None] * n
+      if text_fn is not None:
+        emb, lengths = text_fn(captions + [captions[-1]] * (batch_size - n))
+        embeddings = [emb[i, :lengths[i]] for i in range(n)]
+      for c, caption, e in zip(codes, captions, embeddings):
+        writer.write(encode_token_record(c, kind="image" if name == "image" else "video",
+                                         caption=caption, text_embedding=e))
+      bar.update(n)
+  writer.close()
+  seconds = time.perf_counter() - start
+  return {"records": count, "token_grid": grid, "shards": writer.shards,
+          "seconds": round(seconds, 2), "clips_per_second": round(count / max(seconds, 1e-9), 2)}
+
+
+def make_text_fn(text_cfg: ml_collections.ConfigDict) -> tuple[Any, dict[str, Any]]:
+  """(captions -> (embeddings (B, L, D), lengths (B,)) or None, description for metadata)."""
+  from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
+  if text_cfg.encoder != "t5" or not text_cfg.frozen:
+    return None, {"encoder": text_cfg.encoder, "cached": False,
+                  "why": "a trainable text encoder cannot be cached; records keep captions"}
+  text = train_maskgit.build_text_encoder(text_cfg)
+  params = jax.device_put(text.pretrained)
+  apply = jax.jit(lambda p, ids, mask: text.module.apply({"params": p}, ids, mask)[0])
+
+  def fn(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    ids, mask = text.tokenizer.encode_batch(captions, text_cfg.max_length)
+    emb = np.asarray(apply(params, jnp.asarray(ids), jnp.asarray(mask)), np.float32)
+    return emb, mask.sum(axis=1)
+
+  return fn, {"encoder": "t5", "cached": True, "t5_path": os.path.abspath(text_cfg.t5_path),
+              "vocab_path": text_cfg.vocab_path, "max_length": int(text_cfg.max_length),
+              "width": int(text.width), "dtype": "bfloat16"}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Writes the token shards and metadata.json into `workdir`; returns the metadata."""
+  from phenaki_jax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
+  config = config_schema.complete(config)
+  config_schema.validate_pretokenize(config)
+  if os.path.exists(os.path.join(workdir, METADATA)):
+    raise ConfigError(f"--workdir={workdir} already holds pretokenized data ({METADATA}); "
+                      "choose an empty folder")
+  tok = eval_run.load_tokenizer(config.tokenizer)
+  input_cfg = ml_collections.ConfigDict(config.input.to_dict())
+  if input_cfg.resolution != tok.config.input.resolution:
+    raise ConfigError(f"config.input.resolution={input_cfg.resolution}: the tokenizer in "
+                      f"{config.tokenizer.workdir} was trained at {tok.config.input.resolution}")
+  text_fn, text_meta = make_text_fn(config.text)
+  video, image = pipeline.make_sources(input_cfg, config.seed)
+  os.makedirs(workdir, exist_ok=True)
+
+  def count(source, wanted, key):
+    n = len(source) if wanted < 0 else wanted
+    if n > len(source):
+      raise ConfigError(f"config.{key}={wanted}: the source holds only {len(source)} examples")
+    return n
+
+  splits = {}
+  args = dict(tok=tok, text_fn=text_fn, batch_size=config.batch_size, out_dir=workdir,
+              records_per_shard=config.records_per_shard)
+  if video is not None:
+    splits["video"] = _encode_split("video", video, count(video, config.num_video_examples,
+                                                          "num_video_examples"), **args)
+  if image is not None:
+    splits["image"] = _encode_split("image", image, count(image, config.num_image_examples,
+                                                          "num_image_examples"), **args)
+  if input_cfg.data == "shapes" and config.num_eval_examples > 0:
+    # The trainer's held-out clips: the eval seed stream, as pipeline.eval_clips draws it.
+    held_out, _ = pipeline.make_sources(
+        ml_collections.ConfigDict({**input_cfg.to_dict(), "video_ratio": 1.0}),
+        config.seed + pipeline.EVAL_SEED_OFFSET)
+    splits["eval"] = _encode_split("eval", held_out, config.num_eval_examples, **args)
+
+  meta = {
+      "format": RECORD_FORMAT, "version": RECORD_VERSION,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "tokenizer": {"workdir": os.path.abspath(config.tokenizer.workdir), "step": int(tok.step),
+                    "codebook_size": int(tok.config.model.codebook_size)},
+      "input": {"data": input_cfg.data, "num_frames": int(input_cfg.num_frames),
+                "resolution": int(input_cfg.resolution), "seed": int(config.seed)},
+      "text": text_meta,
+      "splits": splits,
+      "complete": True,
+  }
+  tmp = os.path.join(workdir, METADATA + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, os.path.join(workdir, METADATA))  # written last: the folder is complete
+  logging.info("pretokenized %s into %s", {k: v["records"] for k, v in splits.items()}, workdir)
+  return meta
