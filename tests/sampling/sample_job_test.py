@@ -19,26 +19,6 @@ from tests.helpers import REPO, load_config
 PROMPTS = ["a large red circle moves right", "a small blue square moves up"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """(tokenizer workdir, generator workdir): both `:tiny`, a few steps."""
-  tok_dir = str(tmp_path_factory.mktemp("tokenizer"))
-  config = load_config("cvivit", "tiny,l2vq")
-  config.total_steps, config.checkpoint_every_steps, config.eval_every_steps = 1, 1, 0
-  train_cvivit.train_and_evaluate(config, tok_dir)
-  gen_dir = str(tmp_path_factory.mktemp("generator"))
-  config = load_config("maskgit", "tiny")
-  config.tokenizer.workdir = tok_dir
-  config.total_steps, config.eval_every_steps = 3, 0
-  train_maskgit.train_and_evaluate(config, gen_dir)
-  return tok_dir, gen_dir
-
-
-@pytest.fixture(scope="module")
-def generator(trained):
-  return Generator.load(trained[1])
-
-
 def _sample_config(gen_dir, **overrides):
   config = load_config("sample", "tiny")
   config.generator.workdir = gen_dir

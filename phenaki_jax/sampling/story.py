@@ -1,0 +1,209 @@
+"""Stories: one continuous video from a sequence of prompts (Phenaki's headline ability).
+
+A storyboard is a list of segments, each a prompt with defaults for the rest:
+
+  # story.yaml (or the same as JSON)
+  defaults: {context_frames: 5, guidance_scale: 3.0}
+  segments:
+    - prompt: a large red circle moves right
+      num_frames: 11          # new frames of this segment (or seconds: 1.5)
+    - prompt: the red circle moves up
+    - {prompt: the red circle moves left, seed: 7, guidance_scale: 5.0}
+
+The generator makes clips of its trained length T (1 + k·t_p frames, t token
+frames). The first window is sampled from scratch. Every later window keeps
+the last K = context_frames frames of the video so far: they are re-encoded by
+the causal tokenizer, their 1 + (K−1)/t_p token frames are frozen as the
+window's prefix, the window's prompt is the segment's, the remaining token
+frames are generated, and the T − K new frames are appended. A segment runs
+as many windows as its frame count needs. Only one window lives on the
+device, and frames stream to the output file, so memory does not grow with
+the length of the story.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from phenaki_jax.generator import Generator, SamplingOptions
+
+_SEGMENT_KEYS = ("prompt", "num_frames", "seconds", "context_frames", "guidance_scale", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """One prompt of a story.
+
+  Attributes:
+    prompt: the text for this segment's windows.
+    num_frames: new frames this segment adds; 0 takes `seconds`, else one window's worth.
+    seconds: new frames as a duration at the story's frame rate (when num_frames is 0).
+    context_frames: K frames of the video so far kept as the frozen prefix of
+      each window (1 + m·t_p, fewer than the window); -1: the story default
+      (which defaults to the longest allowed K of about half the window: 5 of
+      the default generator's 11 frames); 0: a hard cut (no context).
+    guidance_scale: None: the story default.
+    seed: None: story seed + segment index.
+  """
+  prompt: str
+  num_frames: int = 0
+  seconds: float = 0.0
+  context_frames: int = -1
+  guidance_scale: float | None = None
+  seed: int | None = None
+
+
+def parse_segments(items: Sequence[Any], defaults: dict[str, Any] | None = None,
+                   where: str = "storyboard") -> list[Segment]:
+  """Segments from dicts (or bare prompt strings), with `defaults` under each."""
+  defaults = dict(defaults or {})
+  unknown = sorted(set(defaults) - set(_SEGMENT_KEYS) - {"prompt"})
+  if unknown:
+    raise ValueError(f"{where}: unknown default key(s) {unknown}; known: {_SEGMENT_KEYS[1:]}")
+  segments = []
+  for i, item in enumerate(items):
+    entry = {"prompt": item} if isinstance(item, str) else dict(item)
+    bad = sorted(set(entry) - set(_SEGMENT_KEYS))
+    if bad:
+      raise ValueError(f"{where}: segment {i} has unknown key(s) {bad}; known: {_SEGMENT_KEYS}")
+    if not str(entry.get("prompt", "")).strip():
+      raise ValueError(f"{where}: segment {i} has no prompt")
+    segments.append(Segment(**{**defaults, **entry}))
+  if not segments:
+    raise ValueError(f"{where}: no segments")
+  return segments
+
+
+def load_storyboard(path: str) -> list[Segment]:
+  """A YAML or JSON file: a list of segments, or {'defaults': {...}, 'segments': [...]}."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"storyboard {path}: no such file")
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  try:
+    if path.endswith(".json"):
+      data = json.loads(text)
+    else:
+      import yaml  # pylint: disable=g-import-not-at-top
+      data = yaml.safe_load(text)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"storyboard {path}: cannot parse it ({type(e).__name__}: {e})") from None
+  if isinstance(data, dict):
+    extra = sorted(set(data) - {"defaults", "segments"})
+    if extra:
+      raise ValueError(f"storyboard {path}: unknown top-level key(s) {extra}; "
+                       "expected 'defaults' and 'segments'")
+    return parse_segments(data.get("segments") or [], data.get("defaults"), where=path)
+  if isinstance(data, list):
+    return parse_segments(data, where=path)
+  raise ValueError(f"storyboard {path}: expected a list of segments or a mapping with 'segments'")
+
+
+@dataclasses.dataclass
+class StoryResult:
+  """What a story run produced (the frames themselves went to the sink)."""
+  num_frames: int
+  segments: list[dict[str, Any]]
+  strip_frames: list[tuple[str, np.ndarray]]  # (label, frames) a few per segment
+
+
+class StoryWindow:
+  """The geometry of a generator's window: trained frames, token frames, t_p."""
+
+  def __init__(self, gen: Generator):
+    self.token_frames = gen.token_grid[0]
+    self.temporal_patch = int(gen.tokenizer.config.model.temporal_patch_size)
+    self.frames = 1 + (self.token_frames - 1) * self.temporal_patch
+
+  def allowed_contexts(self) -> list[int]:
+    return [1 + m * self.temporal_patch for m in range(self.token_frames - 1)]
+
+  def default_context(self) -> int:
+    """The longest allowed context of at most about half the window."""
+    fits = [k for k in self.allowed_contexts() if k <= (self.frames + 1) // 2]
+    return fits[-1] if fits else 0
+
+  def check_context(self, k: int, where: str) -> int:
+    """Token frames of a K-frame context; errors say which K are possible."""
+    if k == 0:
+      return 0
+    allowed = [1 + m * self.temporal_patch for m in range(self.token_frames - 1)]
+    if k not in allowed:
+      raise ValueError(f"{where}: context_frames={k}; this generator's window is {self.frames} "
+                       f"frames (temporal patch {self.temporal_patch}), so the context must be "
+                       f"one of {allowed} (or 0 for a cut)")
+    return 1 + (k - 1) // self.temporal_patch
+
+
+def generate_story(gen: Generator, segments: Sequence[Segment], *, sink: Callable[[np.ndarray],
+                                                                                   None],
+                   options: SamplingOptions = SamplingOptions(), seed: int = 0,
+                   context_frames: int = -1, fps: float = 8.0,
+                   strip_frames_per_segment: int = 3,
+                   on_segment: Callable[[int, np.ndarray], None] | None = None) -> StoryResult:
+  """Generates the story window by window.
+
+  Every new frame goes to `sink` as uint8 (n, H, W, 3) as soon as it is
+  decoded; `on_segment(i, frames)`, when given, gets each finished segment's
+  frames (one segment is held on the host for it, e.g. to score it).
+  """
+  window = StoryWindow(gen)
+  if context_frames < 0:
+    context_frames = window.default_context()
+  plan = []
+  for i, seg in enumerate(segments):
+    where = f"segment {i} ({seg.prompt!r})"
+    k = context_frames if seg.context_frames < 0 else seg.context_frames
+    window.check_context(k, where)
+    n = seg.num_frames or (int(round(seg.seconds * fps)) if seg.seconds else 0)
+    if n < 0:
+      raise ValueError(f"{where}: num_frames={seg.num_frames} must be >= 0")
+    if n == 0:  # one window's worth
+      n = window.frames if (i == 0 or k == 0) else window.frames - k
+    plan.append((seg, k, n))
+
+  history = None  # the last frames written (at most the largest K), host uint8
+  keep = max(max((k for _, k, _ in plan), default=1), 1)
+  total, records, strips = 0, [], []
+  for i, (seg, k, n) in enumerate(plan):
+    seg_seed = seed + i if seg.seed is None else seg.seed
+    seg_options = dataclasses.replace(
+        options, guidance_scale=options.guidance_scale if seg.guidance_scale is None
+        else seg.guidance_scale)
+    start, made, w = total, 0, 0
+    segment_frames = []
+    picks = set(np.linspace(0, n - 1, min(n, strip_frames_per_segment)).round().astype(int))
+    while made < n:
+      use_context = k > 0 and history is not None
+      prefix = None
+      if use_context:
+        prefix = np.asarray(gen.tokenizer.encode(history[None, -k:]))
+      # Window 0 of a segment samples with the segment's seed itself, so a
+      # one-segment story is exactly gen.generate([prompt], seed=seed).
+      tokens = gen.sample_tokens([seg.prompt], seed=seg_seed + 1_000_003 * w,
+                                 options=seg_options, prefix_tokens=prefix)
+      frames = gen.decode(tokens)[0]
+      new = frames[k:] if use_context else frames
+      new = new[:n - made]
+      sink(new)
+      if on_segment is not None:
+        segment_frames.append(new)
+      for j in range(len(new)):
+        if made + j in picks:
+          strips.append((f"{i}: {seg.prompt}", new[j]))
+      history = new[-keep:] if history is None else np.concatenate([history, new])[-keep:]
+      made += len(new)
+      total += len(new)
+      w += 1
+    if on_segment is not None:
+      on_segment(i, np.concatenate(segment_frames))
+    records.append({"index": i, "prompt": seg.prompt, "start_frame": start, "end_frame": total,
+                    "num_frames": n, "windows": w, "context_frames": k if i else 0,
+                    "guidance_scale": seg_options.guidance_scale, "seed": seg_seed,
+                    "start_seconds": round(start / fps, 3)})
+  return StoryResult(num_frames=total, segments=records, strip_frames=strips)
+

@@ -1,0 +1,143 @@
+"""Stories on a `:tiny` generator (window 5 frames = 3 token frames, temporal patch 2)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from phenaki_jax import config_schema
+from phenaki_jax.data import video_io
+from phenaki_jax.generator import SamplingOptions
+from phenaki_jax.sampling import run as sample_run
+from phenaki_jax.sampling import story
+from tests.helpers import REPO, load_config
+
+OPTS = SamplingOptions(num_steps=3, max_steps=8)
+
+
+def _run(generator, segments, **kw):
+  frames = []
+  result = story.generate_story(generator, segments, sink=frames.append, options=OPTS, **kw)
+  return np.concatenate(frames), result
+
+
+def test_segments_make_the_frames_asked_for(generator):
+  segments = story.parse_segments([
+      {"prompt": "a large red circle moves right", "num_frames": 7},
+      {"prompt": "the red circle moves up", "num_frames": 3},
+      {"prompt": "the red circle moves left"},  # one window: 5 - 3 context = 2 new frames
+      {"prompt": "the red circle stays still", "num_frames": 4, "context_frames": 1},
+  ])
+  video, result = _run(generator, segments, context_frames=3)
+  assert video.shape == (16, 16, 16, 3) and result.num_frames == 16
+  bounds = [(s["start_frame"], s["end_frame"]) for s in result.segments]
+  assert bounds == [(0, 7), (7, 10), (10, 12), (12, 16)]
+  # 7 frames: a fresh window of 5, then one of 2 new after 3 context frames.
+  assert [s["windows"] for s in result.segments] == [2, 2, 1, 1]
+
+
+def test_one_segment_is_plain_sampling(generator):
+  video, _ = _run(generator, [story.Segment("a large red circle moves right", seed=5)])
+  plain = generator.generate(["a large red circle moves right"], seed=5, options=OPTS)[0]
+  np.testing.assert_array_equal(video, plain)
+
+
+def test_the_context_is_the_frozen_prefix_of_the_next_window(generator, monkeypatch):
+  prefixes = []
+  original = generator.sample_tokens
+
+  def spy(prompts, **kw):
+    out = original(prompts, **kw)
+    if kw.get("prefix_tokens") is not None:
+      prefixes.append((kw["prefix_tokens"], out))
+    return out
+
+  monkeypatch.setattr(generator, "sample_tokens", spy)
+  frames = []
+  story.generate_story(generator, story.parse_segments(["a small blue square", "the blue "
+                                                        "square moves up"]),
+                       sink=frames.append, options=OPTS, context_frames=3)
+  video = np.concatenate(frames)
+  (prefix, tokens), = prefixes
+  # The prefix is the tokenizer's code of the last 3 frames written, kept unchanged.
+  np.testing.assert_array_equal(prefix, np.asarray(generator.tokenizer.encode(video[2:5][None])))
+  np.testing.assert_array_equal(tokens[:, :2], prefix)
+
+
+def test_same_storyboard_and_seeds_same_video_other_seed_other(generator):
+  segments = story.parse_segments(["a large red circle moves right", "the red circle moves up"])
+  a, _ = _run(generator, segments, seed=1)
+  b, _ = _run(generator, segments, seed=1)
+  c, _ = _run(generator, segments, seed=2)
+  np.testing.assert_array_equal(a, b)
+  assert (a != c).any()
+
+
+def test_twenty_segments_keep_device_memory_flat(generator):
+  live = []
+  frames = []
+  segments = story.parse_segments([f"the red circle moves {d}" for d in
+                                   ("left", "up", "right", "down") * 5])
+  story.generate_story(generator, segments, sink=frames.append, options=OPTS,
+                       context_frames=3, on_segment=lambda i, f: live.append(
+                           (len(jax.live_arrays()), sum(a.nbytes for a in jax.live_arrays()))))
+  assert sum(len(f) for f in frames) == 5 + 19 * 2
+  # After the first windows compiled and cached what they need, nothing grows.
+  assert live[2:] == [live[2]] * (len(live) - 2), live
+
+
+def test_storyboards_from_yaml_and_json_and_their_errors(tmp_path):
+  (tmp_path / "s.yaml").write_text(
+      "defaults: {context_frames: 1, guidance_scale: 2.0}\n"
+      "segments:\n  - prompt: a small red square\n    num_frames: 9\n"
+      "  - {prompt: the red square moves up, seed: 3}\n")
+  segs = story.load_storyboard(str(tmp_path / "s.yaml"))
+  assert segs == [story.Segment("a small red square", num_frames=9, context_frames=1,
+                                guidance_scale=2.0),
+                  story.Segment("the red square moves up", context_frames=1,
+                                guidance_scale=2.0, seed=3)]
+  (tmp_path / "s.json").write_text(json.dumps(["one", {"prompt": "two", "seconds": 1.5}]))
+  assert story.load_storyboard(str(tmp_path / "s.json"))[1].seconds == 1.5
+  (tmp_path / "bad.yaml").write_text("segments:\n  - {prompt: x, frames: 3}\n")
+  with pytest.raises(ValueError, match=r"segment 0 has unknown key\(s\) \['frames'\]"):
+    story.load_storyboard(str(tmp_path / "bad.yaml"))
+  (tmp_path / "empty.yaml").write_text("segments: []\n")
+  with pytest.raises(ValueError, match="no segments"):
+    story.load_storyboard(str(tmp_path / "empty.yaml"))
+
+
+def test_a_context_that_does_not_tokenise_to_whole_frames_is_refused(generator):
+  with pytest.raises(ValueError, match=r"context_frames=2.*one of \[1, 3\]"):
+    _run(generator, story.parse_segments(["a", "b"]), context_frames=2)
+
+
+def test_story_job_writes_mp4_gif_strip_and_boundaries(trained, tmp_path):
+  out = tmp_path / "story"
+  cmd = [sys.executable, "-m", "phenaki_jax.main", "--config=configs/sample.py:tiny",
+         f"--workdir={out}", f"--config.generator.workdir={trained[1]}",
+         "--config.story=a large red circle moves right;the red circle moves up;"
+         "the red circle moves left", "--config.story_defaults.context_frames=3"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.load(open(out / "story.json"))
+  assert report["num_frames"] == 5 + 2 + 2
+  assert [(s["start_frame"], s["end_frame"]) for s in report["segments"]] == [(0, 5), (5, 7),
+                                                                              (7, 9)]
+  assert all("shapes" in s for s in report["segments"])  # shapes prompts are scored
+  assert video_io.read_video(str(out / "story.mp4"), fps=None).shape == (9, 16, 16, 3)
+  assert os.path.getsize(out / "story.gif") > 0 and os.path.getsize(out / "story.png") > 0
+
+
+def test_bad_story_settings_fail_before_loading(trained, tmp_path):
+  config = load_config("sample", "tiny")
+  config.generator.workdir = trained[1]
+  config.storyboard = str(tmp_path / "missing.yaml")
+  with pytest.raises(config_schema.ConfigError, match="config.storyboard"):
+    sample_run.run(config, str(tmp_path / "a"))
+  (tmp_path / "bad.yaml").write_text("segments:\n  - {prompt: x, frames: 3}\n")
+  config.storyboard = str(tmp_path / "bad.yaml")
+  with pytest.raises(config_schema.ConfigError, match="config.storyboard: .*frames"):
+    sample_run.run(config, str(tmp_path / "b"))
