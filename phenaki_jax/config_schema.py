@@ -445,6 +445,13 @@ def maskgit_defaults() -> ml_collections.ConfigDict:
   c.text_drop_rate = 0.1
   # γ(r) of the training masks, r ~ U(0, 1) per example.
   c.mask_schedule = "cosine"
+  # The story task: with this probability an example's first k token frames
+  # (k ~ U{1..t-1}) are given unmasked, as a story's re-encoded context is at
+  # sampling time, and the loss is on the rest; corrupt_fraction of those
+  # context tokens are replaced by random codes so the model does not copy.
+  c.prefix = ml_collections.ConfigDict()
+  c.prefix.probability = 0.25
+  c.prefix.corrupt_fraction = 0.0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices.
@@ -613,6 +620,10 @@ def validate_maskgit(config: ml_collections.ConfigDict, num_devices: int,
   _require(0.0 <= config.ema_decay < 1.0, "ema_decay", config.ema_decay, "must be in [0, 1)")
   _require(config.mask_schedule in mask_schedule.SCHEDULES, "mask_schedule", config.mask_schedule,
            f"must be one of {mask_schedule.SCHEDULES}")
+  _require(0.0 <= config.prefix.probability <= 1.0, "prefix.probability",
+           config.prefix.probability, "must be in [0, 1]")
+  _require(0.0 <= config.prefix.corrupt_fraction <= 1.0, "prefix.corrupt_fraction",
+           config.prefix.corrupt_fraction, "must be in [0, 1]")
   _require(0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing",
            config.loss.label_smoothing, "must be in [0, 1)")
   _require(t.encoder in TEXT_ENCODERS, "text.encoder", t.encoder,

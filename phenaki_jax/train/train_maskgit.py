@@ -398,6 +398,34 @@ def split_step_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
   return mask_rng, drop_rng
 
 
+def sample_prefix_frames(rng: jax.Array, real_frames: jax.Array,
+                         probability: float | jax.Array) -> jax.Array:
+  """int32 (B,): token frames given unmasked as a story's context; 0 for most examples.
+
+  With `probability` an example with t ≥ 2 real token frames gets a prefix of
+  k ~ U{1, …, t−1} frames (never all of them, so something is left to learn).
+  """
+  use_rng, k_rng = jax.random.split(rng)
+  real = real_frames.astype(jnp.int32)
+  use = jax.random.bernoulli(use_rng, probability, real.shape) & (real >= 2)
+  k = jax.random.randint(k_rng, real.shape, 1, jnp.maximum(real, 2))
+  return jnp.where(use, k, 0)
+
+
+def corrupt_prefix(rng: jax.Array, tokens: jax.Array, prefix_frames: jax.Array,
+                   fraction: float, codebook_size: int) -> jax.Array:
+  """Replaces `fraction` of the prefix tokens by random codes, so the model
+  learns to continue a context it cannot trust blindly (re-encoded frames are
+  not the tokens it sampled)."""
+  b = tokens.shape[0]
+  frame = jax.lax.broadcasted_iota(jnp.int32, tokens.shape, 1)
+  in_prefix = frame < prefix_frames.reshape((b,) + (1,) * (tokens.ndim - 1))
+  flip_rng, code_rng = jax.random.split(rng)
+  flip = in_prefix & jax.random.bernoulli(flip_rng, fraction, tokens.shape)
+  random_codes = jax.random.randint(code_rng, tokens.shape, 0, codebook_size)
+  return jnp.where(flip, random_codes, tokens)
+
+
 def text_drop_mask(rng: jax.Array, batch_size: int, rate: float | jax.Array) -> jax.Array:
   """bool (B,): True for the examples whose text is replaced by the empty text."""
   return jax.random.bernoulli(rng, rate, (batch_size,))
@@ -487,20 +515,52 @@ def finish_bucket_metrics(scalars: dict[str, float]) -> dict[str, float]:
   return scalars
 
 
+def training_inputs(rng: jax.Array, tokens: jax.Array, region: jax.Array, *, schedule: str,
+                    mask_id: int, codebook_size: int, prefix_probability: float = 0.0,
+                    prefix_corrupt_fraction: float = 0.0
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(model inputs, bool masked = loss weight, prefix token frames (B,)) of a step.
+
+  Masks γ(r) of each example's maskable tokens (in `region`, outside its
+  story prefix); the prefix is given as context (corrupted when asked).
+  """
+  mask_rng, _ = split_step_rng(rng)
+  # Its own stream (fold_in): the mask and text-drop draws stay as they were.
+  prefix_rng, corrupt_rng = jax.random.split(jax.random.fold_in(rng, 2))
+  prefix_frames = jnp.zeros((tokens.shape[0],), jnp.int32)
+  if prefix_probability > 0:
+    prefix_frames = sample_prefix_frames(prefix_rng, region[:, :, 0, 0].sum(axis=1),
+                                         prefix_probability)
+  masked = mask_schedule.sample_mask(mask_rng, tokens.shape, schedule, loss_region=region,
+                                     num_frozen_frames=prefix_frames)
+  context = tokens
+  if prefix_probability > 0 and prefix_corrupt_fraction > 0:
+    context = corrupt_prefix(corrupt_rng, tokens, prefix_frames, prefix_corrupt_fraction,
+                             codebook_size)
+  return jnp.where(masked, mask_id, context), masked, prefix_frames
+
+
 def compute_losses(generator: maskgit.MaskGitTransformer, text: TextEncoder, params: Any,
                    frozen_text_params: Any, batch: Mapping[str, jax.Array], codes: jax.Array,
                    rng: jax.Array, *, text_drop_rate: float | jax.Array, label_smoothing: float,
-                   schedule: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   schedule: str, prefix_probability: float = 0.0,
+                   prefix_corrupt_fraction: float = 0.0
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Masked-token cross-entropy and its logged parts.
 
+  With `prefix_probability`, an example's first k token frames are given
+  unmasked (a story's re-encoded context) and the loss is on the rest; a
+  `prefix_corrupt_fraction` of those context tokens is replaced at random.
   Parts under 'bucket_stats/' are interval sums, not metrics (see
   finish_bucket_metrics).
   """
   tokens, region = pad_token_grid(codes, generator.max_token_frames, generator.mask_id,
                                   batch.get("token_frames"))
-  mask_rng, drop_rng = split_step_rng(rng)
-  masked = mask_schedule.sample_mask(mask_rng, tokens.shape, schedule, loss_region=region)
-  inputs = jnp.where(masked, generator.mask_id, tokens)
+  _, drop_rng = split_step_rng(rng)
+  inputs, masked, prefix_frames = training_inputs(
+      rng, tokens, region, schedule=schedule, mask_id=generator.mask_id,
+      codebook_size=generator.codebook_size, prefix_probability=prefix_probability,
+      prefix_corrupt_fraction=prefix_corrupt_fraction)
   context, context_mask = encode_text(text, params, frozen_text_params, batch)
   dropped = text_drop_mask(drop_rng, tokens.shape[0], text_drop_rate)
   # All-False: the generator attends to its learned null token only.
@@ -519,6 +579,7 @@ def compute_losses(generator: maskgit.MaskGitTransformer, text: TextEncoder, par
       "train/masked_accuracy": jnp.sum(correct * weight) / count,
       "train/mask_ratio": jnp.mean(ratio),
       "train/text_dropped_fraction": jnp.mean(dropped.astype(jnp.float32)),
+      "train/prefix_fraction": jnp.mean((prefix_frames > 0).astype(jnp.float32)),
   }
   parts.update(bucket_stats(ce, correct, masked, region, schedule))
   return loss, parts
@@ -548,7 +609,8 @@ def make_train_step(generator: maskgit.MaskGitTransformer, text: TextEncoder,
     loss_fn = lambda p: compute_losses(
         generator, text, p, frozen["text_encoder"], batch, codes, rng,
         text_drop_rate=config.text_drop_rate, label_smoothing=config.loss.label_smoothing,
-        schedule=config.mask_schedule)
+        schedule=config.mask_schedule, prefix_probability=config.prefix.probability,
+        prefix_corrupt_fraction=config.prefix.corrupt_fraction)
     (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
