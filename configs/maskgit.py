@@ -32,6 +32,7 @@ def get_config(variant: str = ""):
     config.input.batch_size = 8
     config.input.num_frames = 5
     config.input.resolution = 16
+    config.input.story_context_frames = (1, 3)
     m = config.model
     m.codebook_size, m.token_grid = 64, (3, 4, 4)
     m.width, m.num_layers, m.num_heads, m.head_dim, m.mlp_dim = 32, 1, 2, 16, 64
@@ -48,6 +49,7 @@ def get_config(variant: str = ""):
     config.input.batch_size = 512
     config.input.num_frames = 11
     config.input.resolution = 128
+    config.input.story_ratio = 0.0  # real data: the random-prefix task only
     m = config.model
     m.codebook_size, m.token_grid = 8192, (6, 16, 16)
     # About the paper's 1.8B-parameter generator (24 blocks of width 2048 with

@@ -271,6 +271,11 @@ def validate_cvivit(config: ml_collections.ConfigDict, num_devices: int,
            f"must be divisible by model.patch_size ({m.patch_size})")
   _require(0.0 <= i.video_ratio <= 1.0, "input.video_ratio", i.video_ratio,
            "must be in [0, 1]")
+  if i.get("story_ratio", 0.0) > 0:
+    _require(i.story_ratio <= 1.0, "input.story_ratio", i.story_ratio, "must be in [0, 1]")
+    _require(len(i.story_context_frames) > 0 and all(
+        1 <= k < i.num_frames for k in i.story_context_frames), "input.story_context_frames",
+             i.story_context_frames, f"must be frame counts in [1, {i.num_frames})")
   kinds = ("shapes", "shards", "tfds") + (("tokens",) if "token_shards" in i else ())
   _require(i.data in kinds, "input.data", i.data, f"must be one of {kinds}")
   if i.data == "tokens":
@@ -470,6 +475,12 @@ def maskgit_defaults() -> ml_collections.ConfigDict:
   # configs/pretokenize.py into input.token_shards, for large runs.
   c.input = ml_collections.ConfigDict(cvivit_defaults().input.to_dict())
   c.input.token_shards = ""
+  # The story task on the built-in data: this share of the video batches are
+  # two-segment story clips (phenaki_jax/data/synthetic.py ShapesStorySource)
+  # whose first K frames, K from story_context_frames, are the given context.
+  # Other data has no stories to render: there only prefix.* applies.
+  c.input.story_ratio = 0.25
+  c.input.story_context_frames = (1, 3, 5, 7, 9)
 
   c.model = ml_collections.ConfigDict()
   # What the generator is built for; checked against the tokenizer at start.
@@ -536,6 +547,11 @@ def _check_input(config: ml_collections.ConfigDict) -> None:
   """The input keys that do not depend on a model."""
   i = config.input
   _require(0.0 <= i.video_ratio <= 1.0, "input.video_ratio", i.video_ratio, "must be in [0, 1]")
+  if i.get("story_ratio", 0.0) > 0:
+    _require(i.story_ratio <= 1.0, "input.story_ratio", i.story_ratio, "must be in [0, 1]")
+    _require(len(i.story_context_frames) > 0 and all(
+        1 <= k < i.num_frames for k in i.story_context_frames), "input.story_context_frames",
+             i.story_context_frames, f"must be frame counts in [1, {i.num_frames})")
   kinds = ("shapes", "shards", "tfds") + (("tokens",) if "token_shards" in i else ())
   _require(i.data in kinds, "input.data", i.data, f"must be one of {kinds}")
   if i.data == "tokens":

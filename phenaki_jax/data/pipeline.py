@@ -106,6 +106,8 @@ class SelectFrames(grain.transforms.Map):
       out = {"frames": np.asarray(element["frames"], np.uint8)}
     if self.keep_caption and "text_embeddings" not in element:
       out["caption"] = str(element["caption"])
+    if "prefix_frames" in element:  # a story clip: its context length
+      out["prefix_frames"] = np.int32(element["prefix_frames"])
     return out
 
 
@@ -171,9 +173,19 @@ def make_train_dataset(input_cfg: ml_collections.ConfigDict, *, seed: int, proce
                      f"the {process_count} processes")
   local_batch = input_cfg.batch_size // process_count
   video, image = make_sources(input_cfg, seed, text_max_length)
+  story_ratio = input_cfg.get("story_ratio", 0.0)
+  story = None
+  if input_cfg.data != "shapes":
+    story_ratio = 0.0  # stories are rendered from the built-in data only
+  if story_ratio > 0 and input_cfg.video_ratio > 0:
+    # The generator's story task (built-in data): a share of the video batches.
+    story = synthetic.ShapesStorySource(input_cfg.num_frames, input_cfg.resolution,
+                                        input_cfg.story_context_frames, seed=seed + 2)
   streams, weights = [], []
-  for i, (source, weight) in enumerate(((video, input_cfg.video_ratio),
-                                        (image, 1.0 - input_cfg.video_ratio))):
+  for i, (source, weight) in enumerate((
+      (video, input_cfg.video_ratio * (1.0 - story_ratio)),
+      (image, 1.0 - input_cfg.video_ratio),
+      (story, input_cfg.video_ratio * story_ratio))):
     if source is not None and weight > 0:
       streams.append(_batched_stream(source, batch_size=local_batch, seed=seed + 7919 * i,
                                      process_index=process_index, process_count=process_count,

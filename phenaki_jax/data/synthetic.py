@@ -62,6 +62,7 @@ _MIN_RESOLUTION = 8
 # not draw the same objects.
 _VIDEO_STREAM = 0
 _IMAGE_STREAM = 1
+_STORY_STREAM = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,3 +449,44 @@ class ShapesImageSource:
   def __repr__(self) -> str:
     return (f"ShapesImageSource(resolution={self.resolution}, "
             f"seed={self.seed}, num_records={self.num_records})")
+
+
+class ShapesStorySource:
+  """Random-access source of two-segment story clips, for the generator's story task.
+
+  Record i is one object that moves one way for the first K frames (the
+  context a story carries over) and another way after:
+  {"frames": uint8 [T, H, W, 3], "caption": the second segment's story
+  caption ("the red circle moves up"), "prefix_frames": K}. K is drawn from
+  `context_frames` (each 1 + m·temporal patch, so it tokenises to whole token
+  frames); the generator gets the context's tokens unmasked and learns the
+  rest from the new caption, as it samples a story's later windows.
+  """
+
+  def __init__(self, num_frames: int, resolution: int, context_frames: Sequence[int],
+               seed: int = 0, num_records: int = 1_000_000):
+    context_frames = tuple(int(k) for k in context_frames)
+    if not context_frames or any(not 1 <= k < num_frames for k in context_frames):
+      raise ValueError(f"context_frames {context_frames} must be in [1, {num_frames})")
+    self.num_frames = int(num_frames)
+    self.resolution = _check_resolution(resolution)
+    self.context_frames = context_frames
+    self.seed = int(seed)
+    self.num_records = int(num_records)
+
+  def __len__(self) -> int:
+    return self.num_records
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = _check_index(index, self.num_records)
+    rng = _item_rng(self.seed, _STORY_STREAM, index)
+    k = self.context_frames[rng.integers(len(self.context_frames))]
+    first = MOTIONS[rng.integers(len(MOTIONS))]
+    second = [m for m in MOTIONS if m != first][rng.integers(len(MOTIONS) - 1)]
+    frames, captions, _ = render_story([first, second], [k, self.num_frames - k],
+                                       self.resolution, seed=int(rng.integers(2 ** 31)))
+    return {"frames": frames, "caption": captions[1], "prefix_frames": np.int32(k)}
+
+  def __repr__(self) -> str:
+    return (f"ShapesStorySource(num_frames={self.num_frames}, resolution={self.resolution}, "
+            f"context_frames={self.context_frames}, seed={self.seed})")

@@ -153,6 +153,11 @@ def check_tokenizer_match(config: ml_collections.ConfigDict, tok_config: ml_coll
           f"config.input.num_frames={config.input.num_frames} frames of "
           f"config.input.resolution={config.input.resolution} into a "
           f"{grid[0]}x{grid[1]}x{grid[2]} token grid: set config.model.token_grid={grid}")
+  story = config.input.get("story_ratio", 0.0) > 0 and config.input.data == "shapes"
+  if story and any((k - 1) % tm.temporal_patch_size for k in config.input.story_context_frames):
+    errors.append(f"config.input.story_context_frames={tuple(config.input.story_context_frames)}"
+                  f": each must be 1 + m·{tm.temporal_patch_size} frames (the tokenizer's "
+                  "model.temporal_patch_size) to tokenise to whole token frames")
   if errors:
     raise ConfigError(f"the generator config does not match the tokenizer in {where}: "
                       + "; ".join(errors))
@@ -517,12 +522,14 @@ def finish_bucket_metrics(scalars: dict[str, float]) -> dict[str, float]:
 
 def training_inputs(rng: jax.Array, tokens: jax.Array, region: jax.Array, *, schedule: str,
                     mask_id: int, codebook_size: int, prefix_probability: float = 0.0,
-                    prefix_corrupt_fraction: float = 0.0
+                    prefix_corrupt_fraction: float = 0.0,
+                    given_prefix: jax.Array | None = None
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(model inputs, bool masked = loss weight, prefix token frames (B,)) of a step.
 
   Masks γ(r) of each example's maskable tokens (in `region`, outside its
-  story prefix); the prefix is given as context (corrupted when asked).
+  story prefix); the prefix is given as context (corrupted when asked). A
+  story clip's own context (`given_prefix` token frames, > 0) is its prefix.
   """
   mask_rng, _ = split_step_rng(rng)
   # Its own stream (fold_in): the mask and text-drop draws stay as they were.
@@ -531,10 +538,12 @@ def training_inputs(rng: jax.Array, tokens: jax.Array, region: jax.Array, *, sch
   if prefix_probability > 0:
     prefix_frames = sample_prefix_frames(prefix_rng, region[:, :, 0, 0].sum(axis=1),
                                          prefix_probability)
+  if given_prefix is not None:
+    prefix_frames = jnp.where(given_prefix > 0, given_prefix.astype(jnp.int32), prefix_frames)
   masked = mask_schedule.sample_mask(mask_rng, tokens.shape, schedule, loss_region=region,
                                      num_frozen_frames=prefix_frames)
   context = tokens
-  if prefix_probability > 0 and prefix_corrupt_fraction > 0:
+  if prefix_corrupt_fraction > 0 and (prefix_probability > 0 or given_prefix is not None):
     context = corrupt_prefix(corrupt_rng, tokens, prefix_frames, prefix_corrupt_fraction,
                              codebook_size)
   return jnp.where(masked, mask_id, context), masked, prefix_frames
@@ -560,7 +569,8 @@ def compute_losses(generator: maskgit.MaskGitTransformer, text: TextEncoder, par
   inputs, masked, prefix_frames = training_inputs(
       rng, tokens, region, schedule=schedule, mask_id=generator.mask_id,
       codebook_size=generator.codebook_size, prefix_probability=prefix_probability,
-      prefix_corrupt_fraction=prefix_corrupt_fraction)
+      prefix_corrupt_fraction=prefix_corrupt_fraction,
+      given_prefix=batch.get("prefix_token_frames"))
   context, context_mask = encode_text(text, params, frozen_text_params, batch)
   dropped = text_drop_mask(drop_rng, tokens.shape[0], text_drop_rate)
   # All-False: the generator attends to its learned null token only.
@@ -603,8 +613,12 @@ def make_train_step(generator: maskgit.MaskGitTransformer, text: TextEncoder,
                     config: ml_collections.ConfigDict):
   schedule = optimizers.learning_rate_schedule(config.optimizer, config.total_steps)
 
+  temporal_patch = tokenizer_model.temporal_patch_size
+
   def train_step(state: GeneratorState, batch: dict[str, jax.Array], frozen: dict[str, Any]):
     codes = batch_codes(tokenizer_model, frozen["tokenizer"], batch)
+    if "prefix_frames" in batch:  # story clips: K context frames -> token frames
+      batch = {**batch, "prefix_token_frames": 1 + (batch["prefix_frames"] - 1) // temporal_patch}
     rng = step_rng(config.seed, state.step)
     loss_fn = lambda p: compute_losses(
         generator, text, p, frozen["text_encoder"], batch, codes, rng,
@@ -652,6 +666,8 @@ def make_eval_step(generator: maskgit.MaskGitTransformer, text: TextEncoder,
 
 
 def _batch_kind(batch: Mapping[str, Any]) -> str:
+  if "prefix_frames" in batch:
+    return "story"
   frames = batch["codes"] if "codes" in batch else batch["frames"]
   return "video" if frames.shape[1] > 1 else "image"
 

@@ -62,3 +62,36 @@ def test_corruption_replaces_the_asked_fraction_of_context_tokens_only():
   assert abs(changed.sum() / in_prefix.sum() - want) < 0.02
   outside = ~in_prefix & ~masked
   np.testing.assert_array_equal(inputs[outside], tokens[outside])
+
+
+# --- Built-in story clips for the story task.
+
+def test_story_clips_change_motion_after_their_context_and_follow_the_new_caption():
+  from phenaki_jax.data import synthetic
+  from phenaki_jax.eval import shapes_score
+  source = synthetic.ShapesStorySource(11, 64, (1, 3, 5, 7, 9), seed=4)
+  ks = []
+  for i in range(100):
+    e = source[i]
+    k = int(e["prefix_frames"])
+    ks.append(k)
+    assert e["caption"].startswith("the ")
+    assert shapes_score.score_clip(e["frames"][k:], e["caption"])["all"], (i, e["caption"])
+    before = shapes_score.read_clip(e["frames"][:k + 1]).motion if k >= 2 else None
+    assert before != synthetic.parse_caption(e["caption"])["motion"]
+  assert set(ks) == {1, 3, 5, 7, 9}
+
+
+def test_the_measured_share_of_story_batches():
+  from phenaki_jax import config_schema
+  from phenaki_jax.data import pipeline
+  from tests.helpers import load_config
+  config = config_schema.complete(load_config("maskgit", "tiny"))
+  it = iter(pipeline.make_train_dataset(config.input, seed=0, keep_caption=True))
+  kinds = []
+  for _ in range(200):
+    batch = next(it)
+    kinds.append("story" if "prefix_frames" in batch else
+                 ("video" if batch["frames"].shape[1] > 1 else "image"))
+  # video_ratio 0.8, of which story_ratio 0.25: 60% video, 20% story, 20% image batches.
+  assert (kinds.count("video"), kinds.count("story"), kinds.count("image")) == (120, 40, 40)

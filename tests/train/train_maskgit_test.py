@@ -397,6 +397,7 @@ def test_tiny_run_writes_checkpoints_metrics_and_records_the_tokenizer(uninterru
   rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   keys = set().union(*rows)
   for key in ("train/masked_accuracy", "train/video/loss", "train/image/loss",
+              "train/story/loss", "train/prefix_fraction",
               "train/grad_norm", "train/learning_rate", "train/text_dropped_fraction",
               "train/by_r/00-25/loss", "eval/loss", "eval/ema/loss", "eval/no_text/loss"):
     assert key in keys, key
