@@ -34,6 +34,52 @@ class NoUsableCheckpointError(RuntimeError):
   """Checkpoints exist but none of them restores."""
 
 
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's arrays do not fit the model being restored (a config change)."""
+
+
+def _path_name(path: tuple) -> str:
+  """'params/encoder/kernel' for any pytree path: dict keys, attributes, indices alike.
+
+  Orbax stores named tuples (optax states) as dicts and dataclasses by field,
+  so names, not key types, make a saved tree and a target tree comparable.
+  """
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {_path_name(p): tuple(getattr(x, "shape", ()))
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _flat_config(d: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flat_config(v, f"{prefix}{k}."))
+  return {k.rstrip("."): v for k, v in out.items()}
+
+
+def changed_config_keys(saved: dict, current: dict, limit: int = 12) -> list[str]:
+  """'model.width: 128 -> 256' for each key whose value differs (lists as tuples)."""
+  norm = lambda v: tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+  a, b = _flat_config(saved), _flat_config(current)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if norm(a.get(key, "<absent>")) != norm(b.get(key, "<absent>")):
+      out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+  return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
+
+
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the *target* shardings: what restore lays out."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -52,6 +98,7 @@ class Checkpointer:
         # A SIGKILL mid-save leaves a tmp dir; clean it on the next start.
         cleanup_tmp_directories=True,
     )
+    self._options = options
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def all_steps(self) -> list[int]:
@@ -134,16 +181,84 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return restored["config"]
 
-  def restore_latest(self, abstract_state: Any,
-                     data_iterator: Any | None = None) -> tuple[Any, int] | None:
+  def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """Array shapes by path of step's state, from its metadata (no array is read)."""
+    handler = ocp.StandardCheckpointHandler()
+    meta = handler.metadata(epath.Path(self.directory) / str(step) / "state")
+    return shapes_by_path(getattr(meta, "item_metadata", meta))
+
+  def check_fits(self, step: int, abstract_state: Any,
+                 config: ml_collections.ConfigDict | None = None) -> None:
+    """Raises CheckpointMismatchError naming the first array whose shape differs.
+
+    Unreadable metadata is left to restore (that is damage, not a mismatch).
+    """
+    try:
+      saved = self.saved_shapes(step)
+    except Exception:  # pylint: disable=broad-except
+      return
+    target = shapes_by_path(abstract_state)
+    differ = [k for k in target if k in saved and saved[k] != target[k]]
+    missing = [k for k in target if k not in saved]
+    unexpected = [k for k in saved if k not in target]
+    if not (differ or missing or unexpected):
+      return
+    # Parameters first: they say what changed in the model.
+    order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params/"),
+                                                     list(target).index(k) if k in target else 0))
+    lines = []
+    if differ:
+      first = order(differ)[0]
+      lines.append(f"{first} is {saved[first]} in the checkpoint but {target[first]} in this "
+                   f"model ({len(differ)} array(s) differ in shape)")
+    if missing:
+      lines.append(f"{len(missing)} array(s) of this model are not in the checkpoint, first "
+                   f"{order(missing)[0]}")
+    if unexpected:
+      lines.append(f"{len(unexpected)} array(s) of the checkpoint are not in this model, "
+                   f"first {sorted(unexpected)[0]}")
+    if config is not None:
+      try:
+        changed = changed_config_keys(self.restore_config(step), config.to_dict())
+      except Exception:  # pylint: disable=broad-except
+        changed = ["(the checkpoint's config could not be read)"]
+      if changed:
+        lines.append("config keys changed since it was saved: " + "; ".join(changed))
+    raise CheckpointMismatchError(
+        f"checkpoint step {step} in {self.directory} does not fit this model: "
+        + ". ".join(lines) + ". Use the config it was trained with, or another --workdir.")
+
+  def set_aside(self) -> str:
+    """Moves every checkpoint to DIR.unusable-N (kept for inspection) and starts empty."""
+    self._manager.close()
+    target = ""
+    if jax.process_index() == 0:
+      n = 0
+      while os.path.exists(f"{self.directory}.unusable-{n}"):
+        n += 1
+      target = f"{self.directory}.unusable-{n}"
+      os.replace(self.directory, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("phenaki_jax_checkpoints_set_aside")
+    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    return target
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any | None = None,
+                     config: ml_collections.ConfigDict | None = None
+                     ) -> tuple[Any, int] | None:
     """Newest checkpoint that restores, or None when there are none at all.
 
     Damaged steps are skipped with a warning naming them; if every step is
-    damaged this raises rather than silently starting from scratch.
+    damaged this raises rather than silently starting from scratch. A newest
+    step whose arrays do not fit `abstract_state` raises
+    CheckpointMismatchError naming the first differing array and, given
+    `config`, the config keys that changed: older steps would not fit either.
     """
     steps = self.all_steps()
     if not steps:
       return None
+    self.check_fits(steps[-1], abstract_state, config)
     failures = []
     for step in reversed(steps):
       try:
@@ -158,7 +273,10 @@ class Checkpointer:
                         [s for s, _ in failures])
       return state, step
     details = "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures)
-    raise NoUsableCheckpointError(f"no checkpoint in {self.directory} restores ({details})")
+    raise NoUsableCheckpointError(
+        f"no checkpoint in {self.directory} restores ({details}); refusing to start from "
+        "scratch: set config.fresh_start_if_checkpoints_unusable=True to move them aside "
+        f"({self.directory}.unusable-N) and start over")
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process at the same step once a preemption was signalled."""

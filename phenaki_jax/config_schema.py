@@ -66,7 +66,9 @@ def cvivit_defaults() -> ml_collections.ConfigDict:
   # Steps with a NaN/Inf loss, gradient or update are skipped; this many in a
   # row stop the run with an error (0: never stop).
   c.max_consecutive_nonfinite = 5
-  # Reconstruction images + held-out PSNR/usage; 0 disables.
+  # When checkpoints exist but none restores, the run refuses to start; True
+  # moves them to checkpoints.unusable-N and starts from scratch instead.
+  c.fresh_start_if_checkpoints_unusable = False
   # Periodic evaluation of the EMA weights on held-out clips: PSNR, SSIM,
   # LPIPS, reconstruction FVD, codebook usage (phenaki_jax/eval/recon.py); 0
   # disables. num_eval_examples of them go into the reconstruction PNG.
@@ -439,6 +441,7 @@ def maskgit_defaults() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.max_consecutive_nonfinite = 5
+  c.fresh_start_if_checkpoints_unusable = False  # as for the tokenizer
   # Held-out masked-token loss/accuracy (with and without text, raw and EMA
   # weights); 0 disables.
   c.eval_every_steps = 500

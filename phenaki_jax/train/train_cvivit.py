@@ -20,7 +20,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from phenaki_jax import checkpointing, config_schema, ema, losses, metrics, optimizers, perceptual
+from phenaki_jax import batch_log, checkpointing, config_schema, ema, losses, metrics, optimizers
+from phenaki_jax import perceptual
 from phenaki_jax import sharding
 from phenaki_jax.data import pipeline
 from phenaki_jax.eval import recon as recon_eval
@@ -340,6 +341,20 @@ def make_reconstruct_fn(model: nn.Module):
   return reconstruct
 
 
+def restore_or_set_aside(ckpt: checkpointing.Checkpointer, target: Any, data_iterator: Any,
+                         config: ml_collections.ConfigDict) -> tuple[Any, int] | None:
+  """The newest checkpoint that restores; with none usable, set them aside only if allowed."""
+  try:
+    return ckpt.restore_latest(target, data_iterator, config)
+  except checkpointing.NoUsableCheckpointError:
+    if not config.fresh_start_if_checkpoints_unusable:
+      raise
+    where = ckpt.set_aside()
+    logging.warning("no checkpoint restored; as config.fresh_start_if_checkpoints_unusable "
+                    "asks, they were moved to %s and training starts from scratch", where)
+    return None
+
+
 class NonFiniteTrainingError(RuntimeError):
   """Too many consecutive steps had a NaN/Inf loss, gradient or update."""
 
@@ -428,8 +443,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       max_to_keep=config.keep_checkpoints,
                                       async_save=config.async_checkpointing)
-    restored = ckpt.restore_latest(
-        checkpointing.abstract_with_shardings(abstract_state, state_shardings), train_iter)
+    restored = restore_or_set_aside(ckpt, checkpointing.abstract_with_shardings(
+        abstract_state, state_shardings), train_iter, config)
     if restored is None:
       state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.key(config.seed))
       start_step = 0
@@ -482,8 +497,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     last_saved = start_step if restored is not None else None
     last_scalars: dict[str, float] = {}
     eval_scalars: dict[str, float] = {}
+    hashes = batch_log.BatchHashLog(workdir, start_step)
     for step in range(start_step + 1, config.total_steps + 1):
-      batch = sharding.host_to_global(next(train_iter), batch_sharding)
+      local = next(train_iter)
+      kind = "video" if local["frames"].shape[1] > 1 else "image"
+      hashes.add(step, kind, local)
+      batch = sharding.host_to_global(local, batch_sharding)
       state, step_metrics = train_step(state, batch, frozen, gan_phase(config, step - 1),
                                        perceptual_on(config, step - 1))
       step_metrics = dict(step_metrics)
@@ -494,7 +513,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       pending_streak = step_metrics.pop("nonfinite_streak")
       # Averaged over the log interval, per kind too: with the 4:1 interleave a
       # single logged step would always be the same kind.
-      accumulator.add("video" if batch["frames"].shape[1] > 1 else "image", step_metrics)
+      accumulator.add(kind, step_metrics)
       is_last = step == config.total_steps
       if step % config.log_every_steps == 0 or is_last:
         last_scalars = accumulator.means(per_kind=("train/loss", "train/l2"))
@@ -503,6 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last_scalars["perf/examples_per_sec"] = rate * config.input.batch_size
         writer.write_scalars(step, last_scalars)
         progress.log(step, last_scalars, rate)
+        hashes.flush()
       if evaluator is not None and (step % config.eval_every_steps == 0 or is_last):
         eval_scalars = run_eval(step)
       stopping = stop_after_step is not None and step >= stop_after_step
@@ -511,6 +531,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if step % config.checkpoint_every_steps == 0 or is_last or preempted:
           check_nonfinite_streak(int(pending_streak), step, config.max_consecutive_nonfinite,
                                  last_saved)
+        hashes.flush()
         ckpt.save(step, state, train_iter, config, force=preempted)
         last_saved = step
       if preempted:

@@ -39,7 +39,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from phenaki_jax import checkpointing, config_schema, ema, metrics, optimizers, sharding
+from phenaki_jax import batch_log, checkpointing, config_schema, ema, metrics, optimizers, sharding
 from phenaki_jax.config_schema import ConfigError
 from phenaki_jax.data import pipeline
 from phenaki_jax.models import cvivit, maskgit, t5, t5_weights, text_tokenizers
@@ -48,7 +48,8 @@ from phenaki_jax.tokenizer import Tokenizer
 from phenaki_jax.train.state import GeneratorState
 # Generic trainer pieces, shared with the tokenizer trainer.
 from phenaki_jax.train.train_cvivit import (NonFiniteTrainingError, PreemptionWatch,  # noqa: F401
-                                            check_nonfinite_streak, save_config)
+                                            check_nonfinite_streak, restore_or_set_aside,
+                                            save_config)
 
 # Where a run records the tokenizer checkpoint it trains on.
 TOKENIZER_RECORD = "tokenizer.json"
@@ -727,8 +728,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       max_to_keep=config.keep_checkpoints,
                                       async_save=config.async_checkpointing)
-    restored = ckpt.restore_latest(
-        checkpointing.abstract_with_shardings(abstract_state, state_shardings), train_iter)
+    restored = restore_or_set_aside(ckpt, checkpointing.abstract_with_shardings(
+        abstract_state, state_shardings), train_iter, config)
     if restored is None:
       state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.key(config.seed))
       if text.trainable and text.pretrained is not None:
@@ -774,9 +775,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     last_saved = start_step if restored is not None else None
     last_scalars: dict[str, float] = {}
     eval_scalars: dict[str, float] = {}
+    hashes = batch_log.BatchHashLog(workdir, start_step)
     for step in range(start_step + 1, config.total_steps + 1):
       local = next(train_iter)
       kind = _batch_kind(local)
+      hashes.add(step, kind, local)
       state, step_metrics = train_step(state, to_device(local, batch_sharding), frozen)
       step_metrics = dict(step_metrics)
       # Checked one step late: by now that value is computed, so no stall.
@@ -794,6 +797,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last_scalars["perf/examples_per_sec"] = rate * config.input.batch_size
         writer.write_scalars(step, last_scalars)
         progress.log(step, last_scalars, rate)
+        hashes.flush()
       if eval_batch is not None and (step % config.eval_every_steps == 0 or is_last):
         eval_scalars = run_eval(step)
       stopping = stop_after_step is not None and step >= stop_after_step
@@ -802,6 +806,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if step % config.checkpoint_every_steps == 0 or is_last or preempted:
           check_nonfinite_streak(int(pending_streak), step, config.max_consecutive_nonfinite,
                                  last_saved)
+        hashes.flush()
         ckpt.save(step, state, train_iter, config, force=preempted)
         last_saved = step
       if preempted:

@@ -280,3 +280,19 @@ def test_i3d_logits_on_short_clips_fail_naming_the_frame_count(tmp_path):
   # Or the term is skipped on such clips, by config.
   config.loss.video_perceptual_min_frames = 9
   config_schema.validate_cvivit(config_schema.complete(config), 8)
+
+
+@pytest.mark.slow
+def test_paper_variant_compiles_and_runs_a_step(tmp_path):
+  """configs/cvivit.py:paper at its real shapes (128², 11 frames, width 512,
+  8,192 codes, bf16, the full objective), two clips: minutes on a CPU."""
+  config = load_config("cvivit", "paper")
+  config.input.batch_size = 2
+  config.input.video_ratio = 1.0  # the one step is a video step (every term applies)
+  config.loss.video_perceptual_clips = 0
+  config.mesh.shape = (1, 1, 1)
+  config.total_steps, config.eval_every_steps, config.checkpoint_every_steps = 1, 0, 1
+  out = train_cvivit.train_and_evaluate(config, str(tmp_path))
+  assert out["step"] == 1 and np.isfinite(out["train"]["train/loss"])
+  for key in ("train/lpips", "train/video_perceptual", "train/gan/generator_loss"):
+    assert np.isfinite(out["train"][key]), key
