@@ -175,7 +175,7 @@ def generate_story(gen: Generator, segments: Sequence[Segment], *, sink: Callabl
         options, guidance_scale=options.guidance_scale if seg.guidance_scale is None
         else seg.guidance_scale)
     start, made, w = total, 0, 0
-    segment_frames = []
+    segment_frames, window_starts = [], []
     picks = set(np.linspace(0, n - 1, min(n, strip_frames_per_segment)).round().astype(int))
     while made < n:
       use_context = k > 0 and history is not None
@@ -189,6 +189,7 @@ def generate_story(gen: Generator, segments: Sequence[Segment], *, sink: Callabl
       frames = gen.decode(tokens)[0]
       new = frames[k:] if use_context else frames
       new = new[:n - made]
+      window_starts.append(total)
       sink(new)
       if on_segment is not None:
         segment_frames.append(new)
@@ -202,7 +203,8 @@ def generate_story(gen: Generator, segments: Sequence[Segment], *, sink: Callabl
     if on_segment is not None:
       on_segment(i, np.concatenate(segment_frames))
     records.append({"index": i, "prompt": seg.prompt, "start_frame": start, "end_frame": total,
-                    "num_frames": n, "windows": w, "context_frames": k if i else 0,
+                    "num_frames": n, "windows": w, "window_starts": window_starts,
+                    "context_frames": k if i else 0,
                     "guidance_scale": seg_options.guidance_scale, "seed": seg_seed,
                     "start_seconds": round(start / fps, 3)})
   return StoryResult(num_frames=total, segments=records, strip_frames=strips)
