@@ -80,6 +80,14 @@ def changed_config_keys(saved: dict, current: dict, limit: int = 12) -> list[str
   return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
 
 
+def finalized_steps(workdir: str) -> list[int]:
+  """WORKDIR/checkpoints' finalised steps, read without creating anything (orbax would)."""
+  path = epath.Path(workdir) / "checkpoints"
+  if not path.exists():
+    return []
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+
+
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the *target* shardings: what restore lays out."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -271,38 +271,7 @@ def validate_cvivit(config: ml_collections.ConfigDict, num_devices: int,
            f"{1 + tp * max(1, (i.num_frames - 1) // tp)}")
   _require(i.resolution % m.patch_size == 0, "input.resolution", i.resolution,
            f"must be divisible by model.patch_size ({m.patch_size})")
-  _require(0.0 <= i.video_ratio <= 1.0, "input.video_ratio", i.video_ratio,
-           "must be in [0, 1]")
-  if i.get("story_ratio", 0.0) > 0:
-    _require(i.story_ratio <= 1.0, "input.story_ratio", i.story_ratio, "must be in [0, 1]")
-    _require(len(i.story_context_frames) > 0 and all(
-        1 <= k < i.num_frames for k in i.story_context_frames), "input.story_context_frames",
-             i.story_context_frames, f"must be frame counts in [1, {i.num_frames})")
-  kinds = ("shapes", "shards", "tfds") + (("tokens",) if "token_shards" in i else ())
-  _require(i.data in kinds, "input.data", i.data, f"must be one of {kinds}")
-  if i.data == "tokens":
-    _require(bool(i.token_shards), "input.token_shards", i.token_shards,
-             "is required when input.data='tokens' (a configs/pretokenize.py output folder)")
-    _require(i.random_crop_min_scale == 1.0 and not i.horizontal_flip, "input.data", i.data,
-             "pre-tokenised clips cannot be augmented: set input.random_crop_min_scale=1 and "
-             "input.horizontal_flip=False (or augment when pretokenizing)")
-  _require(0.0 < i.random_crop_min_scale <= 1.0, "input.random_crop_min_scale",
-           i.random_crop_min_scale, "must be in (0, 1]")
-  if i.data == "tfds":
-    if i.video_ratio > 0:
-      _require(bool(i.tfds_video), "input.tfds_video", i.tfds_video,
-               "is required when input.data='tfds' and input.video_ratio > 0")
-    if i.video_ratio < 1:
-      _require(bool(i.tfds_image), "input.tfds_image", i.tfds_image,
-               "is required when input.data='tfds' and input.video_ratio < 1")
-  if i.data == "shards":
-    if i.video_ratio > 0:
-      _require(bool(i.video_shards), "input.video_shards", i.video_shards,
-               "is required when input.data='shards' and input.video_ratio > 0")
-    if i.video_ratio < 1:
-      _require(bool(i.image_shards), "input.image_shards", i.image_shards,
-               "is required when input.data='shards' and input.video_ratio < 1")
-  _require(i.num_workers >= 0, "input.num_workers", i.num_workers, "must be >= 0")
+  _check_input(config)
   for key in ("model.dtype", "model.param_dtype"):
     value = _flat_keys(config)[key]
     try:

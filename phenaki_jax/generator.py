@@ -69,14 +69,6 @@ class SamplingOptions:
       bad("top_k", "must be >= 0 (0: all codes)")
 
 
-def _checkpoint_steps(workdir: str) -> list[int]:
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  path = epath.Path(workdir) / "checkpoints"
-  if not path.exists():
-    return []
-  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
-
-
 @dataclasses.dataclass
 class Generator:
   """A trained MaskGIT generator, its text encoder and its frozen tokenizer, on one device."""
@@ -99,7 +91,7 @@ class Generator:
     """
     # Imported here: the trainer module pulls in the input pipeline.
     from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
-    steps = _checkpoint_steps(workdir)
+    steps = checkpointing.finalized_steps(workdir)
     if not steps:
       raise FileNotFoundError(
           f"no generator checkpoint in {os.path.join(workdir, 'checkpoints')}; train one: "
@@ -211,7 +203,7 @@ def _load_recorded_tokenizer(workdir: str, tokenizer_workdir: str | None
                             "on; pass tokenizer_workdir (config.generator.tokenizer_workdir)")
   with open(path) as f:
     record = json.load(f)
-  steps = _checkpoint_steps(record["workdir"])
+  steps = checkpointing.finalized_steps(record["workdir"])
   if record["step"] not in steps:
     raise FileNotFoundError(
         f"the generator in {workdir} trained on tokenizer step {record['step']} of "

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from phenaki_jax import config_schema, metrics
+from phenaki_jax import checkpointing, config_schema, metrics
 from phenaki_jax.config_schema import ConfigError
 from phenaki_jax.data import pipeline
 from phenaki_jax.eval import recon
@@ -41,18 +41,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 # --- The checkpoint.
 
-def checkpoint_steps(tokenizer_dir: str) -> list[int]:
-  """Finalised checkpoint steps, without creating anything (orbax would)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  path = epath.Path(tokenizer_dir) / "checkpoints"
-  if not path.exists():
-    return []
-  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
-
-
 def load_tokenizer(tok_cfg: ml_collections.ConfigDict) -> Tokenizer:
   """The checkpoint tok_cfg names, or errors that name the key and the steps."""
-  steps = checkpoint_steps(tok_cfg.workdir)
+  steps = checkpointing.finalized_steps(tok_cfg.workdir)
   if not steps:
     raise ConfigError(
         f"config.tokenizer.workdir={tok_cfg.workdir!r}: no C-ViViT checkpoint in "

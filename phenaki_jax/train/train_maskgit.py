@@ -37,7 +37,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
 
 from phenaki_jax import batch_log, checkpointing, config_schema, ema, metrics, optimizers, sharding
 from phenaki_jax.config_schema import ConfigError
@@ -61,14 +60,6 @@ _BUCKET_STATS = "bucket_stats"
 
 # --- The frozen tokenizer.
 
-def _tokenizer_steps(tokenizer_dir: str) -> list[int]:
-  """Finalised checkpoint steps, without creating anything (orbax would)."""
-  path = epath.Path(tokenizer_dir) / "checkpoints"
-  if not path.exists():
-    return []
-  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
-
-
 def _abs(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
@@ -88,7 +79,7 @@ def tokenizer_step_to_load(config: ml_collections.ConfigDict, workdir: str) -> i
   the tokenizer trained on (and saved newer checkpoints) in between.
   """
   tok_dir = config.tokenizer.workdir
-  steps = _tokenizer_steps(tok_dir)
+  steps = checkpointing.finalized_steps(tok_dir)
   if not steps:
     raise ConfigError(
         f"config.tokenizer.workdir={tok_dir!r}: no C-ViViT checkpoint in {tok_dir}/checkpoints; "
