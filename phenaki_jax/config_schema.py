@@ -387,6 +387,8 @@ GENERATOR_RULES = (
     ("frames", None),
     ("grid", None),
     ("relpos_buckets", None),
+    # The stacked axis of scanned layers (model.scan_layers): never split.
+    ("layers", None),
     # Used only by the tokenizer's encoder (its parameters are replicated).
     ("act_frames", None),
     ("act_height", None),
@@ -464,6 +466,7 @@ def maskgit_defaults() -> ml_collections.ConfigDict:
   c.model.head_dim = 64
   c.model.mlp_dim = 1024
   c.model.remat = False
+  c.model.scan_layers = False  # nn.scan over blocks: one block to compile (pods)
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   c.model.attention_impl = ""  # '' lets XLA choose; 'cudnn' on GPUs

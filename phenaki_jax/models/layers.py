@@ -180,8 +180,22 @@ class TransformerBlock(nn.Module):
     return constrain(x, "act_batch", "act_len", "act_embed")
 
 
+class _ScanBlock(TransformerBlock):
+  """A TransformerBlock with nn.scan's (carry, inputs) -> (carry, outputs) signature."""
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None,
+               context_mask: jax.Array | None = None) -> tuple[jax.Array, None]:
+    return super().__call__(x, context, context_mask), None
+
+
 class Transformer(nn.Module):
-  """A stack of TransformerBlocks, optionally rematerialised per block."""
+  """A stack of TransformerBlocks, optionally rematerialised per block.
+
+  `scan_layers` runs one block under `nn.scan` with the layers' parameters
+  stacked on a leading 'layers' axis (params['blocks']): it compiles one block
+  instead of num_layers, which matters for deep stacks on pods. The numbers
+  are those of the unrolled stack given the same weights (tested).
+  """
   num_layers: int
   num_heads: int
   head_dim: int
@@ -189,6 +203,7 @@ class Transformer(nn.Module):
   causal: bool = False
   cross_attention: bool = False
   remat: bool = False
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
@@ -198,14 +213,21 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
                context_mask: jax.Array | None = None) -> jax.Array:
-    block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
-    for i in range(self.num_layers):
-      x = block_cls(
-          num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
-          causal=self.causal, cross_attention=self.cross_attention,
-          dtype=self.dtype, param_dtype=self.param_dtype,
-          attention_impl=self.attention_impl, qk_norm=self.qk_norm,
-          zero_init_residual=self.zero_init_residual, name=f"block_{i}")(x, context, context_mask)
+    fields = dict(num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
+                  causal=self.causal, cross_attention=self.cross_attention,
+                  dtype=self.dtype, param_dtype=self.param_dtype,
+                  attention_impl=self.attention_impl, qk_norm=self.qk_norm,
+                  zero_init_residual=self.zero_init_residual)
+    if self.scan_layers:
+      block_cls = nn.remat(_ScanBlock, prevent_cse=False) if self.remat else _ScanBlock
+      scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(**fields, name="blocks")(x, context, context_mask)
+    else:
+      block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+      for i in range(self.num_layers):
+        x = block_cls(**fields, name=f"block_{i}")(x, context, context_mask)
     return LayerNorm(name="final_norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 

@@ -49,6 +49,7 @@ class MaskGitTransformer(nn.Module):
     head_dim: width of one head.
     mlp_dim: hidden width of the MLPs.
     remat: rematerialise each block in the backward pass.
+    scan_layers: one block under nn.scan, parameters stacked on 'layers'.
     dtype: compute dtype; logits are returned in float32.
     param_dtype: dtype the parameters are created in.
     attention_impl: None lets XLA choose; 'cudnn' for the fused GPU kernel.
@@ -63,6 +64,7 @@ class MaskGitTransformer(nn.Module):
   head_dim: int
   mlp_dim: int
   remat: bool = False
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
@@ -144,6 +146,7 @@ class MaskGitTransformer(nn.Module):
     x = Transformer(
         num_layers=self.num_layers, num_heads=self.num_heads, head_dim=self.head_dim,
         mlp_dim=self.mlp_dim, causal=False, cross_attention=True, remat=self.remat,
+        scan_layers=self.scan_layers,
         dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
         name="transformer")(x, context, context_mask)
 
@@ -174,6 +177,7 @@ def from_config(model_config: Any, *, codebook_size: int, max_token_frames: int,
       head_dim=m.head_dim,
       mlp_dim=m.mlp_dim,
       remat=m.remat,
+      scan_layers=m.get("scan_layers", False),
       dtype=jnp.dtype(m.dtype),
       param_dtype=jnp.dtype(m.param_dtype),
       attention_impl=m.attention_impl or None,

@@ -185,3 +185,33 @@ def test_sharded_equals_unsharded(setup):
     assert lowered.as_text().count("sharding_constraint") > 10
     out = lowered.compile()(sharded, *inputs())
   np.testing.assert_allclose(out, apply(params, *inputs()), atol=1e-5)
+
+
+def test_scanned_layers_compute_what_the_unrolled_stack_computes():
+  """Same weights (stacked on a leading axis), same logits; remat changes nothing either."""
+  import flax
+  from phenaki_jax.models import maskgit as maskgit_lib
+  kw = dict(codebook_size=32, max_token_frames=2, grid_height=2, grid_width=2, width=16,
+            num_layers=3, num_heads=2, head_dim=8, mlp_dim=32)
+  loop = maskgit_lib.MaskGitTransformer(**kw)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 33, (2, 2, 2, 2)), jnp.int32)
+  text = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 8)), jnp.float32)
+  mask = jnp.asarray([[True] * 5, [True, True, False, False, False]])
+  params = flax.core.unfreeze(nn.unbox(loop.init(jax.random.key(0), tokens, text, mask)))["params"]
+  # Unrolled blocks have non-zero residual outputs only after training: perturb all weights.
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), params)
+  stacked = dict(params)
+  stack = stacked["transformer"] = dict(params["transformer"])
+  blocks = [stack.pop(f"block_{i}") for i in range(3)]
+  stack["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  want = loop.apply({"params": params}, tokens, text, mask)
+  for remat in (False, True):
+    scanned = maskgit_lib.MaskGitTransformer(**kw, scan_layers=True, remat=remat)
+    abstract = jax.eval_shape(scanned.init, jax.random.key(0), tokens, text, mask)["params"]
+    assert jax.tree.map(lambda x: x.shape, nn.unbox(abstract)) == jax.tree.map(
+        lambda x: x.shape, stacked)
+    got = scanned.apply({"params": stacked}, tokens, text, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # The stacked axis is named 'layers' for the sharding rules.
+  names = nn.get_partition_spec(abstract)["transformer"]["blocks"]["mlp"]
+  assert jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0][0] == "layers"
