@@ -605,12 +605,11 @@ def make_train_step(generator: maskgit.MaskGitTransformer, text: TextEncoder,
                     config: ml_collections.ConfigDict):
   schedule = optimizers.learning_rate_schedule(config.optimizer, config.total_steps)
 
-  temporal_patch = tokenizer_model.temporal_patch_size
-
   def train_step(state: GeneratorState, batch: dict[str, jax.Array], frozen: dict[str, Any]):
     codes = batch_codes(tokenizer_model, frozen["tokenizer"], batch)
     if "prefix_frames" in batch:  # story clips: K context frames -> token frames
-      batch = {**batch, "prefix_token_frames": 1 + (batch["prefix_frames"] - 1) // temporal_patch}
+      tp = tokenizer_model.temporal_patch_size
+      batch = {**batch, "prefix_token_frames": 1 + (batch["prefix_frames"] - 1) // tp}
     rng = step_rng(config.seed, state.step)
     loss_fn = lambda p: compute_losses(
         generator, text, p, frozen["text_encoder"], batch, codes, rng,
