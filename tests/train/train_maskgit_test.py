@@ -292,7 +292,8 @@ def test_sharded_step_skips_nonfinite_and_matches_unsharded_loss(setup):
   unsharded = jax.jit(lambda p, b: train_maskgit.compute_losses(
       setup.generator, setup.text, p, {}, b, b["codes"], train_maskgit.step_rng(config.seed, 1),
       text_drop_rate=config.text_drop_rate, label_smoothing=config.loss.label_smoothing,
-      schedule=config.mask_schedule)[0])(setup.params, good)
+      schedule=config.mask_schedule, prefix_probability=config.prefix.probability,
+      prefix_corrupt_fraction=config.prefix.corrupt_fraction)[0])(setup.params, good)
   np.testing.assert_allclose(float(out_good["train/loss"]), float(unsharded), rtol=1e-5)
 
 
