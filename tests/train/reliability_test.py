@@ -250,3 +250,54 @@ def test_generator_skips_nonfinite_steps_and_stops_after_a_streak(tmp_path, monk
   with pytest.raises(train_maskgit.NonFiniteTrainingError, match="3 consecutive steps"):
     train_maskgit.train_and_evaluate(config, str(tmp_path / "gen2"))
   assert not os.listdir(tmp_path / "gen2" / "checkpoints")
+
+
+def test_generator_sigkill_during_an_async_save_resumes_bitwise(tmp_path):
+  from phenaki_jax import batch_log
+  tok = _tiny_tokenizer(tmp_path / "tok")
+  args = ["--config=configs/maskgit.py:tiny", f"--config.tokenizer.workdir={tok}",
+          "--config.total_steps=8", "--config.eval_every_steps=0",
+          "--config.checkpoint_every_steps=3"]
+  whole = tmp_path / "whole"
+  done = subprocess.run([sys.executable, "-m", "phenaki_jax.main", f"--workdir={whole}", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  killed = tmp_path / "killed"
+  runner = tmp_path / "runner.py"
+  runner.write_text(_KILL_RUNNER)
+  proc = subprocess.run([sys.executable, str(runner), "--", f"--workdir={killed}", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "KILL_AFTER_SAVE_AT_STEP": "6"})
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  again = subprocess.run([sys.executable, "-m", "phenaki_jax.main", f"--workdir={killed}",
+                          *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert _last_per_step(killed) == _last_per_step(whole)
+  assert batch_log.read(str(killed)) == batch_log.read(str(whole))
+
+
+def test_generator_checkpoint_mismatch_and_damage(tmp_path):
+  import shutil
+  from phenaki_jax import checkpointing
+  from phenaki_jax.train import train_maskgit
+  tok = _tiny_tokenizer(tmp_path / "tok")
+  config = load_config("maskgit", "tiny")
+  config.tokenizer.workdir = tok
+  config.total_steps, config.eval_every_steps, config.checkpoint_every_steps = 2, 0, 1
+  gen = str(tmp_path / "gen")
+  train_maskgit.train_and_evaluate(config, gen)
+  wider = load_config("maskgit", "tiny")
+  wider.tokenizer.workdir = tok
+  wider.total_steps, wider.eval_every_steps = 3, 0
+  wider.model.mlp_dim = 128
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"params/generator/transformer/block_0/mlp/\S+ is \(64,\) in the "
+                           r"checkpoint but \(128,\).*model.mlp_dim: 64 -> 128"):
+    train_maskgit.train_and_evaluate(wider, gen)
+  # Step 2 damaged: falls back to step 1, names step 2, and goes on.
+  for f in (tmp_path / "gen" / "checkpoints" / "2" / "state").iterdir():
+    if f.is_dir():
+      shutil.rmtree(f)
+  config.total_steps = 3
+  out = train_maskgit.train_and_evaluate(config, gen)
+  assert out["step"] == 3
