@@ -11,9 +11,9 @@ import pytest
 
 from phenaki_jax import config_schema
 from phenaki_jax.data import video_io
-from phenaki_jax.generator import Generator, SamplingOptions
+from phenaki_jax.generator import SamplingOptions
 from phenaki_jax.sampling import run as sample_run
-from phenaki_jax.train import train_cvivit, train_maskgit
+from phenaki_jax.train import train_maskgit
 from tests.helpers import REPO, load_config
 
 PROMPTS = ["a large red circle moves right", "a small blue square moves up"]

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from phenaki_jax import config_schema, metrics, optimizers, sharding
-from phenaki_jax.models import t5
 from phenaki_jax.sampling import mask_schedule
 from phenaki_jax.tokenizer import Tokenizer
 from phenaki_jax.train import train_cvivit, train_maskgit
