@@ -46,6 +46,13 @@ EXTRAS_REQUIRE = {
         "transformers>=5.23,<6",
         "safetensors>=0.8,<0.9",
         "sentencepiece>=0.2.3,<0.3",
+        # CLIP parity tests: open_clip's tokenizer imports ftfy (ours uses it
+        # when present). open_clip_torch==3.2.0 itself is NOT listed: its
+        # torchvision requirement resolves to PyPI's CUDA wheel, which cannot
+        # load against the CPU torch and then breaks `import transformers`.
+        # Install it with `pip install --no-deps open_clip_torch==3.2.0`; the
+        # tests import it without torchvision and skip when it is absent.
+        "ftfy==6.3.1",
     ],
 }
 
