@@ -12,6 +12,21 @@ WORKDIR/tokenizer_eval_step_N.json and .png; about 5 minutes on a 2-core CPU
 for the default tokenizer), 'tokenizer_tiny' (the tokenizer of
 `configs/cvivit.py:tiny`: 2 clips of 5 frames at 16×16, LPIPS with VGG16,
 no FVD since I3D needs 9 frames; seconds; what the tests run).
+
+Generated video (phenaki_jax/eval/generated.py; writes WORKDIR/report.json, report.png):
+
+  python -m phenaki_jax.main --config=configs/eval.py:generated --workdir=runs/eval_gen \
+      --config.generated=runs/samples --config.reference=shapes
+  python -m phenaki_jax.main --config=configs/eval.py:compare --workdir=runs/cmp \
+      --config.reports=runs/eval_a/report.json,runs/eval_b/report.json
+
+'generated' (FVD against the reference set under config.protocol: 256 clips,
+I3D Kinetics-400 logits at 224, bilinear + antialiasing after a centre square
+crop; the shapes benchmark and story metrics for built-in prompts; CLIP score
+with --config.clip.path), 'generated_tiny' (4 clips of 9 frames per set, 2 per
+I3D batch: what the tests run; for a `configs/maskgit.py:tiny` workdir, whose
+clips have 5 frames, add --config.protocol.fvd=False), 'compare' (a table of
+several reports; warns naming each protocol field that differs).
 Every key and its default is in phenaki_jax/config_schema.py.
 """
 from phenaki_jax import config_schema
@@ -30,8 +45,18 @@ def get_config(variant: str = ""):
     # was not computed. AlexNet's LPIPS is undefined below 31×31; VGG16's works.
     p.fvd = False
     p.lpips_net = "vgg16"
+  elif variant == "generated":
+    config = config_schema.eval_generated_defaults()
+  elif variant == "generated_tiny":
+    config = config_schema.eval_generated_defaults()
+    p = config.protocol
+    p.num_clips, p.num_frames, p.batch_size = 4, 9, 2  # FVD from 4 clips: a smoke test only
+    config.batch_size = 2
+    config.sampling.num_steps, config.sampling.max_steps = 4, 8
+  elif variant == "compare":
+    config = config_schema.eval_compare_defaults()
   else:
-    raise ValueError(f"configs/eval.py: unknown variant {variant!r}; "
-                     "choose one of 'tokenizer', 'tokenizer_tiny'")
+    raise ValueError(f"configs/eval.py: unknown variant {variant!r}; choose one of "
+                     "'tokenizer', 'tokenizer_tiny', 'generated', 'generated_tiny', 'compare'")
   config.lock()
   return config

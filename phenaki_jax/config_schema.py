@@ -748,6 +748,87 @@ def validate_eval_tokenizer(config: ml_collections.ConfigDict) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Evaluating generated video, and comparing reports (configs/eval.py:generated,
+# :compare). The checks are in phenaki_jax/eval/generated.py and report_compare.py.
+
+def eval_generated_defaults() -> ml_collections.ConfigDict:
+  """Defaults of the generated-video evaluation (phenaki_jax/eval/generated.py)."""
+  c = ml_collections.ConfigDict()
+  c.job = "eval_generated"
+  c.name = ""  # the label in report.json and comparisons; '' : the generated path's name
+  # Required. A folder of mp4/GIF files (a sample job's output, captions from
+  # its samples.json; story.json marks a story), or a configs/maskgit.py
+  # workdir, which is sampled here.
+  c.generated = ""
+  # 'shapes' (held-out built-in clips), prepared ArrayRecord shards (a
+  # configs/prepare.py output folder, a shard folder, a glob or a comma list),
+  # 'tfds:NAME' (an ArrayRecord TFDS dataset, keys under tfds.*), or a folder of videos.
+  c.reference = "shapes"
+  # For a folder: a JSON {file or stem: caption} or a JSONL manifest of
+  # {"path", "caption"}; '' reads samples.json, captions.json or NAME.txt sidecars.
+  c.captions = ""
+
+  # Sampling a MaskGIT workdir: prompts (';'-separated), the lines of
+  # prompts_file, else the balanced built-in shapes prompts; cycled to the
+  # protocol's clip count. Batch i samples with seed + i, as the sample job does.
+  c.prompts = ""
+  c.prompts_file = ""
+  c.seed = 0
+  c.batch_size = 8
+  c.generator = ml_collections.ConfigDict()
+  c.generator.step = -1  # -1: newest good checkpoint
+  c.generator.use_ema = True
+  c.generator.tokenizer_workdir = ""  # '' : the tokenizer the generator trained on
+  c.sampling = ml_collections.ConfigDict(sample_defaults().sampling.to_dict())
+
+  c.tfds = ml_collections.ConfigDict()  # reference='tfds:NAME'
+  c.tfds.split = "test"
+  c.tfds.data_dir = ""
+  c.tfds.frames_key = "video"
+  c.tfds.caption_key = "caption"
+
+  # How FVD is measured; copied verbatim into the report (with the values
+  # -1 resolved to), and compared by configs/eval.py:compare.
+  p = c.protocol = ml_collections.ConfigDict()
+  p.fvd = True
+  p.num_clips = 256  # clips per set per FVD; below 256 the report warns
+  p.num_frames = -1  # frames per clip given to I3D (>= 9); -1: the generated clips' length
+  p.frame_stride = 1  # take every k-th frame: a clip spans (num_frames - 1)·k + 1 frames
+  p.fps = 0.0  # decode folder videos resampled to this rate; 0: every frame as stored
+  p.clips_per_video = 1  # non-overlapping clips cut from each video's start (stories: all)
+  p.resolution = -1  # frame side both sets are brought to on the host; -1: the generated side
+  p.center_crop = True  # non-square frames: centre square crop (False: stretched)
+  p.resize = "bilinear_antialias"  # to fvd_resolution for I3D: or 'bilinear' (no antialiasing)
+  p.fvd_resolution = 224
+  p.seed = 0  # which files / records / shapes clips are taken, in which order
+  p.repeats = 1  # FVD mean ± std over this many
+  p.repeat_mode = "disjoint"  # 'disjoint' subsets of num_clips, or 'bootstrap' resamples
+  p.batch_size = 8  # clips per I3D call, split over the local devices
+
+  # CLIP score when clip.path is set (phenaki_jax/eval/clip_score.py).
+  c.clip = ml_collections.ConfigDict()
+  c.clip.path = ""
+  c.clip.merges_path = ""
+  c.clip.batch_size = 8
+  return c
+
+
+DEFAULTS["eval_generated"] = eval_generated_defaults
+
+
+def eval_compare_defaults() -> ml_collections.ConfigDict:
+  """Defaults of the report comparison (phenaki_jax/eval/report_compare.py)."""
+  c = ml_collections.ConfigDict()
+  c.job = "eval_compare"
+  c.reports = ""  # required: report.json paths, comma-separated
+  c.names = ""  # column names, comma-separated; '' : each report's name
+  return c
+
+
+DEFAULTS["eval_compare"] = eval_compare_defaults
+
+
+# ---------------------------------------------------------------------------
 # The sampling job (configs/sample.py).
 
 def sample_defaults() -> ml_collections.ConfigDict:

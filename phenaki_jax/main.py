@@ -42,11 +42,18 @@ def run_job(config, workdir: str):
   if job == "prepare":
     from phenaki_jax.data import prepare  # pylint: disable=g-import-not-at-top
     return prepare.run(config, workdir)
+  if job == "eval_generated":  # configs/eval.py:generated
+    from phenaki_jax.eval import generated  # pylint: disable=g-import-not-at-top
+    return generated.run(config, workdir)
+  if job == "eval_compare":  # configs/eval.py:compare
+    from phenaki_jax.eval import report_compare  # pylint: disable=g-import-not-at-top
+    return report_compare.run(config, workdir)
   if isinstance(job, str) and job.startswith("eval_"):  # configs/eval.py
     from phenaki_jax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
     return eval_run.run(config, workdir)
   raise ValueError(f"config.job={job!r}: unknown job; expected 'cvivit', 'maskgit', "
-                   "'sample', 'eval_tokenizer', 'pretokenize' or 'prepare'")
+                   "'sample', 'eval_tokenizer', 'eval_generated', 'eval_compare', 'pretokenize' or "
+                   "'prepare'")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

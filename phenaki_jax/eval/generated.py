@@ -1,0 +1,817 @@
+"""The evaluation of generated video (configs/eval.py:generated), job 'eval_generated'.
+
+  python -m phenaki_jax.main --config=configs/eval.py:generated --workdir=OUT \
+      --config.generated=runs/samples --config.reference=shapes
+
+Two sets of clips:
+  * generated: a folder of mp4/GIF files (a sample job's output, captions from
+    its samples.json; a story's story.json gives its segments), or a MaskGIT
+    workdir, sampled here on config.prompts / prompts_file / the built-in
+    shapes prompts with seed + batch index, as the sample job seeds its batches;
+  * reference: 'shapes' (held-out clips of the built-in data), prepared
+    ArrayRecord shards, 'tfds:NAME', or a folder of videos.
+
+Both stream through: a video is decoded (or sampled), cut into the protocol's
+clips, brought to the working resolution on the host, and dropped once its I3D
+logits (the FVD features) and per-clip scores are taken; the 224-px frames
+exist only inside one device batch. Files that do not decode are skipped and
+named in the report. Everything that can be wrong with the config or an empty
+set fails before a network compiles, naming the key.
+
+Writes OUT/report.json and OUT/report.png (phenaki_jax/eval/report.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import glob
+import json
+import os
+import time
+from typing import Any, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from phenaki_jax import config_schema, perceptual, sharding
+from phenaki_jax.config_schema import ConfigError
+from phenaki_jax.data import pipeline, synthetic, video_io
+from phenaki_jax.eval import fvd as fvd_lib
+from phenaki_jax.eval import report as report_lib
+from phenaki_jax.eval import shapes_score, story_metrics
+
+VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
+RESIZE_POLICIES = ("bilinear_antialias", "bilinear")
+REPEAT_MODES = ("disjoint", "bootstrap")
+# Below this many clips per FVD the report warns; FVD_FEW_CLIPS_WHY says why.
+FVD_MIN_CLIPS = 256
+FVD_FEW_CLIPS_WHY = (
+    "FVD from few clips is biased upward and noisy: the covariance of the 400 I3D logits "
+    "has rank <= N-1 (singular below 401 clips), and the Frechet estimator's bias shrinks "
+    "only like 1/N (Chong & Forsyth, 'Effectively Unbiased FID and Inception Score and "
+    "where to find them', CVPR 2020, for the same estimator on Inception features). 256 is "
+    "the smallest set size in common use; StyleGAN-V (Skorokhodov et al., CVPR 2022) "
+    "measured FVD on 2048 clips because values from fewer differ markedly. Compare FVDs "
+    "only at equal num_clips.")
+_THUMBNAILS = 6  # clips per set shown in report.png
+
+
+# --- The protocol.
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """config.protocol with num_frames and resolution resolved."""
+  fvd: bool
+  num_clips: int
+  num_frames: int
+  frame_stride: int
+  fps: float
+  clips_per_video: int
+  resolution: int
+  center_crop: bool
+  resize: str
+  fvd_resolution: int
+  seed: int
+  repeats: int
+  repeat_mode: str
+  batch_size: int
+
+  @classmethod
+  def from_config(cls, p: ml_collections.ConfigDict) -> "Protocol":
+    return cls(**{f.name: p[f.name] for f in dataclasses.fields(cls)})
+
+  @property
+  def span(self) -> int:
+    """Frames of the source one clip covers."""
+    return (self.num_frames - 1) * self.frame_stride + 1
+
+  @property
+  def clips_wanted(self) -> int:
+    """Clips taken from each set: disjoint repeats each take num_clips of their own."""
+    return self.num_clips * (self.repeats if self.repeat_mode == "disjoint" else 1)
+
+
+def describe_protocol(p: Protocol) -> dict[str, Any]:
+  """What the resolved protocol means, in words, for the report."""
+  return {
+      "num_frames": p.num_frames, "resolution": p.resolution, "span_frames": p.span,
+      "features": fvd_lib.FVD_FEATURES,
+      "frames": (f"{p.num_frames} frames at stride {p.frame_stride} from each clip's start, "
+                 f"{'resampled to ' + format(p.fps, 'g') + ' fps' if p.fps else 'as stored'}"),
+      "clip_selection": (
+          f"folders: files in an order shuffled with protocol.seed={p.seed}, up to "
+          f"{p.clips_per_video} non-overlapping clip(s) from each file's start (every "
+          "clip of a story); shards / TFDS: records in a seeded permutation; shapes: "
+          "held-out clips of the eval seed stream; a MaskGIT workdir: samples in prompt "
+          "order; each set stops at clips_wanted"),
+      "host_resize": ((f"centre square crop, then bicubic (antialiased) to {p.resolution}²"
+                       if p.center_crop else f"bilinear to {p.resolution}² (aspect not kept)")
+                      + " on the host, for both sets"),
+      "i3d_resize": (f"{'bilinear with antialiasing' if p.resize == 'bilinear_antialias' else 'bilinear without antialiasing (as the original TF FVD)'}"
+                     f" to {p.fvd_resolution}x{p.fvd_resolution}, in the graph"),
+      "repeats": (f"{p.repeats} FVD(s) over {'disjoint subsets of num_clips clips' if p.repeat_mode == 'disjoint' else 'bootstrap resamples (with replacement, seeded) of the num_clips clips'}"
+                  if p.repeats > 1 else "one FVD over num_clips clips"),
+      "clips_wanted": p.clips_wanted,
+  }
+
+
+def to_resolution(frames: np.ndarray, p: Protocol) -> np.ndarray:
+  """uint8 (T, h, w, 3) -> (T, r, r, 3) by the protocol's host resize."""
+  r = p.resolution
+  if frames.shape[1:3] == (r, r):
+    return np.ascontiguousarray(frames)
+  if p.center_crop:
+    return np.stack([video_io.resize_and_crop(f, (r, r)) for f in frames])
+  return pipeline.resize_frames(np.ascontiguousarray(frames), r, r)
+
+
+def cut_clips(video: np.ndarray, p: Protocol, max_clips: int) -> list[np.ndarray]:
+  """Non-overlapping protocol clips from the video's start (max_clips 0: all)."""
+  out = []
+  for start in range(0, len(video) - p.span + 1, p.span):
+    out.append(to_resolution(video[start:start + p.span:p.frame_stride], p))
+    if max_clips and len(out) >= max_clips:
+      break
+  return out
+
+
+# --- The sets.
+
+@dataclasses.dataclass
+class Item:
+  """One video of a set: the whole video as decoded or generated."""
+  name: str
+  video: np.ndarray  # uint8 (T, H, W, 3)
+  caption: str | None = None
+  segments: list[dict[str, Any]] | None = None  # a story's segment records
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class VideoSet:
+  """Iterates Items; records what it had to skip."""
+  kind = ""
+
+  def __init__(self):
+    self.skipped: list[dict[str, str]] = []
+
+  def skip(self, name: str, kind: str, reason: str) -> None:
+    self.skipped.append({"file": name, "kind": kind, "reason": reason})
+    logging.warning("skipped %s (%s): %s", name, kind, reason)
+
+  def describe(self) -> dict[str, Any]:
+    raise NotImplementedError
+
+  def __iter__(self) -> Iterator[Item]:
+    raise NotImplementedError
+
+
+def _list_videos(folder: str) -> list[str]:
+  return sorted(f for f in os.listdir(folder)
+                if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS
+                and os.path.isfile(os.path.join(folder, f)))
+
+
+def _one_per_stem(files: list[str]) -> list[str]:
+  """The sample job writes 0000.mp4 and 0000.gif: keep one per stem, mp4 first."""
+  by_stem: dict[str, list[str]] = {}
+  for f in files:
+    by_stem.setdefault(os.path.splitext(f)[0], []).append(f)
+  rank = {ext: i for i, ext in enumerate(VIDEO_EXTENSIONS)}
+  return [min(v, key=lambda f: rank[os.path.splitext(f)[1].lower()]) for v in by_stem.values()]
+
+
+def _read_json(path: str, key: str) -> Any:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"config.{key}: cannot read {path}: {e}") from None
+
+
+def read_captions(path: str, key: str = "captions") -> dict[str, str]:
+  """{file name or stem: caption} from a JSON mapping or a JSONL manifest of {path, caption}."""
+  if path.endswith(".jsonl"):
+    out = {}
+    with open(path, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            entry = json.loads(line)
+            out[os.path.basename(entry["path"])] = str(entry["caption"])
+          except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"config.{key}={path!r}: line {n} is not "
+                              '{"path": ..., "caption": ...}') from None
+    return out
+  data = _read_json(path, key)
+  if not isinstance(data, dict):
+    raise ConfigError(f"config.{key}={path!r}: expected a JSON object {{file: caption}}")
+  return {os.path.basename(str(k)): str(v) for k, v in data.items()}
+
+
+class FolderSet(VideoSet):
+  """Videos in a folder: a sample job's output, stories, or any mp4/GIF files."""
+
+  def __init__(self, folder: str, *, key: str, protocol_seed: int, fps: float,
+               captions_path: str = "", with_captions: bool = True):
+    super().__init__()
+    self.folder, self.key, self.fps = folder, key, fps
+    # (relative file, caption, story segments or None)
+    entries: list[tuple[str, str | None, list | None]] = []
+    self.caption_source = None
+    stories = sorted(glob.glob(os.path.join(folder, "story.json"))
+                     + glob.glob(os.path.join(folder, "*", "story.json")))
+    samples_json = os.path.join(folder, "samples.json")
+    if with_captions and stories:
+      for path in stories:
+        record = _read_json(path, key)
+        files = [f for f in record.get("files", ["story.mp4"]) if not f.endswith(".gif")]
+        rel = os.path.relpath(os.path.join(os.path.dirname(path), (files or ["story.mp4"])[0]),
+                              folder)
+        segments = [{**s, "window_frames": record.get("window_frames")}
+                    for s in record.get("segments", [])]
+        entries.append((rel, None, segments))
+      self.caption_source = "story.json (segment prompts)"
+    if with_captions and os.path.exists(samples_json):
+      for record in _read_json(samples_json, key).get("samples", []):
+        files = sorted(record.get("files", []), key=lambda f: not f.endswith(".mp4"))
+        if files:
+          entries.append((files[0], str(record.get("prompt", "")) or None, None))
+      self.caption_source = "samples.json"
+    if not entries:
+      files = _one_per_stem(_list_videos(folder))
+      captions: dict[str, str] = {}
+      if with_captions and captions_path:
+        captions, self.caption_source = read_captions(captions_path), captions_path
+      elif with_captions and os.path.exists(os.path.join(folder, "captions.json")):
+        captions = read_captions(os.path.join(folder, "captions.json"), key)
+        self.caption_source = "captions.json"
+      for f in files:
+        stem = os.path.splitext(f)[0]
+        caption = captions.get(f, captions.get(stem))
+        sidecar = os.path.join(folder, stem + ".txt")
+        if caption is None and with_captions and os.path.exists(sidecar):
+          with open(sidecar, encoding="utf-8") as fh:
+            caption = fh.read().strip() or None
+          self.caption_source = self.caption_source or "NAME.txt sidecars"
+        entries.append((f, caption, None))
+    if not entries:
+      raise ConfigError(f"config.{key}={folder!r}: the folder holds no video files "
+                        f"({', '.join(VIDEO_EXTENSIONS)})")
+    # Deterministic selection: a seeded order, read until enough clips are in.
+    order = np.random.default_rng(protocol_seed).permutation(len(entries))
+    # Stories first: they are few, and their metrics need every one.
+    self.entries = ([entries[i] for i in order if entries[i][2] is not None]
+                    + [entries[i] for i in order if entries[i][2] is None])
+
+  def describe(self) -> dict[str, Any]:
+    return {"kind": "folder", "path": os.path.abspath(self.folder),
+            "files": len(self.entries), "captions": self.caption_source,
+            "stories": sum(e[2] is not None for e in self.entries)}
+
+  def __iter__(self) -> Iterator[Item]:
+    for rel, caption, segments in self.entries:
+      try:
+        video = video_io.read_video(os.path.join(self.folder, rel), fps=self.fps or None)
+      except video_io.VideoDecodeError as e:
+        self.skip(rel, e.kind, e.detail)
+        continue
+      info = {"window_frames": segments[0].get("window_frames")} if segments else {}
+      yield Item(rel, video, caption, segments, info)
+
+
+class CheckpointSet(VideoSet):
+  """Samples of a MaskGIT workdir, on a prompt list cycled to `count` clips."""
+
+  def __init__(self, config: ml_collections.ConfigDict, count: int):
+    super().__init__()
+    from phenaki_jax.generator import Generator  # pylint: disable=g-import-not-at-top
+    from phenaki_jax.sampling import run as sample_run  # pylint: disable=g-import-not-at-top
+    self.config = config
+    self.options = sample_run.sampling_options(config)
+    prompts = [p.strip() for p in config.prompts.split(";") if p.strip()]
+    if config.prompts_file:
+      with open(config.prompts_file, encoding="utf-8") as f:
+        prompts += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    self.prompt_source = "config.prompts / prompts_file" if prompts else "shapes_score.prompt_set"
+    if not prompts:  # the balanced built-in benchmark prompts, one per clip
+      prompts = shapes_score.prompt_set(count, seed=config.seed)
+    self.prompts = [prompts[i % len(prompts)] for i in range(count)]
+    g = config.generator
+    try:
+      self.gen = Generator.load(config.generated, step=None if g.step < 0 else g.step,
+                                use_ema=g.use_ema, tokenizer_workdir=g.tokenizer_workdir or None)
+    except FileNotFoundError as e:
+      raise ConfigError(f"config.generated={config.generated!r} / config.generator.step: "
+                        f"{e}") from None
+
+  @property
+  def num_frames(self) -> int:
+    return self.gen.num_frames
+
+  @property
+  def resolution(self) -> int:
+    return int(self.gen.config.input.resolution)
+
+  def describe(self) -> dict[str, Any]:
+    g = self.config.generator
+    return {"kind": "maskgit", "path": os.path.abspath(self.config.generated),
+            "step": self.gen.step, "weights": "ema" if g.use_ema else "raw",
+            "tokenizer": {"workdir": os.path.abspath(self.gen.tokenizer_workdir),
+                          "step": self.gen.tokenizer.step},
+            "prompts": self.prompt_source, "num_samples": len(self.prompts),
+            "seed": self.config.seed, "batch_size": self.config.batch_size,
+            "seeds": "batch i (batch_size prompts, the last padded) samples with seed + i",
+            "sampling": dict(self.options.__dict__)}
+
+  def __iter__(self) -> Iterator[Item]:
+    bs = self.config.batch_size
+    for b, first in enumerate(range(0, len(self.prompts), bs)):
+      chunk = self.prompts[first:first + bs]
+      seed = self.config.seed + b
+      # A short last batch is padded: one compilation.
+      videos = self.gen.generate(chunk + [chunk[-1]] * (bs - len(chunk)), seed=seed,
+                                 options=self.options)
+      for k, (prompt, video) in enumerate(zip(chunk, videos)):
+        yield Item(f"sample {first + k:04d}", video, prompt, info={"batch_seed": seed})
+
+
+class RecordSet(VideoSet):
+  """Clips of a random-access source (prepared shards, TFDS), in a seeded permutation."""
+
+  def __init__(self, source: Any, description: dict[str, Any], seed: int):
+    super().__init__()
+    self.source, self.description = source, description
+    if len(source) == 0:
+      raise ConfigError(f"config.reference={description['path']!r}: holds no clips")
+    self.order = np.random.default_rng(seed).permutation(len(source))
+
+  def describe(self) -> dict[str, Any]:
+    return {**self.description, "records": len(self.source)}
+
+  def __iter__(self) -> Iterator[Item]:
+    for i in self.order:
+      example = self.source[int(i)]
+      yield Item(f"record {int(i)}", np.asarray(example["frames"], np.uint8),
+                 str(example.get("caption", "")) or None)
+
+
+class ShapesSet(VideoSet):
+  """Held-out clips of the built-in data at the working resolution (endless)."""
+
+  def __init__(self, num_frames: int, resolution: int, seed: int):
+    super().__init__()
+    self.seed = seed + pipeline.EVAL_SEED_OFFSET
+    self.source = synthetic.ShapesVideoSource(num_frames=num_frames, resolution=resolution,
+                                              seed=self.seed)
+
+  def describe(self) -> dict[str, Any]:
+    return {"kind": "shapes", "seed": self.seed, "num_frames": self.source.num_frames,
+            "resolution": self.source.resolution,
+            "held_out": "the eval seed stream (protocol.seed + pipeline.EVAL_SEED_OFFSET), "
+                        "not the training one"}
+
+  def __iter__(self) -> Iterator[Item]:
+    for i in range(len(self.source)):
+      example = self.source[i]
+      yield Item(f"shapes {i}", example["frames"], example["caption"])
+
+
+def _is_shards(path: str) -> bool:
+  if "," in path or any(c in path for c in "*?["):
+    return True
+  if not os.path.isdir(path):
+    return path.endswith(".array_record")
+  return bool(glob.glob(os.path.join(path, "*.array_record"))
+              or glob.glob(os.path.join(path, "video", "*.array_record")))
+
+
+def open_reference(config: ml_collections.ConfigDict, p: Protocol) -> VideoSet:
+  ref = config.reference
+  if ref == "shapes":
+    return ShapesSet(p.span, p.resolution, p.seed)
+  if ref.startswith("tfds:"):
+    from phenaki_jax.data import sources  # pylint: disable=g-import-not-at-top
+    t = config.tfds
+    try:
+      source = sources.TfdsClipSource(ref[5:], split=t.split, data_dir=t.data_dir or None,
+                                      frames_key=t.frames_key, caption_key=t.caption_key)
+    except Exception as e:  # tfds raises many kinds; the message names the dataset
+      raise ConfigError(f"config.reference={ref!r} (config.tfds.*): {e}") from None
+    return RecordSet(source, {"kind": "tfds", "path": ref, "split": t.split}, p.seed)
+  if _is_shards(ref):
+    from phenaki_jax.data import sources  # pylint: disable=g-import-not-at-top
+    spec = [s for s in ref.split(",") if s] if "," in ref else ref
+    try:
+      source = sources.ClipShardSource(spec, kind="video")
+    except (FileNotFoundError, ValueError) as e:
+      raise ConfigError(f"config.reference={ref!r}: {e}") from None
+    return RecordSet(source, {"kind": "shards", "path": ref,
+                              "shards": len(source.paths)}, p.seed)
+  if os.path.isdir(ref):
+    return FolderSet(ref, key="reference", protocol_seed=p.seed, fps=p.fps, with_captions=False)
+  raise ConfigError(f"config.reference={ref!r}: not 'shapes', 'tfds:NAME', prepared shards "
+                    "or a folder of videos")
+
+
+def open_generated(config: ml_collections.ConfigDict) -> VideoSet:
+  path = config.generated
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return CheckpointSet(config, config.protocol.num_clips * (
+        config.protocol.repeats if config.protocol.repeat_mode == "disjoint" else 1))
+  return FolderSet(path, key="generated", protocol_seed=config.protocol.seed,
+                   fps=config.protocol.fps, captions_path=config.captions)
+
+
+def _peek(items: Iterable[Item], key: str, what: str) -> tuple[Item, Iterator[Item]]:
+  """The first item, and an iterator that still yields it; an empty set fails naming the key."""
+  it = iter(items)
+  for first in it:
+    def chained(first=first):
+      yield first
+      yield from it
+    return first, chained()
+  raise ConfigError(f"config.{key}: the {what} set has no readable video (every file was "
+                    "skipped; see the warnings above)")
+
+
+# --- Checks (before anything loads or compiles).
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  req = config_schema._require  # pylint: disable=protected-access
+  req(bool(config.generated), "generated", config.generated,
+      "is required: a folder of generated mp4/GIF files or a MaskGIT workdir, e.g. "
+      "--config.generated=runs/samples")
+  req(os.path.isdir(config.generated), "generated", config.generated, "no such folder")
+  req(isinstance(config.reference, str) and bool(config.reference), "reference",
+      config.reference, "must be 'shapes', 'tfds:NAME', prepared shards or a folder of videos")
+  if config.reference not in ("shapes",) and not config.reference.startswith("tfds:"):
+    ref = config.reference
+    req(_is_shards(ref) or os.path.isdir(ref), "reference", ref,
+        "no such folder, shard file or glob (or use 'shapes' / 'tfds:NAME')")
+  for key in ("captions", "prompts_file", "clip.path", "clip.merges_path"):
+    value = config_schema._flat_keys(config)[key]  # pylint: disable=protected-access
+    req(not value or os.path.exists(value), key, value, "no such file")
+  p = config.protocol
+  config_schema._positive_ints(config, [  # pylint: disable=protected-access
+      "protocol.num_clips", "protocol.frame_stride", "protocol.clips_per_video",
+      "protocol.repeats", "protocol.batch_size", "batch_size", "clip.batch_size"])
+  if p.fvd:
+    req(p.num_frames == -1 or (isinstance(p.num_frames, int)
+                               and p.num_frames >= perceptual.I3D_MIN_FRAMES_FOR_LOGITS),
+        "protocol.num_frames", p.num_frames,
+        f"must be >= {perceptual.I3D_MIN_FRAMES_FOR_LOGITS} (I3D needs that many frames), or "
+        "-1 for the generated clips' length; protocol.fvd=False skips FVD")
+    req(isinstance(p.fvd_resolution, int)
+        and p.fvd_resolution >= perceptual.I3D_MIN_RESOLUTION_FOR_LOGITS,
+        "protocol.fvd_resolution", p.fvd_resolution,
+        f"must be >= {perceptual.I3D_MIN_RESOLUTION_FOR_LOGITS} for I3D logits (224 is standard)")
+  else:
+    req(p.num_frames == -1 or (isinstance(p.num_frames, int) and p.num_frames >= 1),
+        "protocol.num_frames", p.num_frames, "must be >= 1, or -1")
+  req(p.resolution == -1 or (isinstance(p.resolution, int) and p.resolution >= 8),
+      "protocol.resolution", p.resolution, "must be >= 8, or -1 for the generated side")
+  req(p.fps >= 0, "protocol.fps", p.fps, "must be >= 0 (0: every stored frame)")
+  req(p.resize in RESIZE_POLICIES, "protocol.resize", p.resize,
+      f"must be one of {RESIZE_POLICIES}")
+  req(p.repeat_mode in REPEAT_MODES, "protocol.repeat_mode", p.repeat_mode,
+      f"must be one of {REPEAT_MODES}")
+  req(isinstance(p.seed, int) and p.seed >= 0, "protocol.seed", p.seed, "must be >= 0")
+  req(isinstance(p.center_crop, bool), "protocol.center_crop", p.center_crop,
+      "must be True or False")
+
+
+def resolve_protocol(config: ml_collections.ConfigDict, first: Item | None,
+                     gen_set: VideoSet) -> Protocol:
+  """num_frames / resolution -1 -> the generated clips'; checks clip length against it."""
+  p = Protocol.from_config(config.protocol)
+  if isinstance(gen_set, CheckpointSet):
+    length, side = gen_set.num_frames, gen_set.resolution
+    total = length
+  else:
+    total, side = first.video.shape[0], min(first.video.shape[1:3])
+    length = total
+    if first.segments:  # a story: -1 means one generator window (story.json), not the story
+      length = int(first.info.get("window_frames") or min(
+          s["end_frame"] - s["start_frame"] for s in first.segments))
+  p = dataclasses.replace(p, num_frames=length if p.num_frames == -1 else p.num_frames,
+                          resolution=side if p.resolution == -1 else p.resolution)
+  if p.fvd and p.num_frames < perceptual.I3D_MIN_FRAMES_FOR_LOGITS:
+    raise ConfigError(
+        f"config.protocol.num_frames={config.protocol.num_frames}: the generated clips have "
+        f"{length} frames, but I3D (FVD) needs at least {perceptual.I3D_MIN_FRAMES_FOR_LOGITS}; "
+        "set protocol.fvd=False to score them without FVD")
+  if p.span > total:
+    raise ConfigError(
+        f"config.protocol.num_frames={p.num_frames} with protocol.frame_stride={p.frame_stride} "
+        f"needs {p.span} frames per clip, but the generated clips have {total}")
+  if p.fvd and p.fvd_resolution < perceptual.I3D_MIN_RESOLUTION_FOR_LOGITS:
+    raise ConfigError(f"config.protocol.fvd_resolution={p.fvd_resolution}: too small for I3D")
+  return p
+
+
+# --- FVD features, split over the local devices.
+
+class I3DLogits:
+  """(N, T, r, r, 3) uint8 clips -> (N, 400) float64 I3D logits, in fixed-size batches.
+
+  A batch is split over as many local devices as divide the batch size (one
+  compilation for every batch: the last is padded). The weights are replicated
+  jit arguments; the 224-px frames exist only inside the jitted call.
+  """
+
+  def __init__(self, p: Protocol):
+    devices = jax.local_devices()
+    n = max(k for k in range(1, len(devices) + 1) if p.batch_size % k == 0)
+    self.batch_size, self.num_devices = p.batch_size, n
+    mesh = sharding.make_mesh((n, 1, 1), devices[:n])
+    self.batch_sharding = NamedSharding(mesh, P(("data",)))
+    self.replicated = NamedSharding(mesh, P())
+    self._variables = None
+    size, antialias = p.fvd_resolution, p.resize == "bilinear_antialias"
+
+    def logits(variables, clips):
+      x = clips.astype(jnp.float32) / 127.5 - 1.0
+      b, t, h, w, c = x.shape
+      if (h, w) != (size, size):
+        x = jax.image.resize(x, (b, t, size, size, c), "bilinear", antialias=antialias)
+      return perceptual.i3d_features(variables, x, endpoint="Logits", resolution=size)
+
+    self._fn = jax.jit(logits, out_shardings=self.replicated)
+
+  def __call__(self, clips: np.ndarray) -> np.ndarray:
+    if self._variables is None:
+      self._variables = jax.device_put(perceptual.i3d_variables(), self.replicated)
+    n = len(clips)
+    batch = np.pad(clips, [(0, self.batch_size - n)] + [(0, 0)] * 4, mode="edge")
+    out = self._fn(self._variables, jax.device_put(batch, self.batch_sharding))
+    return np.asarray(out, np.float64)[:n]
+
+
+def fvd_runs(gen: np.ndarray, ref: np.ndarray, p: Protocol) -> tuple[list[float], int]:
+  """FVD per repeat, and the clips per set behind each."""
+  if p.repeats == 1:
+    return [fvd_lib.fvd_from_features(gen, ref)], min(len(gen), len(ref))
+  if p.repeat_mode == "disjoint":
+    kg, kr = len(gen) // p.repeats, len(ref) // p.repeats
+    return ([fvd_lib.fvd_from_features(gen[i * kg:(i + 1) * kg], ref[i * kr:(i + 1) * kr])
+             for i in range(p.repeats)], min(kg, kr))
+  rng = np.random.default_rng(p.seed)
+  runs = [fvd_lib.fvd_from_features(gen[rng.integers(0, len(gen), len(gen))],
+                                    ref[rng.integers(0, len(ref), len(ref))])
+          for _ in range(p.repeats)]
+  return runs, min(len(gen), len(ref))
+
+
+# --- Streaming a set.
+
+@dataclasses.dataclass
+class SetResult:
+  features: list[np.ndarray] = dataclasses.field(default_factory=list)
+  clips: int = 0
+  videos: int = 0
+  per_clip: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  stories: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  thumbnails: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+  def feature_array(self) -> np.ndarray:
+    return np.concatenate(self.features) if self.features else np.zeros((0, 400))
+
+
+class ClipScorer:
+  """CLIP score of (video, caption) pairs, batched by video shape."""
+
+  def __init__(self, bundle: Any, batch_size: int, score_fn: Any):
+    self.bundle, self.batch_size, self.score_fn = bundle, batch_size, score_fn
+    self.pending: dict[tuple, list[tuple[dict, np.ndarray, str]]] = {}
+
+  def add(self, record: dict[str, Any], video: np.ndarray, text: str) -> None:
+    queue = self.pending.setdefault(video.shape, [])
+    queue.append((record, video, text))
+    if len(queue) >= self.batch_size:
+      self.flush(video.shape)
+
+  def flush(self, shape: tuple | None = None) -> None:
+    for s in ([shape] if shape is not None else list(self.pending)):
+      queue = self.pending.pop(s, [])
+      if queue:
+        out = self.score_fn(self.bundle, np.stack([v for _, v, _ in queue]),
+                            [t for _, _, t in queue], self.batch_size)
+        for k, (record, _, _) in enumerate(queue):
+          record["clip_score"] = float(out["clip_score"][k])
+          record["clip_cosine"] = float(out["cosine"][k])
+
+
+def stream_set(items: Iterable[Item], owner: VideoSet, name: str, p: Protocol,
+               i3d: I3DLogits | None, *, score: bool, clip: ClipScorer | None) -> SetResult:
+  """Consumes a set until clips_wanted clips are in; features, per-clip and story scores."""
+  result, pending = SetResult(), []
+
+  def flush():
+    if pending and i3d is not None:
+      result.features.append(i3d(np.stack(pending)))
+    pending.clear()
+
+  bar = tqdm.tqdm(total=p.clips_wanted, desc=name, unit="clip",
+                  disable=jax.process_index() != 0)
+  for item in items:
+    if result.clips >= p.clips_wanted:
+      break
+    clips = cut_clips(item.video, p, 0 if item.segments else p.clips_per_video)
+    clips = clips[:p.clips_wanted - result.clips]
+    if not clips:
+      owner.skip(item.name, video_io.TOO_SHORT,
+                 f"{len(item.video)} frames; the protocol's clips need {p.span} "
+                 "(protocol.num_frames, protocol.frame_stride)")
+      continue
+    result.videos += 1
+    for c in clips[:_THUMBNAILS - len(result.thumbnails)]:
+      result.thumbnails.append(c[len(c) // 2])
+    if score:
+      record = {"name": item.name, "caption": item.caption, "frames": list(item.video.shape),
+                "clips": len(clips), **item.info}
+      if item.segments:
+        record["story"] = score_story(item, clip)
+        result.stories.append(record)
+      else:
+        if item.caption and shapes_score.is_shapes_prompt(item.caption):
+          record["shapes"] = shapes_score.score_clip(item.video, item.caption)
+        if clip is not None and item.caption:
+          clip.add(record, item.video, item.caption)
+        result.per_clip.append(record)
+    for c in clips:
+      pending.append(c)
+      if len(pending) == p.batch_size:
+        flush()
+    result.clips += len(clips)
+    bar.update(len(clips))
+  flush()
+  bar.close()
+  if clip is not None:
+    clip.flush()
+  return result
+
+
+def score_story(item: Item, clip: ClipScorer | None) -> dict[str, Any]:
+  """Story metrics (shapes grammar) and per-segment CLIP score against each segment's prompt."""
+  segments = [dict(s) for s in item.segments]
+  out: dict[str, Any] = {"num_frames": int(len(item.video))}
+  prompts = [s.get("prompt", "") for s in segments]
+  if segments and all(shapes_score.is_shapes_prompt(pr) for pr in prompts):
+    scored = story_metrics.score_story(item.video, segments)
+    out.update(segment_accuracy=scored["segment_accuracy"], keeps_colour=scored["keeps_colour"],
+               keeps_shape=scored["keeps_shape"], seam_ratio=scored["seam_ratio"])
+    for seg, s in zip(segments, scored["segments"]):
+      seg["shapes"] = s["correct"]
+  else:
+    starts = [w for s in segments for w in s.get("window_starts", [s.get("start_frame", 0)])]
+    out["seam_ratio"] = story_metrics.seam_ratio(item.video, starts)
+  if clip is not None:
+    for seg in segments:
+      frames = item.video[seg["start_frame"]:seg["end_frame"]]
+      if len(frames) and seg.get("prompt"):
+        r = clip.score_fn(clip.bundle, frames[None], [seg["prompt"]], clip.batch_size)
+        seg["clip_score"] = float(r["clip_score"][0])
+        seg["clip_cosine"] = float(r["cosine"][0])
+  out["segments"] = [{k: s.get(k) for k in ("index", "prompt", "start_frame", "end_frame",
+                                            "window_starts", "shapes", "clip_score",
+                                            "clip_cosine") if k in s} for s in segments]
+  return out
+
+
+# --- The job.
+
+def _mean(values: list[float]) -> float | None:
+  values = [v for v in values if v is not None and np.isfinite(v)]
+  return float(np.mean(values)) if values else None
+
+
+def summarise(gen: SetResult) -> dict[str, Any]:
+  """Scalar metrics of the generated set's per-clip and story scores."""
+  metrics: dict[str, Any] = {}
+  shapes = [r["shapes"] for r in gen.per_clip if "shapes" in r]
+  if shapes:
+    for k, v in shapes_score.accuracy(shapes).items():
+      metrics[f"shapes/{k}"] = v
+  clip_scores = [r["clip_score"] for r in gen.per_clip if "clip_score" in r]
+  if clip_scores:
+    metrics["clip_score"] = _mean(clip_scores)
+    metrics["clip_cosine"] = _mean([r.get("clip_cosine") for r in gen.per_clip])
+  if gen.stories:
+    stories = [s["story"] for s in gen.stories]
+    segs = [seg for s in stories for seg in s["segments"]]
+    metrics["story/num_stories"] = float(len(stories))
+    metrics["story/seam_ratio"] = _mean([s.get("seam_ratio") for s in stories])
+    if any("shapes" in seg for seg in segs):
+      acc = shapes_score.accuracy([seg["shapes"] for seg in segs if "shapes" in seg])
+      for k, v in acc.items():
+        metrics["story/num_segments" if k == "num_clips" else f"story/segment_{k}"] = v
+      metrics["story/keeps_colour"] = _mean([s.get("keeps_colour") for s in stories])
+      metrics["story/keeps_shape"] = _mean([s.get("keeps_shape") for s in stories])
+    if any("clip_score" in seg for seg in segs):
+      metrics["story/clip_score"] = _mean([seg.get("clip_score") for seg in segs])
+  return metrics
+
+
+def load_clip_scorer(config: ml_collections.ConfigDict) -> ClipScorer | None:
+  if not config.clip.path:
+    return None
+  # Imported only when asked for: the CLIP model is optional.
+  from phenaki_jax.eval.clip_score import clip_score, load_clip  # pylint: disable=g-import-not-at-top
+  bundle = load_clip(config.clip.path, config.clip.merges_path or None)
+  return ClipScorer(bundle, config.clip.batch_size, clip_score)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates the generated set; writes report.json and report.png; returns the report."""
+  start = time.perf_counter()
+  config = config_schema.complete(config)
+  validate(config)
+
+  # The sets, each checked non-empty before any network compiles.
+  gen_set = open_generated(config)
+  first, gen_items = (None, iter(gen_set)) if isinstance(gen_set, CheckpointSet) else _peek(
+      gen_set, "generated", "generated")
+  p = resolve_protocol(config, first, gen_set)
+  ref_set = open_reference(config, p)
+  _, ref_items = _peek(ref_set, "reference", "reference")
+  logging.info("evaluating %s against %s: %d clips per set, %d frames at %dpx",
+               config.generated, config.reference, p.clips_wanted, p.num_frames, p.resolution)
+  clip = load_clip_scorer(config)
+  i3d = I3DLogits(p) if p.fvd else None
+
+  t0 = time.perf_counter()
+  gen = stream_set(gen_items, gen_set, "generated", p, i3d, score=True, clip=clip)
+  t1 = time.perf_counter()
+  # The reference set serves FVD only: without it, it is just checked readable.
+  ref = (stream_set(ref_items, ref_set, "reference", p, i3d, score=False, clip=None)
+         if p.fvd else SetResult())
+  t2 = time.perf_counter()
+  if gen.clips == 0:
+    raise ConfigError(f"config.generated={config.generated!r}: no clip of the protocol's "
+                      f"{p.span} frames in the generated set")
+
+  warnings, metrics = [], {}
+  if p.fvd:
+    if ref.clips < 2 or gen.clips < 2:
+      raise ConfigError(f"config.protocol.num_clips={p.num_clips}: FVD needs at least 2 clips "
+                        f"per set; got {gen.clips} generated, {ref.clips} reference")
+    runs, per_fvd = fvd_runs(gen.feature_array(), ref.feature_array(), p)
+    metrics["fvd"] = float(np.mean(runs))
+    if len(runs) > 1:
+      metrics["fvd_std"] = float(np.std(runs, ddof=1))
+    metrics["fvd_clips"] = float(per_fvd)
+    if per_fvd < FVD_MIN_CLIPS:
+      warnings.append(f"FVD from {per_fvd} clips per set (< {FVD_MIN_CLIPS}): "
+                      + FVD_FEW_CLIPS_WHY)
+    for which, got in (("generated", gen.clips), ("reference", ref.clips)):
+      if got < p.clips_wanted:
+        warnings.append(f"the {which} set gave {got} clips of the {p.clips_wanted} asked for "
+                        "(protocol.num_clips x repeats)")
+  else:
+    runs = []
+    warnings.append("FVD not computed (protocol.fvd=False); the reference set was not read")
+  metrics.update(summarise(gen))
+  skipped = ([{"set": "generated", **s} for s in gen_set.skipped]
+             + [{"set": "reference", **s} for s in ref_set.skipped])
+  if skipped:
+    warnings.append(f"{len(skipped)} file(s) skipped: "
+                    + ", ".join(f"{s['file']} ({s['kind']})" for s in skipped))
+  for w in warnings:
+    logging.warning("%s", w)
+
+  report = {
+      "job": "eval_generated",
+      "name": config.name or os.path.basename(os.path.normpath(config.generated)),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "generated": {**gen_set.describe(), "clips": gen.clips, "videos": gen.videos},
+      "reference": {**ref_set.describe(), "clips": ref.clips, "videos": ref.videos},
+      "metrics": metrics,
+      "fvd_runs": runs,
+      # CLIP scores depend on the CLIP model: say which.
+      "clip": ({"path": os.path.abspath(config.clip.path),
+                "merges_path": config.clip.merges_path or None,
+                "model": str(getattr(clip.bundle, "source", config.clip.path))}
+               if clip is not None else None),
+      # Verbatim, then what the -1s resolved to and what each field means.
+      "protocol": {**config.protocol.to_dict(), "resolved": describe_protocol(p)},
+      "warnings": warnings,
+      "skipped": skipped,
+      "clips": gen.per_clip,
+      "stories": gen.stories,
+      "seconds": {"generated": round(t1 - t0, 3), "reference": round(t2 - t1, 3),
+                  "total": round(time.perf_counter() - start, 3)},
+      "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}) x "
+                f"{i3d.num_devices if i3d else 1}",
+      "config": config.to_dict(),
+  }
+  paths = {}
+  if jax.process_index() == 0:
+    paths = report_lib.write_report(workdir, report, gen.thumbnails, ref.thumbnails)
+  logging.info("%s: %s -> %s", report["name"], report_lib.summary_line(metrics),
+               paths.get("json"))
+  return {**report, "json_path": paths.get("json"), "png_path": paths.get("png")}
