@@ -371,15 +371,30 @@ def frozen_inputs(tok: Tokenizer, text: TextEncoder, config: ml_collections.Conf
   and its head / width sizes then need not divide the generator's mesh.
   """
   tok_params = jax.device_get(tok.params)
+  _, shardings = frozen_input_specs(tok_params, text, config, mesh)
+  values = {"tokenizer": tok_params, "text_encoder": {}}
+  if not text.trainable:
+    values["text_encoder"] = text.pretrained
+  return place(values, shardings), shardings
+
+
+def frozen_input_specs(tok_params: Any, text: TextEncoder, config: ml_collections.ConfigDict,
+                       mesh: jax.sharding.Mesh) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(abstract shapes of the frozen text encoder's params, the frozen inputs' shardings).
+
+  `tok_params` may be values or ShapeDtypeStructs: only its structure is
+  used. Shapes only, so the memory pre-flight (phenaki_jax/preflight.py)
+  compiles the same step without loading any weights.
+  """
   shardings = {"tokenizer": jax.tree.map(lambda _: sharding.replicated(mesh), tok_params),
                "text_encoder": {}}
-  values = {"tokenizer": tok_params, "text_encoder": {}}
+  text_shapes = {}
   if not text.trainable:
     boxed = jax.eval_shape(text.module.init, jax.random.key(0),
                            jnp.ones((1, config.text.max_length), jnp.int32))["params"]
     shardings["text_encoder"] = sharding.tree_shardings(boxed, mesh, config.logical_axis_rules)
-    values["text_encoder"] = text.pretrained
-  return place(values, shardings), shardings
+    text_shapes = sharding.strip_boxes(boxed)
+  return text_shapes, shardings
 
 
 # --- Masking and the loss.

@@ -3,8 +3,9 @@
 Two processes × 4 simulated CPU devices train the tiny tokenizer with a
 (4, 2, 1) mesh and checkpoint; then one process resumes that checkpoint on 8
 devices with a (2, 2, 2) mesh and another on 4 devices with (4, 1, 1). Both
-continuations must see the same step-5 loss. Also here: the start-up decisions
-of phenaki_jax.distributed and the data-position hand-over when the process
+continuations must see the same step-5 loss. The generator does the same on
+that tokenizer's checkpoint. Also here: the start-up decisions of
+phenaki_jax.distributed and the data-position hand-over when the process
 count changes.
 """
 import json
@@ -27,6 +28,12 @@ PROCESS_TIMEOUT_S = 240
 # Eval off: it would add a compile per run and is not what is tested here.
 COMMON_FLAGS = ("--config=configs/cvivit.py:tiny,l2vq", "--config.checkpoint_every_steps=2",
                 "--config.eval_every_steps=0", "--distributed_timeout_s=120")
+# The generator on the tokenizer the two-process fixture trains (eval off, as above).
+# Video batches only: image and story batches are other shapes, each one more
+# compile of the step per process (~40 s here) and not what is tested.
+GENERATOR_FLAGS = ("--config=configs/maskgit.py:tiny", "--config.checkpoint_every_steps=2",
+                   "--config.eval_every_steps=0", "--config.input.video_ratio=1.0",
+                   "--config.input.story_ratio=0.0", "--distributed_timeout_s=120")
 
 
 def _free_port() -> int:
@@ -85,8 +92,8 @@ def _run_together(commands: list[list[str]], log_dir: str, name: str) -> list[st
   return texts
 
 
-def _main(workdir: str, *flags: str) -> list[str]:
-  return [sys.executable, "-m", "phenaki_jax.main", f"--workdir={workdir}", *COMMON_FLAGS, *flags]
+def _main(workdir: str, *flags: str, common: tuple[str, ...] = COMMON_FLAGS) -> list[str]:
+  return [sys.executable, "-m", "phenaki_jax.main", f"--workdir={workdir}", *common, *flags]
 
 
 def _train_rows(workdir: str) -> list[dict]:
@@ -94,21 +101,18 @@ def _train_rows(workdir: str) -> list[dict]:
           if "train/loss" in r]
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
+def _train_on_two_processes(root, name: str, common: tuple[str, ...], *flags: str):
   """Steps 1-4 with 2 processes × 4 devices, mesh (4, 2, 1); checkpoints at 2 and 4."""
-  root = tmp_path_factory.mktemp("multiprocess")
-  workdir = str(root / "two_processes")
+  workdir = str(root / name)
   port = _free_port()
   commands = [_main(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                     f"--process_id={i}", "--num_cpu_devices=4", "--config.total_steps=4",
-                    "--config.mesh.shape=(4,2,1)") for i in range(2)]
-  logs = _run_together(commands, str(root), "two_processes")
-  return root, workdir, logs
+                    "--config.mesh.shape=(4,2,1)", *flags, common=common) for i in range(2)]
+  logs = _run_together(commands, str(root), name)
+  return workdir, logs
 
 
-def test_two_processes_train_and_checkpoint(two_process_run):
-  _, workdir, logs = two_process_run
+def _check_two_process_run(workdir: str, logs: list[str]) -> None:
   for i, log in enumerate(logs):
     assert f"process {i} of 2 (coordinator 127.0.0.1:" in log
     assert "devices: 4 local, 8 global (cpu)" in log
@@ -122,26 +126,71 @@ def test_two_processes_train_and_checkpoint(two_process_run):
   assert "process_0-of-2.json" in data_files and "process_1-of-2.json" in data_files
 
 
-def test_one_process_resumes_on_8_and_on_4_devices_alike(two_process_run):
-  root, workdir, _ = two_process_run
+def _resume_on_8_and_4_devices(root, workdir: str, name: str, common: tuple[str, ...],
+                               *flags: str) -> dict[str, float]:
+  """Step 5 of a copy of `workdir` on 8 devices (2, 2, 2) and on 4 devices (4, 1, 1)."""
   runs = {"8dev": ("--num_cpu_devices=8", "--config.mesh.shape=(2,2,2)"),
           "4dev": ("--num_cpu_devices=4", "--config.mesh.shape=(4,1,1)")}
   before = len(_train_rows(workdir))
   workdirs = {}
-  for name in runs:
-    workdirs[name] = str(root / f"resume_{name}")
-    shutil.copytree(workdir, workdirs[name])
+  for run in runs:
+    workdirs[run] = str(root / f"{name}_{run}")
+    shutil.copytree(workdir, workdirs[run])
   logs = _run_together(
-      [_main(workdirs[name], "--config.total_steps=5", *flags) for name, flags in runs.items()],
-      str(root), "resume")
+      [_main(workdirs[run], "--config.total_steps=5", *run_flags, *flags, common=common)
+       for run, run_flags in runs.items()], str(root), name)
   losses = {}
-  for name, log in zip(runs, logs):
-    assert "resumed from step 4" in log, name
+  for run, log in zip(runs, logs):
+    assert "resumed from step 4" in log, run
     # The 2-process data positions are handed over, not silently dropped.
-    assert "written by 2 process(es), this run has 1" in log, name
-    new_rows = _train_rows(workdirs[name])[before:]
-    assert [r["step"] for r in new_rows] == [5], name
-    losses[name] = new_rows[0]["train/loss"]
+    assert "written by 2 process(es), this run has 1" in log, run
+    new_rows = _train_rows(workdirs[run])[before:]
+    assert [r["step"] for r in new_rows] == [5], run
+    losses[run] = new_rows[0]["train/loss"]
+  return losses
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """The tiny tokenizer, steps 1-4 on 2 processes × 4 devices."""
+  root = tmp_path_factory.mktemp("multiprocess")
+  workdir, logs = _train_on_two_processes(root, "two_processes", COMMON_FLAGS)
+  return root, workdir, logs
+
+
+def test_two_processes_train_and_checkpoint(two_process_run):
+  _, workdir, logs = two_process_run
+  _check_two_process_run(workdir, logs)
+
+
+def test_one_process_resumes_on_8_and_on_4_devices_alike(two_process_run):
+  root, workdir, _ = two_process_run
+  losses = _resume_on_8_and_4_devices(root, workdir, "resume", COMMON_FLAGS)
+  assert np.isfinite(losses["8dev"])
+  np.testing.assert_allclose(losses["8dev"], losses["4dev"], rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def two_process_generator_run(two_process_run):
+  """The tiny generator on that tokenizer (its step 4), steps 1-4 on 2 processes × 4 devices."""
+  root, tokenizer_workdir, _ = two_process_run
+  tokenizer_flag = f"--config.tokenizer.workdir={tokenizer_workdir}"
+  workdir, logs = _train_on_two_processes(root, "generator_two_processes", GENERATOR_FLAGS,
+                                          tokenizer_flag)
+  return root, workdir, logs, tokenizer_flag
+
+
+def test_generator_two_processes_train_and_checkpoint(two_process_generator_run):
+  _, workdir, logs, _ = two_process_generator_run
+  _check_two_process_run(workdir, logs)
+  with open(os.path.join(workdir, "tokenizer.json")) as f:
+    assert json.load(f)["step"] == 4
+
+
+def test_generator_resumes_on_8_and_on_4_devices_alike(two_process_generator_run):
+  root, workdir, _, tokenizer_flag = two_process_generator_run
+  losses = _resume_on_8_and_4_devices(root, workdir, "generator_resume", GENERATOR_FLAGS,
+                                      tokenizer_flag)
   assert np.isfinite(losses["8dev"])
   np.testing.assert_allclose(losses["8dev"], losses["4dev"], rtol=1e-4)
 
