@@ -119,9 +119,19 @@ def cvivit_defaults() -> ml_collections.ConfigDict:
   c.model.codebook_size = 1024
   c.model.code_dim = 32
   c.model.remat = False
-  c.model.dtype = "float32"
+  # What the backward pass keeps (layers.REMAT_POLICIES: 'none', 'full',
+  # 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'save_attention_out',
+  # ...); '' follows model.remat.
+  c.model.remat_policy = ""
+  c.model.scan_layers = False  # nn.scan over each stack's blocks: one block to compile
+  c.model.dtype = "float32"  # compute dtype; 'bfloat16' keeps float32 master weights
   c.model.param_dtype = "float32"
-  c.model.attention_impl = ""  # '' lets XLA choose; 'cudnn' on GPUs
+  # '' picks cuDNN's fused kernel where it applies (GPU, bf16), else XLA;
+  # 'xla'; 'cudnn' (falls back to 'xla' with a warning where unavailable).
+  c.model.attention_impl = ""
+  # Persistent XLA compilation cache (a directory; '' = off, or the
+  # JAX_COMPILATION_CACHE_DIR environment variable): restarts skip compiling.
+  c.model.compilation_cache_dir = ""
   c.model.qk_norm = False  # LayerNorm on queries/keys: stable at higher learning rates
   c.model.zero_init_residual = True  # blocks start as identity: much faster early training
 
@@ -466,10 +476,16 @@ def maskgit_defaults() -> ml_collections.ConfigDict:
   c.model.head_dim = 64
   c.model.mlp_dim = 1024
   c.model.remat = False
+  c.model.remat_policy = ""  # layers.REMAT_POLICIES name; '' follows model.remat
   c.model.scan_layers = False  # nn.scan over blocks: one block to compile (pods)
-  c.model.dtype = "float32"
+  c.model.dtype = "float32"  # compute dtype; 'bfloat16' keeps float32 master weights
   c.model.param_dtype = "float32"
-  c.model.attention_impl = ""  # '' lets XLA choose; 'cudnn' on GPUs
+  # '' picks cuDNN's fused kernel where it applies (GPU, bf16), else XLA;
+  # 'xla'; 'cudnn' (falls back to 'xla' with a warning where unavailable).
+  c.model.attention_impl = ""
+  # Persistent XLA compilation cache directory ('' = off, or the
+  # JAX_COMPILATION_CACHE_DIR environment variable).
+  c.model.compilation_cache_dir = ""
 
   c.text = ml_collections.ConfigDict()
   # 'byte': UTF-8 bytes into a small T5 encoder trained with the generator

@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from phenaki_jax.models.layers import DenseGeneral, Transformer, constrain, sinusoidal_embedding
+from phenaki_jax.models.layers import (DenseGeneral, Transformer, check_attention_impl, constrain,
+                                      remat_policy_name, sinusoidal_embedding)
 from phenaki_jax.models.quantizer import VectorQuantizer
 
 Dtype = Any
@@ -42,6 +43,8 @@ class _SpaceTimeTransformer(nn.Module):
   temporal_depth: int
   temporal_first: bool
   remat: bool = False
+  remat_policy: str = ""
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
@@ -63,7 +66,8 @@ class _SpaceTimeTransformer(nn.Module):
 
   def setup(self):
     kw = dict(num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
-              remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
+              remat=self.remat, remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+              dtype=self.dtype, param_dtype=self.param_dtype,
               attention_impl=self.attention_impl, qk_norm=self.qk_norm,
               zero_init_residual=self.zero_init_residual)
     self.spatial = Transformer(num_layers=self.spatial_depth, causal=False, **kw)
@@ -95,6 +99,11 @@ class CViViT(nn.Module):
   code_dim: int
   channels: int = 3
   remat: bool = False
+  # A layers.REMAT_POLICIES name; '' follows `remat`.
+  remat_policy: str = ""
+  # nn.scan over each stack's blocks (params stacked under 'blocks'; convert
+  # with layers.scan_params / unscan_params): same numbers, one block to compile.
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
@@ -111,7 +120,8 @@ class CViViT(nn.Module):
         features, kernel_axes=axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     stack = dict(width=self.width, num_heads=self.num_heads, head_dim=self.head_dim,
                  mlp_dim=self.mlp_dim, spatial_depth=self.spatial_depth,
-                 temporal_depth=self.temporal_depth, remat=self.remat, dtype=self.dtype,
+                 temporal_depth=self.temporal_depth, remat=self.remat,
+                 remat_policy=self.remat_policy, scan_layers=self.scan_layers, dtype=self.dtype,
                  param_dtype=self.param_dtype, attention_impl=self.attention_impl,
                  qk_norm=self.qk_norm, zero_init_residual=self.zero_init_residual)
     # Encoder.
@@ -203,9 +213,11 @@ def from_config(model_config: Any, image_size: int) -> CViViT:
       codebook_size=m.codebook_size,
       code_dim=m.code_dim,
       remat=m.remat,
+      remat_policy=remat_policy_name(m.remat, m.get("remat_policy", "")),
+      scan_layers=m.get("scan_layers", False),
       dtype=jnp.dtype(m.dtype),
       param_dtype=jnp.dtype(m.param_dtype),
-      attention_impl=m.attention_impl or None,
+      attention_impl=check_attention_impl(m.attention_impl) or None,
       qk_norm=m.qk_norm,
       zero_init_residual=m.zero_init_residual,
   )

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
@@ -24,6 +25,131 @@ default_kernel_init = nn.initializers.xavier_uniform()
 
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   return nn.with_logical_constraint(x, names)
+
+
+# --- Attention implementation (config model.attention_impl).
+
+# '' picks per call: cuDNN's fused kernel where it applies (a GPU, bf16/fp16,
+# head_dim a multiple of 8 up to 128), else XLA's. 'xla' always XLA. 'cudnn'
+# asks for the fused kernel and falls back to XLA, with a logged warning,
+# where it cannot run (no GPU, float32, unsupported shapes).
+ATTENTION_IMPLS = ("", "xla", "cudnn")
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+  if message not in _warned:
+    _warned.add(message)
+    logging.warning("%s", message)
+
+
+def check_attention_impl(impl: str | None) -> str:
+  impl = impl or ""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r}: expected one of {ATTENTION_IMPLS} "
+                     "('' picks cuDNN where it applies, else XLA)")
+  return impl
+
+
+def cudnn_unsupported_reason(q: jax.Array, k: jax.Array) -> str | None:
+  """Why cuDNN's fused attention cannot take these (B, L, heads, head_dim) inputs; None if it can."""
+  if jax.default_backend() != "gpu":
+    return f"no GPU (backend {jax.default_backend()!r})"
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
+    return f"dtype {q.dtype} (cuDNN takes bfloat16/float16; set model.dtype='bfloat16')"
+  head_dim = q.shape[-1]
+  if head_dim % 8 or head_dim > 128:
+    return f"head_dim {head_dim} (cuDNN takes multiples of 8 up to 128)"
+  return None
+
+
+def select_attention_impl(impl: str | None, q: jax.Array, k: jax.Array) -> str:
+  """'xla' or 'cudnn' for this call (see ATTENTION_IMPLS)."""
+  impl = check_attention_impl(impl)
+  if impl == "xla":
+    return "xla"
+  reason = cudnn_unsupported_reason(q, k)
+  if reason is None:
+    return "cudnn"
+  if impl == "cudnn":
+    _warn_once(f"attention_impl='cudnn' is unavailable here ({reason}): using 'xla'")
+  return "xla"
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          mask: jax.Array | None = None, is_causal: bool = False,
+                          implementation: str | None = None) -> jax.Array:
+  """jax.nn.dot_product_attention on (B, L, heads, head_dim) with the implementation chosen."""
+  impl = select_attention_impl(implementation, q, k)
+  if impl == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                          implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:
+      _warn_once(f"cuDNN attention rejected shapes q={q.shape} k={k.shape} "
+                 f"({type(e).__name__}: {e}): using 'xla'")
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                      implementation="xla")
+
+
+# --- Rematerialisation (config model.remat_policy).
+
+# Names -> what the backward pass keeps from the forward (the rest is
+# recomputed). 'none' is no remat; 'full' keeps only each block's input.
+# 'save_attention_out' / 'save_attention_mlp' keep the tensors tagged with
+# checkpoint_name below.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    "save_attention_mlp": jax.checkpoint_policies.save_only_these_names(
+        "attention_out", "mlp_hidden"),
+}
+
+
+def remat_policy_name(remat: bool, policy: str = "") -> str:
+  """The effective policy: `policy` when set, else 'full' if `remat` else 'none'."""
+  name = policy or ("full" if remat else "none")
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy={policy!r}: expected one of {sorted(REMAT_POLICIES)} "
+                     "or '' (follow model.remat)")
+  return name
+
+
+# --- Scanned <-> unrolled parameter layouts (model.scan_layers).
+
+def scan_params(params: Any) -> Any:
+  """Unrolled Transformer params (block_0 … block_{n-1}) -> scanned ('blocks', stacked on axis 0).
+
+  Walks the whole tree, so it converts a CViViT's or a MaskGIT's params.
+  """
+  if not isinstance(params, dict) and not hasattr(params, "items"):
+    return params
+  params = dict(params)
+  n = 0
+  while f"block_{n}" in params:
+    n += 1
+  out = {k: scan_params(v) for k, v in params.items() if not (k.startswith("block_") and n)}
+  if n:
+    blocks = [params[f"block_{i}"] for i in range(n)]
+    out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return out
+
+
+def unscan_params(params: Any) -> Any:
+  """The inverse of scan_params."""
+  if not isinstance(params, dict) and not hasattr(params, "items"):
+    return params
+  params = dict(params)
+  out = {k: unscan_params(v) for k, v in params.items() if k != "blocks"}
+  if "blocks" in params:
+    n = jax.tree.leaves(params["blocks"])[0].shape[0]
+    for i in range(n):
+      out[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+  return out
 
 
 class DenseGeneral(nn.Module):
@@ -86,7 +212,7 @@ class MultiHeadAttention(nn.Module):
   causal: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  # None lets XLA pick; 'cudnn' asks for the fused GPU kernel.
+  # See ATTENTION_IMPLS: '' / None picks, 'xla', or 'cudnn' (falls back to xla).
   attention_impl: str | None = None
   # LayerNorm on queries and keys per head: keeps attention logits bounded, so
   # higher learning rates train stably (as in ViT-22B).
@@ -117,7 +243,7 @@ class MultiHeadAttention(nn.Module):
     if context_mask is not None:
       # (B, Lk) -> (B, 1, 1, Lk): broadcast over heads and queries.
       mask = context_mask[:, None, None, :].astype(bool)
-    out = jax.nn.dot_product_attention(
+    out = dot_product_attention(
         q, k, v, mask=mask, is_causal=self.causal and context is None,
         implementation=self.attention_impl)
     out = checkpoint_name(out, "attention_out")
@@ -209,6 +335,8 @@ class Transformer(nn.Module):
   attention_impl: str | None = None
   qk_norm: bool = False
   zero_init_residual: bool = False
+  # A REMAT_POLICIES name; '' follows `remat` ('full' if set, else 'none').
+  remat_policy: str = ""
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
@@ -218,14 +346,17 @@ class Transformer(nn.Module):
                   dtype=self.dtype, param_dtype=self.param_dtype,
                   attention_impl=self.attention_impl, qk_norm=self.qk_norm,
                   zero_init_residual=self.zero_init_residual)
+    policy = remat_policy_name(self.remat, self.remat_policy)
+    remat = lambda cls, **kw: cls if policy == "none" else nn.remat(
+        cls, policy=REMAT_POLICIES[policy], **kw)
     if self.scan_layers:
-      block_cls = nn.remat(_ScanBlock, prevent_cse=False) if self.remat else _ScanBlock
+      block_cls = remat(_ScanBlock, prevent_cse=False)
       scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(**fields, name="blocks")(x, context, context_mask)
     else:
-      block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+      block_cls = remat(TransformerBlock)
       for i in range(self.num_layers):
         x = block_cls(**fields, name=f"block_{i}")(x, context, context_mask)
     return LayerNorm(name="final_norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)

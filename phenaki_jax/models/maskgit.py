@@ -27,7 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from phenaki_jax.models.layers import DenseGeneral, Transformer, constrain
+from phenaki_jax.models.layers import (DenseGeneral, Transformer, check_attention_impl, constrain,
+                                      remat_policy_name)
 
 Dtype = Any
 
@@ -49,6 +50,7 @@ class MaskGitTransformer(nn.Module):
     head_dim: width of one head.
     mlp_dim: hidden width of the MLPs.
     remat: rematerialise each block in the backward pass.
+    remat_policy: a layers.REMAT_POLICIES name; '' follows `remat`.
     scan_layers: one block under nn.scan, parameters stacked on 'layers'.
     dtype: compute dtype; logits are returned in float32.
     param_dtype: dtype the parameters are created in.
@@ -64,6 +66,7 @@ class MaskGitTransformer(nn.Module):
   head_dim: int
   mlp_dim: int
   remat: bool = False
+  remat_policy: str = ""
   scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -146,6 +149,7 @@ class MaskGitTransformer(nn.Module):
     x = Transformer(
         num_layers=self.num_layers, num_heads=self.num_heads, head_dim=self.head_dim,
         mlp_dim=self.mlp_dim, causal=False, cross_attention=True, remat=self.remat,
+        remat_policy=self.remat_policy,
         scan_layers=self.scan_layers,
         dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
         name="transformer")(x, context, context_mask)
@@ -177,8 +181,9 @@ def from_config(model_config: Any, *, codebook_size: int, max_token_frames: int,
       head_dim=m.head_dim,
       mlp_dim=m.mlp_dim,
       remat=m.remat,
+      remat_policy=remat_policy_name(m.remat, m.get("remat_policy", "")),
       scan_layers=m.get("scan_layers", False),
       dtype=jnp.dtype(m.dtype),
       param_dtype=jnp.dtype(m.param_dtype),
-      attention_impl=m.attention_impl or None,
+      attention_impl=check_attention_impl(m.attention_impl) or None,
   )

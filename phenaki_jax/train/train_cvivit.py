@@ -22,6 +22,7 @@ from absl import logging
 
 from phenaki_jax import batch_log, checkpointing, config_schema, ema, losses, metrics, optimizers
 from phenaki_jax import perceptual
+from phenaki_jax import perf
 from phenaki_jax import sharding
 from phenaki_jax.data import pipeline
 from phenaki_jax.eval import recon as recon_eval
@@ -414,6 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # --- Setup: a bad config fails here, before anything compiles.
   config = config_schema.complete(config)
   config_schema.validate_cvivit(config, jax.device_count(), jax.process_count())
+  perf.setup_compilation_cache(config.model.compilation_cache_dir)
   os.makedirs(workdir, exist_ok=True)
   save_config(config, workdir)
   writer = metrics.create_writer(workdir)

@@ -39,6 +39,7 @@ import optax
 from absl import logging
 
 from phenaki_jax import batch_log, checkpointing, config_schema, ema, metrics, optimizers, sharding
+from phenaki_jax import perf
 from phenaki_jax.config_schema import ConfigError
 from phenaki_jax.data import pipeline
 from phenaki_jax.models import cvivit, maskgit, t5, t5_weights, text_tokenizers
@@ -688,6 +689,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # --- Setup: a bad config fails here, before anything loads or compiles.
   config = config_schema.complete(config)
   config_schema.validate_maskgit(config, jax.device_count(), jax.process_count())
+  perf.setup_compilation_cache(config.model.compilation_cache_dir)
   os.makedirs(workdir, exist_ok=True)
   rules = config.logical_axis_rules
 

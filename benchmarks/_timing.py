@@ -1,0 +1,297 @@
+"""Shared pieces of the benchmarks: the trainers' real steps, timing, compile stats.
+
+The train steps are built with the trainers' own functions (build_model /
+build_generator, optimizers.make_optimizer, abstract_state_and_shardings,
+make_train_step) and jitted with the same shardings and donation as in
+train_and_evaluate, so a benchmark measures what a user runs. Not a test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from phenaki_jax import config_schema, optimizers, perf, sharding  # noqa: E402
+
+
+def describe_device() -> str:
+  d = jax.devices()[0]
+  if d.platform == "cpu":
+    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), jax {jax.__version__}"
+  return f"{jax.device_count()} × {d.device_kind}, jax {jax.__version__}"
+
+
+def header() -> dict[str, Any]:
+  return {"command": " ".join(shlex.quote(a) for a in sys.argv),
+          "device": describe_device(),
+          "date": datetime.date.today().isoformat(),
+          "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+@dataclasses.dataclass
+class Step:
+  """A jitted train step and what to call it with: fn(state, *args) -> (state, metrics)."""
+  name: str
+  fn: Any
+  state: Any
+  args: tuple
+  examples: int  # per step
+  tokens: int  # per step (latent tokens for C-ViViT, generator tokens for MaskGIT)
+  frames: int  # video frames per step
+  flops: int  # analytic model FLOPs per step
+  formula: str
+  num_params: int
+  static: tuple = ()  # trailing static arguments (lowering only)
+  compiled: Any = None
+
+
+def _count(tree: Any) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def cvivit_step(config: ml_collections.ConfigDict, *, at_step: int = 0, seed: int = 0) -> Step:
+  """The tokenizer trainer's step as train_and_evaluate jits it, at state.step = at_step."""
+  from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
+  config = config_schema.complete(config)
+  config_schema.validate_cvivit(config, jax.device_count(), jax.process_count())
+  rules = config.logical_axis_rules
+  mesh = sharding.make_mesh(config.mesh.shape)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  replicated = sharding.replicated(mesh)
+  i = config.input
+  with sharding.use_mesh(mesh, rules):
+    model = train_cvivit.build_model(config)
+    tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
+    abstract, shardings, init_fn = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
+    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
+    phase = train_cvivit.gan_phase(config, at_step)
+    perceptual = train_cvivit.perceptual_on(config, at_step)
+    frozen = jax.device_put(train_cvivit.load_frozen_networks(config) if perceptual else {},
+                            replicated)
+    fn = jax.jit(train_cvivit.make_train_step(model, tx, config),
+                 in_shardings=(shardings, batch_sharding, replicated),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,),
+                 static_argnums=(3, 4))
+  rng = np.random.default_rng(seed)
+  frames = rng.integers(0, 256, (i.batch_size, i.num_frames, i.resolution, i.resolution, 3),
+                        dtype=np.uint8)
+  batch = sharding.host_to_global({"frames": frames}, batch_sharding)
+  m = config.model
+  tokens = i.batch_size * (1 + (i.num_frames - 1) // m.temporal_patch_size) * (
+      i.resolution // m.patch_size) ** 2
+  flops, formula = perf.cvivit_train_flops(m, batch=i.batch_size, num_frames=i.num_frames,
+                                           resolution=i.resolution)
+  if perceptual or phase != "off":
+    formula += " (the perceptual / GAN terms that are on at this step are NOT counted)"
+  step = Step("cvivit", fn, state, (batch, frozen), i.batch_size, tokens,
+              i.batch_size * i.num_frames, flops, formula, _count(abstract.params),
+              static=(phase, perceptual))
+  step.mesh, step.rules = mesh, rules
+  return step
+
+
+def maskgit_step(config: ml_collections.ConfigDict, tok_config: ml_collections.ConfigDict, *,
+                 input_mode: str = "codes", text_width: int = 512, seed: int = 0) -> Step:
+  """The generator trainer's step as train_and_evaluate jits it.
+
+  input_mode 'codes': pre-tokenised codes and cached (frozen) text embeddings of
+  width `text_width` in the batch, so the step is the generator alone (the
+  trainer's configs/pretokenize.py path with a frozen T5). 'frames': uint8
+  clips and captions, encoded inside the step by the frozen C-ViViT (random
+  weights) and the config's text encoder, as the default run does.
+  """
+  from phenaki_jax.models import t5  # pylint: disable=g-import-not-at-top
+  from phenaki_jax.train import train_cvivit, train_maskgit  # pylint: disable=g-import-not-at-top
+  config = config_schema.complete(config)
+  tok_config = config_schema.complete(tok_config)
+  if not config.tokenizer.workdir:
+    config.tokenizer.workdir = "(random weights: the benchmark loads no checkpoint)"
+  config_schema.validate_maskgit(config, jax.device_count(), jax.process_count())
+  rules = config.logical_axis_rules
+  mesh = sharding.make_mesh(config.mesh.shape)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  replicated = sharding.replicated(mesh)
+  i, m = config.input, config.model
+  b, length = i.batch_size, config.text.max_length
+  rng = np.random.default_rng(seed)
+  text = train_maskgit.build_text_encoder(config.text)
+  if input_mode == "codes":
+    # A frozen encoder of this width whose outputs are cached in the batch: it never runs.
+    module = t5.T5EncoderConfig(vocab_size=384, d_model=text_width, d_kv=64, d_ff=4 * text_width,
+                                num_heads=max(1, text_width // 64), num_layers=1).make_module()
+    text = dataclasses.replace(text, module=module, trainable=False, pretrained=None)
+  with sharding.use_mesh(mesh, rules):
+    tokenizer = train_cvivit.build_model(tok_config)
+    generator = train_maskgit.build_generator(config)
+    tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
+    abstract, shardings, init_fn = train_maskgit.abstract_state_and_shardings(
+        config, generator, text, tx, mesh)
+    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
+    if input_mode == "codes":
+      frozen = {"tokenizer": {}, "text_encoder": {}}
+      frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
+    else:
+      tok_params = jax.jit(lambda r: tokenizer.init(r, jnp.zeros(
+          (1, i.num_frames, i.resolution, i.resolution, 3)))["params"])(jax.random.key(1))
+      tok_params = jax.device_get(__import__("flax").linen.unbox(tok_params))
+      _, frozen_shardings = train_maskgit.frozen_input_specs(tok_params, text, config, mesh)
+      frozen = train_maskgit.place({"tokenizer": tok_params, "text_encoder": {}},
+                                   frozen_shardings)
+    fn = jax.jit(train_maskgit.make_train_step(generator, text, tokenizer, tx, config),
+                 in_shardings=(shardings, batch_sharding, frozen_shardings),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+  t, h, w = tuple(m.token_grid)
+  if input_mode == "codes":
+    host = {"codes": rng.integers(0, m.codebook_size, (b, t, h, w), dtype=np.int32),
+            "text_embeddings": rng.normal(size=(b, length, text_width)).astype(np.float32),
+            "text_mask": np.ones((b, length), bool)}
+  else:
+    host = {"frames": rng.integers(0, 256, (b, i.num_frames, i.resolution, i.resolution, 3),
+                                   dtype=np.uint8),
+            "caption": np.asarray(["a large red circle moves right"] * b)}
+    host = train_maskgit.tokenize_captions(host, text.tokenizer, length)
+  batch = sharding.host_to_global(host, batch_sharding)
+  flops, formula = perf.maskgit_train_flops(m, batch=b, text_len=length, text_width=text.width)
+  if input_mode != "codes":
+    enc = perf.cvivit_forward_flops(tok_config.model, batch=b, num_frames=i.num_frames,
+                                    resolution=i.resolution, encoder_only=True)
+    flops += sum(enc.values())
+    formula += (" + the frozen C-ViViT encoder's forward (perf.cvivit_forward_flops); the "
+                "text encoder is NOT counted")
+  step = Step("maskgit", fn, state, (batch, frozen), b, b * t * h * w, b * i.num_frames, flops,
+              formula, _count(abstract.params))
+  step.mesh, step.rules = mesh, rules
+  return step
+
+
+def _first(x: Any) -> Any:
+  return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def compile_step(step: Step) -> dict[str, Any]:
+  """AOT-compiles the step: compile seconds, XLA's FLOP count, memory analysis."""
+  with sharding.use_mesh(step.mesh, step.rules):
+    t0 = time.perf_counter()
+    lowered = step.fn.lower(step.state, *step.args, *step.static)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+  step.compiled = compiled
+  out = {"lower_s": t1 - t0, "compile_s": t2 - t1}
+  try:
+    cost = _first(compiled.cost_analysis()) or {}
+    out["xla_flops"] = float(cost.get("flops", float("nan")))
+  except Exception as e:  # pylint: disable=broad-except
+    out["xla_flops"], out["xla_flops_error"] = float("nan"), repr(e)
+  try:
+    mem = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+              "temp_size_in_bytes", "generated_code_size_in_bytes")
+    out["memory"] = {f: int(getattr(mem, f)) for f in fields if hasattr(mem, f)}
+    peak = getattr(mem, "peak_memory_in_bytes", None)
+    if not peak:
+      # Live at once, at most: inputs, outputs not aliased to a donated input, temporaries.
+      peak = (out["memory"].get("argument_size_in_bytes", 0)
+              + out["memory"].get("output_size_in_bytes", 0)
+              - out["memory"].get("alias_size_in_bytes", 0)
+              + out["memory"].get("temp_size_in_bytes", 0))
+    out["peak_memory_bytes"] = int(peak)
+  except Exception as e:  # pylint: disable=broad-except
+    out["peak_memory_bytes"], out["memory_error"] = None, repr(e)
+  return out
+
+
+def time_step(step: Step, steps: int, warmup: int) -> tuple[list[float], bool]:
+  """Seconds of each timed step (after `warmup`), and whether the state was donated.
+
+  Runs the executable compile_step made (call that first).
+
+  Each step waits for its outputs (block_until_ready), so a time is one step's
+  latency, not pipelined dispatch.
+  """
+  state = step.state
+  donated = None
+  with sharding.use_mesh(step.mesh, step.rules):
+    times = []
+    for k in range(warmup + steps):
+      leaf = jax.tree.leaves(state)[0]
+      t0 = time.perf_counter()
+      state, metrics = step.compiled(state, *step.args)
+      jax.block_until_ready((state, metrics))
+      dt = time.perf_counter() - t0
+      if donated is None:
+        donated = leaf.is_deleted()
+      if k >= warmup:
+        times.append(dt)
+  step.state = state
+  return times, bool(donated)
+
+
+def summarize(step: Step, times: list[float], compiled: dict[str, Any], donated: bool,
+              peak_tflops: float | None = None) -> dict[str, Any]:
+  med = statistics.median(times)
+  peak = peak_tflops or perf.peak_tflops()
+  achieved = step.flops / med / 1e12 / jax.device_count()
+  xla = compiled.get("xla_flops", float("nan"))
+  return {
+      "job": step.name,
+      "params": step.num_params,
+      "step_s_median": med, "step_s_min": min(times), "step_s_max": max(times),
+      "timed_steps": len(times),
+      "examples_per_s": step.examples / med,
+      "tokens_per_s": step.tokens / med,
+      "frames_per_s": step.frames / med,
+      "analytic_flops_per_step": step.flops,
+      "flops_formula": step.formula,
+      "xla_flops_per_step": xla,
+      # XLA counts per device program; with several devices compare per device.
+      "xla_over_analytic": (xla * jax.device_count() / step.flops) if step.flops else None,
+      "achieved_tflops_per_device": achieved,
+      "peak_tflops_per_device": peak,
+      "mfu": (achieved / peak) if peak else None,
+      "compile_s": compiled["compile_s"], "lower_s": compiled["lower_s"],
+      "peak_memory_bytes": compiled.get("peak_memory_bytes"),
+      "memory": compiled.get("memory"),
+      "state_donated": donated,
+  }
+
+
+def print_summary(s: dict[str, Any]) -> None:
+  gib = lambda b: f"{b / 2**30:.3f} GiB" if b is not None else "n/a"
+  print(f"[{s['job']}] {s['params'] / 1e6:.2f}M params")
+  print(f"  step time       median {s['step_s_median']:.4f} s  (min {s['step_s_min']:.4f}, "
+        f"max {s['step_s_max']:.4f}; {s['timed_steps']} timed steps)")
+  print(f"  throughput      {s['examples_per_s']:.2f} examples/s, {s['tokens_per_s']:.0f} tokens/s,"
+        f" {s['frames_per_s']:.1f} frames/s")
+  print(f"  FLOPs / step    analytic {s['analytic_flops_per_step']:.4g}, XLA cost_analysis "
+        f"{s['xla_flops_per_step']:.4g}, XLA/analytic {s['xla_over_analytic']:.3f}")
+  print(f"  formula         {s['flops_formula']}")
+  mfu = f"{100 * s['mfu']:.2f}%" if s["mfu"] is not None else "n/a (no peak for this device; --peak_tflops)"
+  print(f"  achieved        {s['achieved_tflops_per_device']:.4f} TFLOP/s per device; MFU {mfu}")
+  print(f"  compile         {s['compile_s']:.2f} s (+ lower {s['lower_s']:.2f} s)")
+  print(f"  peak memory     {gib(s['peak_memory_bytes'])} (compiled.memory_analysis)")
+  print(f"  state donated   {s['state_donated']}")
+
+
+def time_callable(fn: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  out = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    out.append(time.perf_counter() - t0)
+  return out
