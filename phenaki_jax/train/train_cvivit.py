@@ -98,23 +98,38 @@ def _random_frames(video: jax.Array, count: int, rng: jax.Array) -> jax.Array:
   return picked.reshape((b * count,) + video.shape[2:])
 
 
+def lpips_term(video: jax.Array, recon: jax.Array, loss_cfg: ml_collections.ConfigDict,
+               frozen: dict[str, Any], rng: jax.Array) -> jax.Array:
+  """L_IP: LPIPS on lpips_frames_per_clip random frames, the same ones of both clips."""
+  real = _random_frames(video, loss_cfg.lpips_frames_per_clip, rng)
+  fake = _random_frames(recon, loss_cfg.lpips_frames_per_clip, rng)
+  return jnp.mean(perceptual.lpips_distance(frozen["lpips"], real, fake, net=loss_cfg.lpips_net))
+
+
+def video_perceptual_term(video: jax.Array, recon: jax.Array,
+                          loss_cfg: ml_collections.ConfigDict,
+                          frozen: dict[str, Any]) -> jax.Array:
+  """L_VP: distance of I3D features on the first video_perceptual_clips clips."""
+  n = loss_cfg.video_perceptual_clips or video.shape[0]
+  return jnp.mean(perceptual.i3d_perceptual_distance(
+      frozen["i3d"], video[:n], recon[:n], endpoint=loss_cfg.video_perceptual_endpoint,
+      resolution=loss_cfg.video_perceptual_resolution or video.shape[2]))
+
+
 def perceptual_terms(video: jax.Array, recon: jax.Array, loss_cfg: ml_collections.ConfigDict,
                      frozen: dict[str, Any], rng: jax.Array) -> dict[str, jax.Array]:
-  """L_IP (LPIPS on random frames) and L_VP (I3D features) where they apply."""
+  """L_IP and L_VP where they apply (L_VP needs enough frames)."""
   terms = {}
   if loss_cfg.lpips_weight > 0:
-    # Both clips get the same frames: the rng is shared.
-    real = _random_frames(video, loss_cfg.lpips_frames_per_clip, rng)
-    fake = _random_frames(recon, loss_cfg.lpips_frames_per_clip, rng)
-    terms["lpips"] = jnp.mean(perceptual.lpips_distance(frozen["lpips"], real, fake,
-                                                        net=loss_cfg.lpips_net))
-  t = video.shape[1]
-  if loss_cfg.video_perceptual_weight > 0 and t > 1 and t >= loss_cfg.video_perceptual_min_frames:
-    n = loss_cfg.video_perceptual_clips or video.shape[0]
-    terms["video_perceptual"] = jnp.mean(perceptual.i3d_perceptual_distance(
-        frozen["i3d"], video[:n], recon[:n], endpoint=loss_cfg.video_perceptual_endpoint,
-        resolution=loss_cfg.video_perceptual_resolution or video.shape[2]))
+    terms["lpips"] = lpips_term(video, recon, loss_cfg, frozen, rng)
+  if loss_cfg.video_perceptual_weight > 0 and _video_perceptual_applies(video, loss_cfg):
+    terms["video_perceptual"] = video_perceptual_term(video, recon, loss_cfg, frozen)
   return terms
+
+
+def _video_perceptual_applies(video: jax.Array, loss_cfg: ml_collections.ConfigDict) -> bool:
+  t = video.shape[1]
+  return t > 1 and t >= loss_cfg.video_perceptual_min_frames
 
 
 def compute_losses(model: nn.Module, params: Any, video: jax.Array,
@@ -140,21 +155,45 @@ def compute_losses(model: nn.Module, params: Any, video: jax.Array,
       "train/vq/perplexity": aux["perplexity"],
   }
   needs_frozen = loss_cfg.lpips_weight > 0 or loss_cfg.video_perceptual_weight > 0
-  if needs_frozen:
-    if frozen is None or rng is None:
-      raise ValueError("the perceptual terms need the frozen networks and an rng "
-                       "(load_frozen_networks(config)); or set their weights to 0")
-    terms = perceptual_terms(video, recon, loss_cfg, frozen, rng)
-    if "lpips" in terms:
-      total = total + loss_cfg.lpips_weight * terms["lpips"]
-      parts["train/lpips"] = terms["lpips"]
-    if "video_perceptual" in terms:
-      total = total + loss_cfg.video_perceptual_weight * terms["video_perceptual"]
-      parts["train/video_perceptual"] = terms["video_perceptual"]
+  if needs_frozen and (frozen is None or rng is None):
+    raise ValueError("the perceptual terms need the frozen networks and an rng "
+                     "(load_frozen_networks(config)); or set their weights to 0")
+  # Each auxiliary term as a function of the reconstruction, with its weight.
+  extra = {}
+  if loss_cfg.lpips_weight > 0:
+    extra["lpips"] = (loss_cfg.lpips_weight,
+                      lambda r: lpips_term(video, r, loss_cfg, frozen, rng))
+  if loss_cfg.video_perceptual_weight > 0 and _video_perceptual_applies(video, loss_cfg):
+    extra["video_perceptual"] = (
+        loss_cfg.video_perceptual_weight,
+        lambda r: video_perceptual_term(video, r, loss_cfg, frozen))
   if adversarial is not None:
-    adv = adversarial(recon)
-    total = total + loss_cfg.adversarial_weight * adv
-    parts["train/gan/generator_loss"] = adv
+    extra["gan/generator_loss"] = (loss_cfg.adversarial_weight, adversarial)
+  ratio = loss_cfg.max_gradient_ratio
+  if ratio > 0 and extra:
+    # Gradient balancing in pixel space (VQGAN's adaptive weight, per term
+    # and at the decoder's output): each term's gradient with respect to the
+    # reconstruction is capped at `ratio` times the L2 term's, so switching
+    # the perceptual networks and the GAN on cannot drown the reconstruction
+    # signal. The terms' pixel gradients are computed once here and enter
+    # the objective as a linear surrogate: one backward pass through the
+    # tokenizer, as without balancing.
+    fixed = jax.lax.stop_gradient(recon)
+    l2_grad = jax.grad(lambda r: loss_cfg.l2_weight * losses.l2_loss(video, r))(fixed)
+    l2_norm = jnp.sqrt(jnp.sum(jnp.square(l2_grad)))
+    for name, (weight, fn) in extra.items():
+      value, grad = jax.value_and_grad(fn)(fixed)
+      grad_norm = jnp.sqrt(jnp.sum(jnp.square(grad)))
+      effective = jnp.minimum(weight, ratio * l2_norm / (grad_norm + 1e-12))
+      surrogate = jnp.sum(jax.lax.stop_gradient(effective * grad) * recon)
+      total = total + effective * value + surrogate - jax.lax.stop_gradient(surrogate)
+      parts[f"train/{name}"] = value
+      parts[f"train/{name}_weight"] = effective
+  else:
+    for name, (weight, fn) in extra.items():
+      value = fn(recon)
+      total = total + weight * value
+      parts[f"train/{name}"] = value
   parts["train/loss"] = total
   parts["vq_state/encoder_vectors"] = aux["encoder_vectors"]
   parts["vq_state/errors"] = aux["quantization_errors"]

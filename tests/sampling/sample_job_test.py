@@ -137,10 +137,13 @@ def test_command_line_with_prompts(trained, tmp_path):
   out = tmp_path / "cli"
   cmd = [sys.executable, "-m", "phenaki_jax.main", "--config=configs/sample.py:tiny",
          f"--workdir={out}", f"--config.generator.workdir={trained[1]}",
-         "--config.prompts=a large green triangle moves down;a small white circle"]
+         "--config.prompts=a large green triangle moves down;a small white circle;"
+         "a dog runs on a beach"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.load(open(out / "samples.json"))
   assert [s["prompt"] for s in report["samples"]] == [
-      "a large green triangle moves down", "a small white circle"]
+      "a large green triangle moves down", "a small white circle", "a dog runs on a beach"]
   assert all(os.path.exists(out / s["files"][0]) for s in report["samples"])
+  # A prompt outside the built-in grammar is sampled, just not scored.
+  assert "shapes" in report["samples"][0] and "shapes" not in report["samples"][2]

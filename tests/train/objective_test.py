@@ -248,6 +248,80 @@ def test_before_the_perceptual_start_step_lpips_and_i3d_are_left_out():
       + w.video_perceptual_weight * float(on["train/video_perceptual"]), rtol=1e-4)
 
 
+# --- Gradient balancing (loss.max_gradient_ratio).
+
+def _balance_setup(ratio):
+  config = config_schema.complete(load_config("cvivit", "tiny"))
+  config.loss.max_gradient_ratio = ratio
+  model = train_cvivit.build_model(config)
+  video = _video(3, (2, 5, 16, 16, 3))
+  params = model.init(jax.random.key(0), video)["params"]
+  disc, _ = train_cvivit.build_discriminator(config)
+  disc_params = disc.init(jax.random.key(1), video)["params"]
+  adversarial = lambda r: losses.generator_adversarial_loss(
+      disc.apply({"params": disc_params}, r), config.gan.loss)
+  frozen = train_cvivit.load_frozen_networks(config)
+  def run(p, loss_cfg):
+    return train_cvivit.compute_losses(model, p, video, loss_cfg, frozen=frozen,
+                                       rng=jax.random.key(2), adversarial=adversarial)
+  return config, model, params, video, run
+
+
+def _loss_and_grads(run, params, loss_cfg):
+  return jax.jit(jax.value_and_grad(lambda p: run(p, loss_cfg), has_aux=True))(params)
+
+
+def _pixel_grad_norm(fn, recon):
+  return float(jnp.linalg.norm(jax.grad(fn)(recon).ravel()))
+
+
+def test_balancing_caps_each_terms_pixel_gradient_at_the_ratio_times_l2s():
+  ratio = 1e-3
+  config, model, params, video, run = _balance_setup(ratio)
+  (total, parts), grads = _loss_and_grads(run, params, config.loss)
+  recon = parts["recon"]
+  l2_norm = _pixel_grad_norm(lambda r: losses.l2_loss(video, r), recon)
+  names = ("lpips", "video_perceptual", "gan/generator_loss")
+  weights = dict(zip(names, (config.loss.lpips_weight, config.loss.video_perceptual_weight,
+                             config.loss.adversarial_weight)))
+  for name in names:
+    effective = float(parts[f"train/{name}_weight"])
+    # A tight cap binds on every term.
+    assert 0 < effective < weights[name], name
+  # The capped pixel gradient of each term is exactly ratio x L2's.
+  lpips_fn = lambda r: train_cvivit.lpips_term(video, r, config.loss,
+                                               train_cvivit.load_frozen_networks(config),
+                                               jax.random.key(2))
+  np.testing.assert_allclose(
+      float(parts["train/lpips_weight"]) * _pixel_grad_norm(lpips_fn, recon), ratio * l2_norm,
+      rtol=1e-4)
+  # The loss value is the terms at their effective weights ...
+  expected = float(parts["train/l2"]) + float(parts["train/vq/loss"]) + sum(
+      float(parts[f"train/{n}_weight"]) * float(parts[f"train/{n}"]) for n in names)
+  np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+  # ... and its parameter gradient is that of the plain objective with those
+  # weights (the linear surrogate carries the same gradient in one backward).
+  plain = config_schema.complete(load_config("cvivit", "tiny")).loss
+  plain.lpips_weight = float(parts["train/lpips_weight"])
+  plain.video_perceptual_weight = float(parts["train/video_perceptual_weight"])
+  plain.adversarial_weight = float(parts["train/gan/generator_loss_weight"])
+  _, plain_grads = _loss_and_grads(run, params, plain)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-7)
+
+
+def test_a_loose_cap_leaves_the_weights_and_the_gradient_as_given():
+  config, _, params, _, run = _balance_setup(1e9)
+  (_, parts), grads = _loss_and_grads(run, params, config.loss)
+  assert float(parts["train/lpips_weight"]) == pytest.approx(config.loss.lpips_weight)
+  assert float(parts["train/gan/generator_loss_weight"]) == pytest.approx(
+      config.loss.adversarial_weight)
+  unbalanced = config_schema.complete(load_config("cvivit", "tiny")).loss
+  _, plain_grads = _loss_and_grads(run, params, unbalanced)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-7)
+
+
 # --- Config checks, before anything compiles.
 
 @pytest.mark.parametrize("key,value,message", [
@@ -259,6 +333,7 @@ def test_before_the_perceptual_start_step_lpips_and_i3d_are_left_out():
     ("gan.channel_multipliers", (1, 2, 4, 8, 16), "config.gan.channel_multipliers"),
     ("ema_decay", 1.0, "config.ema_decay=1.0"),
     ("loss.perceptual_start_step", -1, "config.loss.perceptual_start_step=-1"),
+    ("loss.max_gradient_ratio", -1.0, "config.loss.max_gradient_ratio=-1.0"),
 ])
 def test_bad_objective_values_fail_naming_the_key(key, value, message, tmp_path):
   config = load_config("cvivit", "tiny")
