@@ -66,6 +66,7 @@ def get_config(arg: str = ""):
     config.loss.video_perceptual_clips = 0  # every clip
     config.gan.start_step = 0
     config.loss.perceptual_start_step = 0
+    config.loss.max_gradient_ratio = 0.0  # the paper's weights as published
     config.gan.base_features, config.gan.channel_multipliers = 64, (1, 2, 4, 8)
     config.gan.input_patch = 1
     config.gan.lecam_weight = 0.001

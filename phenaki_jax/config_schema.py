@@ -166,8 +166,10 @@ def cvivit_defaults() -> ml_collections.ConfigDict:
   # Gradient balancing: LPIPS', I3D's and L_adv's gradients with respect to
   # the reconstruction are each capped at this multiple of the L2 term's
   # (their weight shrinks to meet the cap; logged as train/<term>_weight).
-  # 0: off, the weights apply as given.
-  c.loss.max_gradient_ratio = 0.0
+  # 0: off, the weights apply as given. At the paper's weights the new terms'
+  # pixel gradients are 7-230x L2's when they switch on late, which undoes
+  # what L2 + VQ learned (benchmarks/RESULTS.md); 1 keeps them level with it.
+  c.loss.max_gradient_ratio = 1.0
 
   # The discriminator for L_adv: its own optimizer, state in the checkpoint.
   c.gan = ml_collections.ConfigDict()

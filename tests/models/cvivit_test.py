@@ -203,6 +203,19 @@ def test_restarts_prefer_badly_served_vectors():
   np.testing.assert_allclose(book, jnp.broadcast_to(vectors[5], (k, d)))
 
 
+def test_restart_draws_are_proportional_to_the_errors():
+  from phenaki_jax.models.quantizer import restart_dead_codes
+  k = 4000
+  vectors = jnp.array([[0.0], [1.0], [2.0]])
+  errors = jnp.array([1.0, 3.0, 0.0])
+  book, _, _ = restart_dead_codes(jnp.full((k, 1), -1.0), jnp.zeros((k,)), vectors,
+                                  jnp.zeros((k,)), jax.random.key(3), decay=0.99,
+                                  dead_fraction=0.1, errors=errors)
+  picked = np.asarray(book[:, 0])
+  assert set(np.unique(picked)) <= {0.0, 1.0}  # a vector with zero error is never drawn
+  assert abs(np.mean(picked == 1.0) - 0.75) < 0.03  # 3:1, within ~4 standard errors
+
+
 def test_zero_init_residual_blocks_start_as_identity_and_qk_norm_runs():
   from phenaki_jax.models.layers import LayerNorm, Transformer
   x = jax.random.normal(jax.random.key(0), (2, 6, 16))

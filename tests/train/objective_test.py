@@ -135,6 +135,7 @@ def _step_setup(**loss_overrides):
   config.gan.start_step = 0
   config.loss.lpips_weight = 0.0  # these two are tested above; keep the step small
   config.loss.video_perceptual_weight = 0.0
+  config.loss.max_gradient_ratio = 0.0  # the weights as given: they are what differs here
   for k, v in loss_overrides.items():
     config.loss[k] = v
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -223,6 +224,7 @@ def test_before_the_start_step_the_discriminator_is_untouched():
 def test_before_the_perceptual_start_step_lpips_and_i3d_are_left_out():
   config = config_schema.complete(load_config("cvivit", "tiny"))
   config.loss.adversarial_weight = 0.0
+  config.loss.max_gradient_ratio = 0.0  # the total then differs by exactly the weighted terms
   config.loss.perceptual_start_step = 3
   assert [train_cvivit.perceptual_on(config, s) for s in range(5)] == [False] * 3 + [True] * 2
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -302,6 +304,7 @@ def test_balancing_caps_each_terms_pixel_gradient_at_the_ratio_times_l2s():
   # ... and its parameter gradient is that of the plain objective with those
   # weights (the linear surrogate carries the same gradient in one backward).
   plain = config_schema.complete(load_config("cvivit", "tiny")).loss
+  plain.max_gradient_ratio = 0.0
   plain.lpips_weight = float(parts["train/lpips_weight"])
   plain.video_perceptual_weight = float(parts["train/video_perceptual_weight"])
   plain.adversarial_weight = float(parts["train/gan/generator_loss_weight"])
@@ -317,6 +320,7 @@ def test_a_loose_cap_leaves_the_weights_and_the_gradient_as_given():
   assert float(parts["train/gan/generator_loss_weight"]) == pytest.approx(
       config.loss.adversarial_weight)
   unbalanced = config_schema.complete(load_config("cvivit", "tiny")).loss
+  unbalanced.max_gradient_ratio = 0.0
   _, plain_grads = _loss_and_grads(run, params, unbalanced)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-7)
