@@ -116,18 +116,8 @@ def video_perceptual_term(video: jax.Array, recon: jax.Array,
       resolution=loss_cfg.video_perceptual_resolution or video.shape[2]))
 
 
-def perceptual_terms(video: jax.Array, recon: jax.Array, loss_cfg: ml_collections.ConfigDict,
-                     frozen: dict[str, Any], rng: jax.Array) -> dict[str, jax.Array]:
-  """L_IP and L_VP where they apply (L_VP needs enough frames)."""
-  terms = {}
-  if loss_cfg.lpips_weight > 0:
-    terms["lpips"] = lpips_term(video, recon, loss_cfg, frozen, rng)
-  if loss_cfg.video_perceptual_weight > 0 and _video_perceptual_applies(video, loss_cfg):
-    terms["video_perceptual"] = video_perceptual_term(video, recon, loss_cfg, frozen)
-  return terms
-
-
-def _video_perceptual_applies(video: jax.Array, loss_cfg: ml_collections.ConfigDict) -> bool:
+def video_perceptual_applies(video: jax.Array, loss_cfg: ml_collections.ConfigDict) -> bool:
+  """L_VP needs a clip of at least video_perceptual_min_frames (images never)."""
   t = video.shape[1]
   return t > 1 and t >= loss_cfg.video_perceptual_min_frames
 
@@ -163,7 +153,7 @@ def compute_losses(model: nn.Module, params: Any, video: jax.Array,
   if loss_cfg.lpips_weight > 0:
     extra["lpips"] = (loss_cfg.lpips_weight,
                       lambda r: lpips_term(video, r, loss_cfg, frozen, rng))
-  if loss_cfg.video_perceptual_weight > 0 and _video_perceptual_applies(video, loss_cfg):
+  if loss_cfg.video_perceptual_weight > 0 and video_perceptual_applies(video, loss_cfg):
     extra["video_perceptual"] = (
         loss_cfg.video_perceptual_weight,
         lambda r: video_perceptual_term(video, r, loss_cfg, frozen))
