@@ -13,16 +13,17 @@
 #                                                  .whl/gpu_suite, which git ignores)
 #
 # The measurements, in this order (each has a timeout, and the whole run a
-# budget, SUITE_BUDGET_S, default 420 s; what does not fit is skipped and
-# recorded as such):
+# budget, SUITE_BUDGET_S, default 450 s; what does not fit is skipped and
+# recorded as such; SUITE_ONLY=name,name runs only those, e.g. to finish the
+# skipped ones in a second call):
 #   generator_train_step   the ~300M generator's train step (bench_configs.py:gpu,maskgit):
 #                          step time, tokens/s, MFU (target >= 40% on one H100)
 #   sampling               one 11-frame 128x128 clip, 12 steps with guidance: tokens, and
 #                          tokens + C-ViViT decode to pixels (target <= 150 ms)
-#   side_by_side           phenaki_jax vs phenaki-pytorch (bf16 autocast, TF32, fused AdamW)
-#                          at the paper tokenizer and the ~300M generator (target >= 3x)
 #   tokenizer_full         the paper tokenizer's step with the full objective, GAN 'on'
 #                          phase (3 steps in 4): frames/s (target >= 1,500 frames/s)
+#   side_by_side           phenaki_jax vs phenaki-pytorch (bf16 autocast, TF32, fused AdamW)
+#                          at the paper tokenizer and the ~300M generator (target >= 3x)
 #   tokenizer_full_r1      the same at a lazy-R1 step (1 in 4), for the average
 #
 # Output in DIR: results.jsonl (one line per measurement: name, rc, seconds,
@@ -97,7 +98,7 @@ if [ "$MODE" = smoke ]; then
   SIZES=tiny; ST=(--steps=1 --warmup=1); TEXT_WIDTH=8; SAMPLE_STEPS=2; RUNS=1
   FROZEN=random  # exercises the path a GPU image without the weight files takes
 else
-  SIZES=gpu; ST=(--steps=5 --warmup=2); TEXT_WIDTH=512; SAMPLE_STEPS=12; RUNS=10
+  SIZES=gpu; ST=(--steps=5 --warmup=2); TEXT_WIDTH=512; SAMPLE_STEPS=12; RUNS=5
   FROZEN=auto
 fi
 
@@ -119,12 +120,14 @@ add generator_train_step 150 "$(q "$PY" benchmarks/train_step.py --job=maskgit \
 add sampling 120 "$(q "$PY" benchmarks/sampling.py --config=$BC:$SIZES,maskgit \
   --tokenizer_config=$BC:$SIZES,cvivit --kinds=guided,guided+decode --steps=$SAMPLE_STEPS \
   --batch=0 --runs=$RUNS --json)"
-add side_by_side 240 "$(q "$PY" benchmarks/side_by_side.py --sizes=$SIZES "${TORCH_ARGS[@]}" \
-  "${ST[@]}" --json) ${SIDE_BY_SIDE_ARGS:-}"
 add tokenizer_full 180 "$(q "$PY" benchmarks/train_step.py --job=cvivit \
   --config=$BC:$SIZES,cvivit_full --at_step=1 --frozen_weights=$FROZEN "${ST[@]}" --json)"
+add side_by_side 240 "$(q "$PY" benchmarks/side_by_side.py --sizes=$SIZES "${TORCH_ARGS[@]}" \
+  "${ST[@]}" --json) ${SIDE_BY_SIDE_ARGS:-}"
 add tokenizer_full_r1 120 "$(q "$PY" benchmarks/train_step.py --job=cvivit \
   --config=$BC:$SIZES,cvivit_full --at_step=0 --frozen_weights=$FROZEN "${ST[@]}" --json)"
+
+for i in "${!NAMES[@]}"; do [ "${NAMES[$i]}" = side_by_side ] && SBS=$i; done
 
 if [ "$MODE" = print ]; then
   for i in "${!NAMES[@]}"; do echo "# ${NAMES[$i]} (timeout ${TIMEOUTS[$i]} s)"; echo "${CMDS[$i]}"; done
@@ -162,11 +165,11 @@ if [ "$MODE" = run ]; then
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu_suite_jax_cache}
   if PYTHONPATH="$TORCH_PP" "${TORCH_PYTHON:-$PY}" benchmarks/_phenaki_pytorch_steps.py \
       --check_import >> "$LOG" 2>&1; then
-    CMDS[2]="${CMDS[2]} $(q --torch_pythonpath="$TORCH_PP")"
+    CMDS[$SBS]="${CMDS[$SBS]} $(q --torch_pythonpath="$TORCH_PP")"
   else
     echo "phenaki-pytorch does not import under ${TORCH_PYTHON:-$PY}: side_by_side runs ours only" \
       | tee -a "$LOG" >&2
-    CMDS[2]="${CMDS[2]} --ours-only"
+    CMDS[$SBS]="${CMDS[$SBS]} --ours-only"
   fi
   {
     echo "== environment"; nvidia-smi -L 2>&1; date -u
@@ -178,7 +181,7 @@ elif [ "$MODE" = smoke ]; then
   if ! "$REPO/benchmarks/.venv-phenaki-pytorch/bin/python" benchmarks/_phenaki_pytorch_steps.py \
       --check_import >> "$LOG" 2>&1; then
     echo "no phenaki-pytorch venv here: side_by_side runs ours only" | tee -a "$LOG" >&2
-    CMDS[2]="${CMDS[2]} --ours-only"
+    CMDS[$SBS]="${CMDS[$SBS]} --ours-only"
   fi
 elif [ "$MODE" = dry ]; then
   unset XLA_FLAGS
@@ -190,7 +193,7 @@ elif [ "$MODE" = dry ]; then
   done
 fi
 
-BUDGET=${SUITE_BUDGET_S:-420}
+BUDGET=${SUITE_BUDGET_S:-450}
 [ "$MODE" = run ] || BUDGET=${SUITE_BUDGET_S:-1800}
 START=$SECONDS
 record() {  # NAME RC SECONDS TIMEOUT STDOUT_FILE
@@ -219,6 +222,7 @@ EOF
 
 for i in "${!NAMES[@]}"; do
   name=${NAMES[$i]}
+  if [ -n "${SUITE_ONLY:-}" ] && [[ ",$SUITE_ONLY," != *",$name,"* ]]; then continue; fi
   left=$((BUDGET - (SECONDS - START)))
   if [ "$left" -lt 30 ]; then
     echo "== $name: skipped (${left}s left of SUITE_BUDGET_S=$BUDGET)" | tee -a "$LOG"

@@ -15,7 +15,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(REPO, "benchmarks", "gpu_suite.sh")
-NAMES = ["generator_train_step", "sampling", "side_by_side", "tokenizer_full",
+NAMES = ["generator_train_step", "sampling", "tokenizer_full", "side_by_side",
          "tokenizer_full_r1"]
 
 
