@@ -461,10 +461,16 @@ class ShapesStorySource:
   `context_frames` (each 1 + m·temporal patch, so it tokenises to whole token
   frames); the generator gets the context's tokens unmasked and learns the
   rest from the new caption, as it samples a story's later windows.
+
+  With `memory_frames` > 0 (the generator's long-term memory) the story
+  starts earlier: an opening segment of g frames (g drawn from
+  [memory_frames, 2·num_frames], its own motion) comes before the context,
+  and the record also holds "memory_frames": the story's first memory_frames
+  frames, never part of the clip: a story's opening seen from a later window.
   """
 
   def __init__(self, num_frames: int, resolution: int, context_frames: Sequence[int],
-               seed: int = 0, num_records: int = 1_000_000):
+               seed: int = 0, num_records: int = 1_000_000, memory_frames: int = 0):
     context_frames = tuple(int(k) for k in context_frames)
     if not context_frames or any(not 1 <= k < num_frames for k in context_frames):
       raise ValueError(f"context_frames {context_frames} must be in [1, {num_frames})")
@@ -473,6 +479,9 @@ class ShapesStorySource:
     self.context_frames = context_frames
     self.seed = int(seed)
     self.num_records = int(num_records)
+    self.memory_frames = int(memory_frames)
+    if self.memory_frames < 0:
+      raise ValueError(f"memory_frames={memory_frames} must be >= 0")
 
   def __len__(self) -> int:
     return self.num_records
@@ -483,10 +492,23 @@ class ShapesStorySource:
     k = self.context_frames[rng.integers(len(self.context_frames))]
     first = MOTIONS[rng.integers(len(MOTIONS))]
     second = [m for m in MOTIONS if m != first][rng.integers(len(MOTIONS) - 1)]
+    if self.memory_frames:
+      return self._with_memory(rng, k, first, second)
     frames, captions, _ = render_story([first, second], [k, self.num_frames - k],
                                        self.resolution, seed=int(rng.integers(2 ** 31)))
     return {"frames": frames, "caption": captions[1], "prefix_frames": np.int32(k)}
 
+  def _with_memory(self, rng: np.random.Generator, k: int, first: str,
+                   second: str) -> dict[str, Any]:
+    gap = int(rng.integers(self.memory_frames, 2 * self.num_frames + 1))
+    opening = MOTIONS[rng.integers(len(MOTIONS))]
+    frames, captions, _ = render_story([opening, first, second],
+                                       [gap, k, self.num_frames - k], self.resolution,
+                                       seed=int(rng.integers(2 ** 31)))
+    return {"frames": frames[gap:], "caption": captions[2], "prefix_frames": np.int32(k),
+            "memory_frames": frames[:self.memory_frames]}
+
   def __repr__(self) -> str:
     return (f"ShapesStorySource(num_frames={self.num_frames}, resolution={self.resolution}, "
-            f"context_frames={self.context_frames}, seed={self.seed})")
+            f"context_frames={self.context_frames}, seed={self.seed}, "
+            f"memory_frames={self.memory_frames})")

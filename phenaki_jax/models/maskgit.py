@@ -14,6 +14,13 @@ Choices:
     an all-False text mask (dropped text) a softmax over no keys has no
     meaning; with the null token it is well defined, and that very input is
     the unconditional model that classifier-free guidance needs.
+  * Optional long-term memory (`memory_token_frames` > 0; off by default, and
+    then no parameter of it exists): token frames from earlier in a story
+    (its first window's first token frame) are embedded with the same token
+    table, the row/column positions of the video and their own learned
+    memory-frame table (which also marks them as memory), normalised, and
+    appended to the text context with their own mask, so guidance can scale
+    them apart from the text (generator.py, parallel_decode.guide_with_memory).
   * Output logits are NOT tied to the token embedding: the embedding has an
     extra [MASK] row that is never a target, and untied heads let the 'vocab'
     axis of the input and output tables be sharded independently. The cost is
@@ -27,8 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from phenaki_jax.models.layers import (DenseGeneral, Transformer, check_attention_impl, constrain,
-                                      remat_policy_name)
+from phenaki_jax.models.layers import (DenseGeneral, LayerNorm, Transformer, check_attention_impl,
+                                      constrain, remat_policy_name)
 
 Dtype = Any
 
@@ -55,6 +62,8 @@ class MaskGitTransformer(nn.Module):
     dtype: compute dtype; logits are returned in float32.
     param_dtype: dtype the parameters are created in.
     attention_impl: None lets XLA choose; 'cudnn' for the fused GPU kernel.
+    memory_token_frames: token frames of long-term memory in the cross-attention
+      context; 0: none (and no memory parameters).
   """
   codebook_size: int
   max_token_frames: int
@@ -71,6 +80,7 @@ class MaskGitTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  memory_token_frames: int = 0
 
   @property
   def mask_id(self) -> int:
@@ -117,8 +127,38 @@ class MaskGitTransformer(nn.Module):
     mask = jnp.concatenate([jnp.ones((batch, 1), jnp.bool_), text_mask.astype(jnp.bool_)], axis=1)
     return constrain(ctx, *act), mask
 
+  def _embed_memory(self, table: jax.Array, pos: tuple[jax.Array, jax.Array],
+                    memory: jax.Array | None, memory_mask: jax.Array | None,
+                    batch: int, h: int, w: int) -> tuple[jax.Array, jax.Array]:
+    """Memory tokens (B, m, h, w) -> context (B, m·h·w, width), mask (B, m·h·w).
+
+    No memory given: [MASK] tokens behind an all-False mask (the same
+    parameters and shapes either way).
+    """
+    m = self.memory_token_frames
+    if memory is None:
+      memory = jnp.full((batch, m, h, w), self.mask_id, jnp.int32)
+      memory_mask = jnp.zeros((batch,), jnp.bool_)
+    if memory.shape != (batch, m, h, w):
+      raise ValueError(f"memory must be (batch, memory_token_frames, h, w) = "
+                       f"{(batch, m, h, w)}; got {memory.shape}")
+    if memory_mask is None:
+      memory_mask = jnp.ones((batch,), jnp.bool_)
+    row_pos, col_pos = pos
+    frame_pos = self._table("memory_frame_pos", m, ("frames", "embed"))
+    x = jnp.take(table, memory.astype(jnp.int32), axis=0) + jnp.asarray(
+        frame_pos[:, None, None] + row_pos[None, :h, None] + col_pos[None, None, :w], self.dtype)
+    # Token embeddings start tiny (stddev 0.02); normalised, the memory keys
+    # are on the scale of the projected text next to them.
+    x = LayerNorm(name="memory_norm", dtype=self.dtype, param_dtype=self.param_dtype)(
+        x.reshape(batch, m * h * w, self.width)).astype(self.dtype)
+    mask = jnp.broadcast_to(memory_mask.astype(jnp.bool_).reshape(batch, 1), (batch, m * h * w))
+    return constrain(x, "act_batch", "act_len", "act_embed"), mask
+
   @nn.compact
-  def __call__(self, tokens: jax.Array, text: jax.Array, text_mask: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, text: jax.Array, text_mask: jax.Array,
+               memory: jax.Array | None = None,
+               memory_mask: jax.Array | None = None) -> jax.Array:
     """Logits over the codes for every position.
 
     Args:
@@ -126,6 +166,10 @@ class MaskGitTransformer(nn.Module):
         is [MASK].
       text: (B, L, D_text) text embeddings (e.g. T5 outputs).
       text_mask: bool (B, L), True for real text tokens; all False = no text.
+      memory: int32 (B, memory_token_frames, h, w) long-term memory tokens, or
+        None (no memory); only for a model with memory_token_frames > 0.
+      memory_mask: bool (B,): True where an example's memory is given; None:
+        all True (when `memory` is given).
 
     Returns:
       float32 logits (B, T, h, w, codebook_size).
@@ -146,6 +190,14 @@ class MaskGitTransformer(nn.Module):
     x = constrain(x, "act_batch", "act_len", "act_embed")
 
     context, context_mask = self._embed_text(text, text_mask)
+    if self.memory_token_frames:
+      mem, mem_mask = self._embed_memory(table, (row_pos, col_pos), memory, memory_mask,
+                                         batch, h, w)
+      context = constrain(jnp.concatenate([context, mem], axis=1),
+                          "act_batch", "act_len", "act_embed")
+      context_mask = jnp.concatenate([context_mask, mem_mask], axis=1)
+    elif memory is not None:
+      raise ValueError("memory given, but this generator has memory_token_frames=0")
     x = Transformer(
         num_layers=self.num_layers, num_heads=self.num_heads, head_dim=self.head_dim,
         mlp_dim=self.mlp_dim, causal=False, cross_attention=True, remat=self.remat,
@@ -186,4 +238,5 @@ def from_config(model_config: Any, *, codebook_size: int, max_token_frames: int,
       dtype=jnp.dtype(m.dtype),
       param_dtype=jnp.dtype(m.param_dtype),
       attention_impl=check_attention_impl(m.attention_impl) or None,
+      memory_token_frames=m.get("memory_token_frames", 0),
   )

@@ -9,7 +9,9 @@ tokenizer (or take precomputed codes), pad an image batch's single token frame
 to the token grid, mask a fraction γ(r) of each example's tokens with
 r ~ U(0, 1), replace the text of `text_drop_rate` of the examples by the empty
 text (classifier-free guidance), and take the cross-entropy on the masked
-tokens only.
+tokens only. A generator with long-term memory (model.memory_token_frames)
+also gets memory tokens, dropped for memory.drop_rate of the examples (see
+memory_inputs).
 
 The batch dict (global arrays, leading axis = examples):
   frames        uint8 (B, T, H, W, 3): T = input.num_frames (videos) or 1 (images)
@@ -20,6 +22,9 @@ The batch dict (global arrays, leading axis = examples):
   text_ids      int32 (B, L) and text_mask bool (B, L): captions tokenised on the host
   text_embeddings  optional float (B, L, D): precomputed outputs of a frozen
                 text encoder, used instead of text_ids (with text_mask)
+  prefix_frames optional int32 (B,): a story clip's K context frames
+  memory_frames optional uint8 (B, 1 + (m−1)·t_p, H, W, 3): the opening of a
+                story clip's story, encoded into its memory tokens
 """
 from __future__ import annotations
 
@@ -531,13 +536,17 @@ def finish_bucket_metrics(scalars: dict[str, float]) -> dict[str, float]:
 def training_inputs(rng: jax.Array, tokens: jax.Array, region: jax.Array, *, schedule: str,
                     mask_id: int, codebook_size: int, prefix_probability: float = 0.0,
                     prefix_corrupt_fraction: float = 0.0,
-                    given_prefix: jax.Array | None = None
+                    given_prefix: jax.Array | None = None,
+                    memory_frames: jax.Array | None = None
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(model inputs, bool masked = loss weight, prefix token frames (B,)) of a step.
 
   Masks γ(r) of each example's maskable tokens (in `region`, outside its
   story prefix); the prefix is given as context (corrupted when asked). A
   story clip's own context (`given_prefix` token frames, > 0) is its prefix.
+  `memory_frames` (B,): an example's first token frames that are its own
+  long-term memory; those not in its prefix are [MASK] in the input and
+  outside the loss (see memory_inputs).
   """
   mask_rng, _ = split_step_rng(rng)
   # Its own stream (fold_in): the mask and text-drop draws stay as they were.
@@ -548,42 +557,94 @@ def training_inputs(rng: jax.Array, tokens: jax.Array, region: jax.Array, *, sch
                                          prefix_probability)
   if given_prefix is not None:
     prefix_frames = jnp.where(given_prefix > 0, given_prefix.astype(jnp.int32), prefix_frames)
+  frozen = prefix_frames if memory_frames is None else jnp.maximum(prefix_frames, memory_frames)
   masked = mask_schedule.sample_mask(mask_rng, tokens.shape, schedule, loss_region=region,
-                                     num_frozen_frames=prefix_frames)
+                                     num_frozen_frames=frozen)
   context = tokens
   if prefix_corrupt_fraction > 0 and (prefix_probability > 0 or given_prefix is not None):
     context = corrupt_prefix(corrupt_rng, tokens, prefix_frames, prefix_corrupt_fraction,
                              codebook_size)
-  return jnp.where(masked, mask_id, context), masked, prefix_frames
+  inputs = jnp.where(masked, mask_id, context)
+  if memory_frames is not None:
+    frame = jax.lax.broadcasted_iota(jnp.int32, tokens.shape, 1)
+    per_example = lambda x: x.reshape((-1,) + (1,) * (tokens.ndim - 1))
+    hidden = (frame >= per_example(prefix_frames)) & (frame < per_example(memory_frames))
+    inputs = jnp.where(hidden, mask_id, inputs)
+  return inputs, masked, prefix_frames
+
+
+def memory_inputs(rng: jax.Array, tokens: jax.Array, region: jax.Array, *,
+                  memory_token_frames: int, drop_rate: float | jax.Array,
+                  given: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """(memory tokens (B, m, h, w), bool present (B,), own memory frames (B,) or None).
+
+  Where the memory comes from, and why it cannot be copied into the answer:
+    * `given` (story clips of the built-in data): the codes of the opening of
+      the clip's story, rendered g ≥ 1 frames before the clip's context and
+      never part of the clip, as a story's first window is to its later
+      ones. Nothing to leak; every such example is eligible.
+    * otherwise (plain clips, real or pre-tokenised data): the clip's own
+      first m token frames. Those frames then leave the loss and, unless the
+      prefix task already gives them, are [MASK] in the input (the third
+      result tells training_inputs which): the model is never rewarded for
+      copying the memory into the positions it came from, only for using it
+      to make the frames after it (a first frame it is told, as a story's
+      opening is told). Only examples with more than m real token frames are
+      eligible (an image would keep nothing to learn).
+  Eligible examples keep their memory with probability 1 − drop_rate (drawn
+  per example and step); a dropped or absent memory has an all-False mask,
+  which trains the memory-free model that memory guidance needs.
+  """
+  m = memory_token_frames
+  b = tokens.shape[0]
+  keep = ~jax.random.bernoulli(rng, drop_rate, (b,))
+  if given is not None:
+    return given.astype(jnp.int32), keep, None
+  present = keep & (region[:, :, 0, 0].sum(axis=1) > m)
+  return tokens[:, :m], present, jnp.where(present, m, 0).astype(jnp.int32)
 
 
 def compute_losses(generator: maskgit.MaskGitTransformer, text: TextEncoder, params: Any,
                    frozen_text_params: Any, batch: Mapping[str, jax.Array], codes: jax.Array,
                    rng: jax.Array, *, text_drop_rate: float | jax.Array, label_smoothing: float,
                    schedule: str, prefix_probability: float = 0.0,
-                   prefix_corrupt_fraction: float = 0.0
+                   prefix_corrupt_fraction: float = 0.0,
+                   memory_drop_rate: float | jax.Array = 1.0
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Masked-token cross-entropy and its logged parts.
 
   With `prefix_probability`, an example's first k token frames are given
   unmasked (a story's re-encoded context) and the loss is on the rest; a
   `prefix_corrupt_fraction` of those context tokens is replaced at random.
+  A generator with memory gets memory tokens (batch['memory_codes'], else
+  the clip's own; see memory_inputs), dropped at `memory_drop_rate` (the
+  default 1 gives none, as the held-out eval measures it).
   Parts under 'bucket_stats/' are interval sums, not metrics (see
   finish_bucket_metrics).
   """
   tokens, region = pad_token_grid(codes, generator.max_token_frames, generator.mask_id,
                                   batch.get("token_frames"))
   _, drop_rng = split_step_rng(rng)
+  memory, memory_present, own_memory = None, None, None
+  if generator.memory_token_frames:
+    # Its own stream (fold_in), as the prefix's: the other draws stay as they were.
+    memory, memory_present, own_memory = memory_inputs(
+        jax.random.fold_in(rng, 3), tokens, region,
+        memory_token_frames=generator.memory_token_frames, drop_rate=memory_drop_rate,
+        given=batch.get("memory_codes"))
   inputs, masked, prefix_frames = training_inputs(
       rng, tokens, region, schedule=schedule, mask_id=generator.mask_id,
       codebook_size=generator.codebook_size, prefix_probability=prefix_probability,
       prefix_corrupt_fraction=prefix_corrupt_fraction,
-      given_prefix=batch.get("prefix_token_frames"))
+      given_prefix=batch.get("prefix_token_frames"), memory_frames=own_memory)
   context, context_mask = encode_text(text, params, frozen_text_params, batch)
   dropped = text_drop_mask(drop_rng, tokens.shape[0], text_drop_rate)
   # All-False: the generator attends to its learned null token only.
   context_mask = context_mask & ~dropped[:, None]
-  logits = generator.apply({"params": params["generator"]}, inputs, context, context_mask)
+  memory_args = () if memory is None else (memory, memory_present)
+  logits = generator.apply({"params": params["generator"]}, inputs, context, context_mask,
+                           *memory_args)
   # Padding positions hold [MASK] (= V, not a class); they carry no weight.
   targets = jnp.where(region, tokens, 0)
   ce, correct = token_cross_entropy(logits, targets, label_smoothing)
@@ -599,6 +660,8 @@ def compute_losses(generator: maskgit.MaskGitTransformer, text: TextEncoder, par
       "train/text_dropped_fraction": jnp.mean(dropped.astype(jnp.float32)),
       "train/prefix_fraction": jnp.mean((prefix_frames > 0).astype(jnp.float32)),
   }
+  if memory is not None:
+    parts["train/memory_fraction"] = jnp.mean(memory_present.astype(jnp.float32))
   parts.update(bucket_stats(ce, correct, masked, region, schedule))
   return loss, parts
 
@@ -626,12 +689,19 @@ def make_train_step(generator: maskgit.MaskGitTransformer, text: TextEncoder,
     if "prefix_frames" in batch:  # story clips: K context frames -> token frames
       tp = tokenizer_model.temporal_patch_size
       batch = {**batch, "prefix_token_frames": 1 + (batch["prefix_frames"] - 1) // tp}
+    if "memory_frames" in batch and generator.memory_token_frames:
+      # Story clips: the opening of their story -> memory tokens.
+      batch = {**batch, "memory_codes": batch_codes(tokenizer_model, frozen["tokenizer"],
+                                                    {"frames": batch["memory_frames"]})}
     rng = step_rng(config.seed, state.step)
+    memory_kw = {}
+    if generator.memory_token_frames:
+      memory_kw["memory_drop_rate"] = config.memory.drop_rate
     loss_fn = lambda p: compute_losses(
         generator, text, p, frozen["text_encoder"], batch, codes, rng,
         text_drop_rate=config.text_drop_rate, label_smoothing=config.loss.label_smoothing,
         schedule=config.mask_schedule, prefix_probability=config.prefix.probability,
-        prefix_corrupt_fraction=config.prefix.corrupt_fraction)
+        prefix_corrupt_fraction=config.prefix.corrupt_fraction, **memory_kw)
     (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -711,10 +781,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   replicated = sharding.replicated(mesh)
 
   # --- Input: clips with captions; captions become ids on the host.
+  memory_frames = 0  # story clips carry their story's opening for a memory generator
+  if config.model.memory_token_frames:
+    memory_frames = 1 + (config.model.memory_token_frames - 1) * int(
+        tok.config.model.temporal_patch_size)
   train_iter = iter(pipeline.make_train_dataset(
       config.input, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), keep_caption=True,
-      text_max_length=config.text.max_length))
+      text_max_length=config.text.max_length, story_memory_frames=memory_frames))
 
   def to_device(local_batch: Mapping[str, Any], where: Any) -> dict[str, jax.Array]:
     host = tokenize_captions(local_batch, text.tokenizer, config.text.max_length)
