@@ -108,7 +108,7 @@ class SelectFrames(grain.transforms.Map):
       out["caption"] = str(element["caption"])
     if "prefix_frames" in element:  # a story clip: its context length
       out["prefix_frames"] = np.int32(element["prefix_frames"])
-    if "memory_frames" in element:  # and its story's opening (long-term memory)
+    if "memory_frames" in element:  # and its object seen apart (long-term memory)
       out["memory_frames"] = np.asarray(element["memory_frames"], np.uint8)
     return out
 
@@ -125,7 +125,7 @@ class ClipAugment(grain.transforms.RandomMap):
     self.flip = flip
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    if "memory_frames" in element:  # the story's opening: the same crop and flip
+    if "memory_frames" in element:  # the clip's memory: the same crop and flip
       n = len(element["memory_frames"])
       both = self.random_map({"frames": np.concatenate([element["memory_frames"],
                                                         element["frames"]])}, rng)["frames"]
@@ -176,8 +176,8 @@ def make_train_dataset(input_cfg: ml_collections.ConfigDict, *, seed: int, proce
   with `keep_caption`; pre-tokenised data gives {"codes": int32 (B, t, h, w)}
   and cached {"text_embeddings", "text_mask"} in place of captions. Story
   batches add "prefix_frames" (B,), and with `story_memory_frames` > 0
-  "memory_frames" uint8 (B, story_memory_frames, H, W, 3), the opening of
-  each clip's story (the generator's long-term memory).
+  "memory_frames" uint8 (B, story_memory_frames, H, W, 3), each clip's
+  object rendered apart from it (the generator's long-term memory).
   """
   if input_cfg.batch_size % process_count:
     raise ValueError(f"config.input.batch_size={input_cfg.batch_size} must be divisible by "

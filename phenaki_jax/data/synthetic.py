@@ -462,11 +462,12 @@ class ShapesStorySource:
   frames); the generator gets the context's tokens unmasked and learns the
   rest from the new caption, as it samples a story's later windows.
 
-  With `memory_frames` > 0 (the generator's long-term memory) the story
-  starts earlier: an opening segment of g frames (g drawn from
-  [memory_frames, 2·num_frames], its own motion) comes before the context,
-  and the record also holds "memory_frames": the story's first memory_frames
-  frames, never part of the clip: a story's opening seen from a later window.
+  With `memory_frames` > 0 (the generator's long-term memory) the record
+  also holds "memory_frames": uint8 [memory_frames, H, W, 3] of the same
+  object at its own random place and motion, never part of the clip: a
+  story's opening as a later window sees it (same look, unrelated place, so
+  the memory teaches appearance, not where the object is). The clip itself
+  is the record's clip without memory, draw for draw.
   """
 
   def __init__(self, num_frames: int, resolution: int, context_frames: Sequence[int],
@@ -492,21 +493,16 @@ class ShapesStorySource:
     k = self.context_frames[rng.integers(len(self.context_frames))]
     first = MOTIONS[rng.integers(len(MOTIONS))]
     second = [m for m in MOTIONS if m != first][rng.integers(len(MOTIONS) - 1)]
-    if self.memory_frames:
-      return self._with_memory(rng, k, first, second)
     frames, captions, _ = render_story([first, second], [k, self.num_frames - k],
                                        self.resolution, seed=int(rng.integers(2 ** 31)))
-    return {"frames": frames, "caption": captions[1], "prefix_frames": np.int32(k)}
-
-  def _with_memory(self, rng: np.random.Generator, k: int, first: str,
-                   second: str) -> dict[str, Any]:
-    gap = int(rng.integers(self.memory_frames, 2 * self.num_frames + 1))
-    opening = MOTIONS[rng.integers(len(MOTIONS))]
-    frames, captions, _ = render_story([opening, first, second],
-                                       [gap, k, self.num_frames - k], self.resolution,
-                                       seed=int(rng.integers(2 ** 31)))
-    return {"frames": frames[gap:], "caption": captions[2], "prefix_frames": np.int32(k),
-            "memory_frames": frames[:self.memory_frames]}
+    record = {"frames": frames, "caption": captions[1], "prefix_frames": np.int32(k)}
+    if self.memory_frames:
+      look = parse_caption(captions[0])
+      memory, _, _ = render_story([MOTIONS[rng.integers(len(MOTIONS))]], [self.memory_frames],
+                                  self.resolution, seed=int(rng.integers(2 ** 31)),
+                                  shape=look["shape"], colour=look["colour"], size=look["size"])
+      record["memory_frames"] = memory
+    return record
 
   def __repr__(self) -> str:
     return (f"ShapesStorySource(num_frames={self.num_frames}, resolution={self.resolution}, "

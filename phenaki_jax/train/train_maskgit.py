@@ -23,8 +23,8 @@ The batch dict (global arrays, leading axis = examples):
   text_embeddings  optional float (B, L, D): precomputed outputs of a frozen
                 text encoder, used instead of text_ids (with text_mask)
   prefix_frames optional int32 (B,): a story clip's K context frames
-  memory_frames optional uint8 (B, 1 + (m−1)·t_p, H, W, 3): the opening of a
-                story clip's story, encoded into its memory tokens
+  memory_frames optional uint8 (B, 1 + (m−1)·t_p, H, W, 3): a story clip's
+                object rendered apart from it, encoded into its memory tokens
 """
 from __future__ import annotations
 
@@ -580,10 +580,11 @@ def memory_inputs(rng: jax.Array, tokens: jax.Array, region: jax.Array, *,
   """(memory tokens (B, m, h, w), bool present (B,), own memory frames (B,) or None).
 
   Where the memory comes from, and why it cannot be copied into the answer:
-    * `given` (story clips of the built-in data): the codes of the opening of
-      the clip's story, rendered g ≥ 1 frames before the clip's context and
-      never part of the clip, as a story's first window is to its later
-      ones. Nothing to leak; every such example is eligible.
+    * `given` (story clips of the built-in data): the codes of frames of
+      the clip's object rendered apart from the clip (its own place and
+      motion), as a story's first window is to its much later ones: the same
+      look, an unrelated place. Never part of the clip, so nothing to leak;
+      every such example is eligible.
     * otherwise (plain clips, real or pre-tokenised data): the clip's own
       first m token frames. Those frames then leave the loss and, unless the
       prefix task already gives them, are [MASK] in the input (the third
@@ -690,7 +691,7 @@ def make_train_step(generator: maskgit.MaskGitTransformer, text: TextEncoder,
       tp = tokenizer_model.temporal_patch_size
       batch = {**batch, "prefix_token_frames": 1 + (batch["prefix_frames"] - 1) // tp}
     if "memory_frames" in batch and generator.memory_token_frames:
-      # Story clips: the opening of their story -> memory tokens.
+      # Story clips: their object rendered apart -> memory tokens.
       batch = {**batch, "memory_codes": batch_codes(tokenizer_model, frozen["tokenizer"],
                                                     {"frames": batch["memory_frames"]})}
     rng = step_rng(config.seed, state.step)
@@ -781,7 +782,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   replicated = sharding.replicated(mesh)
 
   # --- Input: clips with captions; captions become ids on the host.
-  memory_frames = 0  # story clips carry their story's opening for a memory generator
+  memory_frames = 0  # story clips carry memory frames of their object for a memory generator
   if config.model.memory_token_frames:
     memory_frames = 1 + (config.model.memory_token_frames - 1) * int(
         tok.config.model.temporal_patch_size)
