@@ -15,12 +15,8 @@ Choices:
     meaning; with the null token it is well defined, and that very input is
     the unconditional model that classifier-free guidance needs.
   * Optional long-term memory (`memory_token_frames` > 0; off by default, and
-    then no parameter of it exists): token frames from earlier in a story
-    (its first window's first token frame) are embedded with the same token
-    table, the row/column positions of the video and their own learned
-    memory-frame table (which also marks them as memory), normalised, and
-    appended to the text context with their own mask, so guidance can scale
-    them apart from the text (generator.py, parallel_decode.guide_with_memory).
+    then no parameter of it exists): a story's first token frames join the
+    text context with their own mask (phenaki_jax/models/memory.py).
   * Output logits are NOT tied to the token embedding: the embedding has an
     extra [MASK] row that is never a target, and untied heads let the 'vocab'
     axis of the input and output tables be sharded independently. The cost is
@@ -34,8 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from phenaki_jax.models.layers import (DenseGeneral, LayerNorm, Transformer, check_attention_impl,
-                                      constrain, remat_policy_name)
+from phenaki_jax.models.layers import (DenseGeneral, Transformer, check_attention_impl, constrain,
+                                      remat_policy_name)
+from phenaki_jax.models.memory import MemoryContext
 
 Dtype = Any
 
@@ -127,34 +124,6 @@ class MaskGitTransformer(nn.Module):
     mask = jnp.concatenate([jnp.ones((batch, 1), jnp.bool_), text_mask.astype(jnp.bool_)], axis=1)
     return constrain(ctx, *act), mask
 
-  def _embed_memory(self, table: jax.Array, pos: tuple[jax.Array, jax.Array],
-                    memory: jax.Array | None, memory_mask: jax.Array | None,
-                    batch: int, h: int, w: int) -> tuple[jax.Array, jax.Array]:
-    """Memory tokens (B, m, h, w) -> context (B, m·h·w, width), mask (B, m·h·w).
-
-    No memory given: [MASK] tokens behind an all-False mask (the same
-    parameters and shapes either way).
-    """
-    m = self.memory_token_frames
-    if memory is None:
-      memory = jnp.full((batch, m, h, w), self.mask_id, jnp.int32)
-      memory_mask = jnp.zeros((batch,), jnp.bool_)
-    if memory.shape != (batch, m, h, w):
-      raise ValueError(f"memory must be (batch, memory_token_frames, h, w) = "
-                       f"{(batch, m, h, w)}; got {memory.shape}")
-    if memory_mask is None:
-      memory_mask = jnp.ones((batch,), jnp.bool_)
-    row_pos, col_pos = pos
-    frame_pos = self._table("memory_frame_pos", m, ("frames", "embed"))
-    x = jnp.take(table, memory.astype(jnp.int32), axis=0) + jnp.asarray(
-        frame_pos[:, None, None] + row_pos[None, :h, None] + col_pos[None, None, :w], self.dtype)
-    # Token embeddings start tiny (stddev 0.02); normalised, the memory keys
-    # are on the scale of the projected text next to them.
-    x = LayerNorm(name="memory_norm", dtype=self.dtype, param_dtype=self.param_dtype)(
-        x.reshape(batch, m * h * w, self.width)).astype(self.dtype)
-    mask = jnp.broadcast_to(memory_mask.astype(jnp.bool_).reshape(batch, 1), (batch, m * h * w))
-    return constrain(x, "act_batch", "act_len", "act_embed"), mask
-
   @nn.compact
   def __call__(self, tokens: jax.Array, text: jax.Array, text_mask: jax.Array,
                memory: jax.Array | None = None,
@@ -190,9 +159,15 @@ class MaskGitTransformer(nn.Module):
     x = constrain(x, "act_batch", "act_len", "act_embed")
 
     context, context_mask = self._embed_text(text, text_mask)
-    if self.memory_token_frames:
-      mem, mem_mask = self._embed_memory(table, (row_pos, col_pos), memory, memory_mask,
-                                         batch, h, w)
+    if self.memory_token_frames:  # phenaki_jax/models/memory.py
+      if memory is None:  # none given: the same parameters and shapes, all masked
+        memory = jnp.full((batch, self.memory_token_frames, h, w), self.mask_id, jnp.int32)
+        memory_mask = jnp.zeros((batch,), jnp.bool_)
+      elif memory_mask is None:
+        memory_mask = jnp.ones((batch,), jnp.bool_)
+      mem, mem_mask = MemoryContext(self.memory_token_frames, self.width, dtype=self.dtype,
+                                    param_dtype=self.param_dtype, name="memory")(
+                                        table, row_pos[:h], col_pos[:w], memory, memory_mask)
       context = constrain(jnp.concatenate([context, mem], axis=1),
                           "act_batch", "act_len", "act_embed")
       context_mask = jnp.concatenate([context_mask, mem_mask], axis=1)

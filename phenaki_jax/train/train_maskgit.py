@@ -11,7 +11,7 @@ r ~ U(0, 1), replace the text of `text_drop_rate` of the examples by the empty
 text (classifier-free guidance), and take the cross-entropy on the masked
 tokens only. A generator with long-term memory (model.memory_token_frames)
 also gets memory tokens, dropped for memory.drop_rate of the examples (see
-memory_inputs).
+phenaki_jax/train/memory_task.py).
 
 The batch dict (global arrays, leading axis = examples):
   frames        uint8 (B, T, H, W, 3): T = input.num_frames (videos) or 1 (images)
@@ -22,7 +22,6 @@ The batch dict (global arrays, leading axis = examples):
   text_ids      int32 (B, L) and text_mask bool (B, L): captions tokenised on the host
   text_embeddings  optional float (B, L, D): precomputed outputs of a frozen
                 text encoder, used instead of text_ids (with text_mask)
-  prefix_frames optional int32 (B,): a story clip's K context frames
   memory_frames optional uint8 (B, 1 + (m−1)·t_p, H, W, 3): a story clip's
                 object rendered apart from it, encoded into its memory tokens
 """
@@ -50,6 +49,7 @@ from phenaki_jax.data import pipeline
 from phenaki_jax.models import cvivit, maskgit, t5, t5_weights, text_tokenizers
 from phenaki_jax.sampling import mask_schedule
 from phenaki_jax.tokenizer import Tokenizer
+from phenaki_jax.train import memory_task
 from phenaki_jax.train.state import GeneratorState
 # Generic trainer pieces, shared with the tokenizer trainer.
 from phenaki_jax.train.train_cvivit import (NonFiniteTrainingError, PreemptionWatch,  # noqa: F401
@@ -546,7 +546,7 @@ def training_inputs(rng: jax.Array, tokens: jax.Array, region: jax.Array, *, sch
   story clip's own context (`given_prefix` token frames, > 0) is its prefix.
   `memory_frames` (B,): an example's first token frames that are its own
   long-term memory; those not in its prefix are [MASK] in the input and
-  outside the loss (see memory_inputs).
+  outside the loss (see memory_task.memory_inputs).
   """
   mask_rng, _ = split_step_rng(rng)
   # Its own stream (fold_in): the mask and text-drop draws stay as they were.
@@ -573,39 +573,6 @@ def training_inputs(rng: jax.Array, tokens: jax.Array, region: jax.Array, *, sch
   return inputs, masked, prefix_frames
 
 
-def memory_inputs(rng: jax.Array, tokens: jax.Array, region: jax.Array, *,
-                  memory_token_frames: int, drop_rate: float | jax.Array,
-                  given: jax.Array | None = None
-                  ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """(memory tokens (B, m, h, w), bool present (B,), own memory frames (B,) or None).
-
-  Where the memory comes from, and why it cannot be copied into the answer:
-    * `given` (story clips of the built-in data): the codes of frames of
-      the clip's object rendered apart from the clip (its own place and
-      motion), as a story's first window is to its much later ones: the same
-      look, an unrelated place. Never part of the clip, so nothing to leak;
-      every such example is eligible.
-    * otherwise (plain clips, real or pre-tokenised data): the clip's own
-      first m token frames. Those frames then leave the loss and, unless the
-      prefix task already gives them, are [MASK] in the input (the third
-      result tells training_inputs which): the model is never rewarded for
-      copying the memory into the positions it came from, only for using it
-      to make the frames after it (a first frame it is told, as a story's
-      opening is told). Only examples with more than m real token frames are
-      eligible (an image would keep nothing to learn).
-  Eligible examples keep their memory with probability 1 − drop_rate (drawn
-  per example and step); a dropped or absent memory has an all-False mask,
-  which trains the memory-free model that memory guidance needs.
-  """
-  m = memory_token_frames
-  b = tokens.shape[0]
-  keep = ~jax.random.bernoulli(rng, drop_rate, (b,))
-  if given is not None:
-    return given.astype(jnp.int32), keep, None
-  present = keep & (region[:, :, 0, 0].sum(axis=1) > m)
-  return tokens[:, :m], present, jnp.where(present, m, 0).astype(jnp.int32)
-
-
 def compute_losses(generator: maskgit.MaskGitTransformer, text: TextEncoder, params: Any,
                    frozen_text_params: Any, batch: Mapping[str, jax.Array], codes: jax.Array,
                    rng: jax.Array, *, text_drop_rate: float | jax.Array, label_smoothing: float,
@@ -619,8 +586,8 @@ def compute_losses(generator: maskgit.MaskGitTransformer, text: TextEncoder, par
   unmasked (a story's re-encoded context) and the loss is on the rest; a
   `prefix_corrupt_fraction` of those context tokens is replaced at random.
   A generator with memory gets memory tokens (batch['memory_codes'], else
-  the clip's own; see memory_inputs), dropped at `memory_drop_rate` (the
-  default 1 gives none, as the held-out eval measures it).
+  the clip's own; see memory_task.memory_inputs), dropped at
+  `memory_drop_rate` (the default 1 gives none, as the held-out eval has it).
   Parts under 'bucket_stats/' are interval sums, not metrics (see
   finish_bucket_metrics).
   """
@@ -630,7 +597,7 @@ def compute_losses(generator: maskgit.MaskGitTransformer, text: TextEncoder, par
   memory, memory_present, own_memory = None, None, None
   if generator.memory_token_frames:
     # Its own stream (fold_in), as the prefix's: the other draws stay as they were.
-    memory, memory_present, own_memory = memory_inputs(
+    memory, memory_present, own_memory = memory_task.memory_inputs(
         jax.random.fold_in(rng, 3), tokens, region,
         memory_token_frames=generator.memory_token_frames, drop_rate=memory_drop_rate,
         given=batch.get("memory_codes"))
@@ -695,14 +662,12 @@ def make_train_step(generator: maskgit.MaskGitTransformer, text: TextEncoder,
       batch = {**batch, "memory_codes": batch_codes(tokenizer_model, frozen["tokenizer"],
                                                     {"frames": batch["memory_frames"]})}
     rng = step_rng(config.seed, state.step)
-    memory_kw = {}
-    if generator.memory_token_frames:
-      memory_kw["memory_drop_rate"] = config.memory.drop_rate
     loss_fn = lambda p: compute_losses(
         generator, text, p, frozen["text_encoder"], batch, codes, rng,
         text_drop_rate=config.text_drop_rate, label_smoothing=config.loss.label_smoothing,
         schedule=config.mask_schedule, prefix_probability=config.prefix.probability,
-        prefix_corrupt_fraction=config.prefix.corrupt_fraction, **memory_kw)
+        prefix_corrupt_fraction=config.prefix.corrupt_fraction,
+        memory_drop_rate=config.memory.drop_rate)
     (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

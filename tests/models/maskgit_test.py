@@ -243,12 +243,11 @@ def test_without_memory_the_parameters_are_those_of_before_and_memory_is_refused
 
 def test_memory_parameters_and_their_axis_names(memory_setup):
   variables, _, _, _ = memory_setup
-  assert set(nn.unbox(variables["params"])) == _PLAIN_PARAMS | {"memory_frame_pos",
-                                                                "memory_norm"}
+  assert set(nn.unbox(variables["params"])) == _PLAIN_PARAMS | {"memory"}
   names = flax.traverse_util.flatten_dict(
       flax.core.unfreeze(nn.get_partition_spec(variables))["params"])
-  assert names[("memory_frame_pos",)] == jax.sharding.PartitionSpec("frames", "embed")
-  assert names[("memory_norm", "norm", "scale")] == jax.sharding.PartitionSpec("embed")
+  assert names[("memory", "frame_pos")] == jax.sharding.PartitionSpec("frames", "embed")
+  assert names[("memory", "norm", "norm", "scale")] == jax.sharding.PartitionSpec("embed")
 
 
 def test_memory_changes_the_logits_and_an_absent_memory_is_no_memory(memory_setup):

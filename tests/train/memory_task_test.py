@@ -9,7 +9,7 @@ import optax
 
 from phenaki_jax import config_schema
 from phenaki_jax.data import pipeline, synthetic
-from phenaki_jax.train import train_maskgit
+from phenaki_jax.train import memory_task, train_maskgit
 from tests.helpers import load_config
 
 T, H, W, V = 3, 4, 4, 64
@@ -26,7 +26,7 @@ def _memory(n, drop_rate, real_frames=T, given=None, step=3):
   tokens, region = _tokens(n, real_frames)
   # The rng as compute_losses derives it from the step's.
   rng = jax.random.fold_in(train_maskgit.step_rng(0, step), 3)
-  out = jax.jit(lambda r: train_maskgit.memory_inputs(
+  out = jax.jit(lambda r: memory_task.memory_inputs(
       r, tokens, region, memory_token_frames=M, drop_rate=drop_rate, given=given))(rng)
   return (np.asarray(tokens), np.asarray(region)) + tuple(
       None if x is None else np.asarray(x) for x in out)
@@ -180,7 +180,7 @@ def test_with_memory_off_the_loss_is_the_recipe_of_before():
 
 def test_with_memory_on_the_loss_sees_the_memory_and_reports_its_rate():
   generator, text, params, batch = _setup(1)
-  assert "memory_frame_pos" in params["generator"]
+  assert "memory" in params["generator"]
   rng = train_maskgit.step_rng(0, 4)
 
   def loss(p, b, rate):

@@ -441,7 +441,7 @@ def test_a_memory_generator_trains_checkpoints_and_resumes_exactly(tokenizer_dir
     assert key in keys, key
   fractions = [r["train/memory_fraction"] for r in rows if "train/memory_fraction" in r]
   assert 0 < np.mean(fractions) < 1  # memory.drop_rate 0.5 (images never get one)
-  assert "memory_frame_pos" in jax.device_get(out["state"]).params["generator"]
+  assert "memory" in jax.device_get(out["state"]).params["generator"]
   # Stopped after step 4 and resumed: the same losses and weights, bit for bit.
   assert train_maskgit.train_and_evaluate(config(), parts, stop_after_step=4)["step"] == 4
   resumed = train_maskgit.train_and_evaluate(config(), parts)
