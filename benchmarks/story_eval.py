@@ -2,6 +2,7 @@
 
   python benchmarks/story_eval.py --generator=runs/maskgit [--stories=8] [--segments=4]
       [--context_frames=-1] [--guidance_scale=3.0] [--num_steps=12]
+      [--memory_guidance_scale=0] [--seam_blending]
 
 Samples --stories storyboards of --segments segments (one object, a new
 direction each segment; phenaki_jax/eval/story_metrics.py), each segment one
@@ -9,8 +10,13 @@ window's worth of new frames, and prints JSON: per-segment prompt accuracy
 (the shapes scorer), whether later segments keep the first segment's colour
 and shape, and the seam ratio (frame change at window starts over the change
 inside windows; 1 = seamless). Run it once per generator (e.g. trained with
-and without the story task) and compare. Not a test: figures go to
-benchmarks/RESULTS.md with the command, machine and date.
+and without the story task) and compare. The experimental switches are
+compared the same way, each against the same generator without it:
+--memory_guidance_scale > 0 (a generator trained with
+model.memory_token_frames > 0; the story's first token frame guides every
+later window) and --seam_blending (a random split inside the context at
+every decoding step). Not a test: figures go to benchmarks/RESULTS.md with
+the command, machine and date.
 """
 from __future__ import annotations
 
@@ -29,6 +35,10 @@ _SEGMENTS = flags.DEFINE_integer("segments", 4, "Segments per story.")
 _CONTEXT = flags.DEFINE_integer("context_frames", -1, "K; -1: about half the window.")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", 3.0, "Classifier-free guidance scale.")
 _STEPS = flags.DEFINE_integer("num_steps", 12, "Decoding steps per window.")
+_MEMORY = flags.DEFINE_float("memory_guidance_scale", 0.0,
+                             "Long-term memory guidance (a generator trained with memory); "
+                             "0: off.")
+_SEAM = flags.DEFINE_bool("seam_blending", False, "Randomised blending of the seams.")
 _SAVE = flags.DEFINE_string("save_gif", "", "Write the first story here as a GIF.")
 
 
@@ -40,7 +50,8 @@ def main(_):
   from phenaki_jax.sampling import story
 
   gen = Generator.load(_GENERATOR.value)
-  options = SamplingOptions(num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value)
+  options = SamplingOptions(num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
+                            memory_guidance_scale=_MEMORY.value, seam_blending=_SEAM.value)
   scores, start = [], time.perf_counter()
   for i in range(_STORIES.value):
     prompts = story_metrics.shapes_storyboard(_SEGMENTS.value, seed=i)
@@ -58,6 +69,8 @@ def main(_):
       "generator": os.path.abspath(_GENERATOR.value), "step": gen.step,
       "stories": _STORIES.value, "segments": _SEGMENTS.value,
       "context_frames": _CONTEXT.value, "guidance_scale": _GUIDANCE.value,
+      "memory_guidance_scale": _MEMORY.value, "seam_blending": _SEAM.value,
+      "memory_token_frames": gen.memory_token_frames,
       "first_segment_accuracy": shapes_score.accuracy(first),
       "later_segment_accuracy": shapes_score.accuracy(later),
       "keeps_colour": float(np.mean([s["keeps_colour"] for s in scores])),

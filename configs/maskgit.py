@@ -13,6 +13,8 @@ encoder trained alongside; CPU-friendly), 'tiny' (seconds; the tokenizer of
 tests run), 'paper' (paper scale for pods: the tokenizer of
 `configs/cvivit.py:paper`, 6×16×16 = 1,536 tokens of 8,192 codes, a frozen
 pretrained T5 from text.t5_path, bf16, remat).
+Long-term memory for stories (experimental): --config.model.memory_token_frames=1
+(memory.drop_rate sets how often it is dropped for its own guidance).
 Every key and its default is in phenaki_jax/config_schema.py.
 """
 from phenaki_jax import config_schema

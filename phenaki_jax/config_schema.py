@@ -450,6 +450,13 @@ def maskgit_defaults() -> ml_collections.ConfigDict:
   c.prefix = ml_collections.ConfigDict()
   c.prefix.probability = 0.25
   c.prefix.corrupt_fraction = 0.0
+  # Long-term memory (model.memory_token_frames > 0; experimental): an
+  # example's memory tokens are dropped (all-False memory mask) with this
+  # probability, which trains the memory-free model that memory guidance
+  # (sampling.memory_guidance_scale) contrasts with. See compute_losses in
+  # phenaki_jax/train/train_maskgit.py for where the memory comes from.
+  c.memory = ml_collections.ConfigDict()
+  c.memory.drop_rate = 0.5
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices.
@@ -493,6 +500,10 @@ def maskgit_defaults() -> ml_collections.ConfigDict:
   c.model.remat = False
   c.model.remat_policy = ""  # layers.REMAT_POLICIES name; '' follows model.remat
   c.model.scan_layers = False  # nn.scan over blocks: one block to compile (pods)
+  # Long-term memory for stories (experimental, not yet measured): this many
+  # token frames of a story's first window join the text in cross-attention
+  # (StreamingT2V's appearance preservation, as tokens); 0: off, no parameters.
+  c.model.memory_token_frames = 0
   c.model.dtype = "float32"  # compute dtype; 'bfloat16' keeps float32 master weights
   c.model.param_dtype = "float32"
   # '' picks cuDNN's fused kernel where it applies (GPU, bf16), else XLA;
@@ -646,6 +657,12 @@ def validate_maskgit(config: ml_collections.ConfigDict, num_devices: int,
            config.prefix.probability, "must be in [0, 1]")
   _require(0.0 <= config.prefix.corrupt_fraction <= 1.0, "prefix.corrupt_fraction",
            config.prefix.corrupt_fraction, "must be in [0, 1]")
+  _require(isinstance(m.memory_token_frames, int) and 0 <= m.memory_token_frames < grid[0],
+           "model.memory_token_frames", m.memory_token_frames,
+           f"must be in [0, {grid[0]}) (0: no memory; fewer than the token frames of a clip, "
+           "so a clip keeps frames to learn after its memory)")
+  _require(0.0 <= config.memory.drop_rate <= 1.0, "memory.drop_rate", config.memory.drop_rate,
+           "must be in [0, 1]")
   _require(0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing",
            config.loss.label_smoothing, "must be in [0, 1)")
   _require(t.encoder in TEXT_ENCODERS, "text.encoder", t.encoder,
@@ -902,6 +919,15 @@ def sample_defaults() -> ml_collections.ConfigDict:
   c.sampling.choice_temperature = 4.5
   c.sampling.top_k = 0  # 0: every code
   c.sampling.max_steps = 48  # static loop bound: one compilation for num_steps <= it
+  # Stories only, experimental and not yet measured (phenaki_jax/sampling/story.py;
+  # a storyboard's defaults or segments may set them too):
+  # guidance of the long-term memory (a generator with model.memory_token_frames
+  # > 0): uncond + s·(cond − uncond) + memory_guidance_scale·(cond_memory − cond);
+  # 0: no memory (plain CFG, two passes instead of three).
+  c.sampling.memory_guidance_scale = 0.0
+  # Randomised blending of the seam: each decoding step keeps the prefix token
+  # frames before a random split and re-samples the rest (parallel_decode.decode).
+  c.sampling.seam_blending = False
 
   c.output = ml_collections.ConfigDict()
   c.output.formats = "mp4,gif"  # comma list of 'mp4', 'gif'

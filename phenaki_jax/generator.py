@@ -44,6 +44,12 @@ class SamplingOptions:
     top_k: sample among the k most likely codes only; 0: all.
     max_steps: static bound of the loop (one compilation for every num_steps
       up to it).
+    memory_guidance_scale: with memory tokens (a generator with long-term
+      memory, in a story's later windows): uncond + guidance_scale·(cond −
+      uncond) + memory_guidance_scale·(cond_with_memory − cond); 0: the
+      memory is not used. Experimental.
+    seam_blending: with prefix tokens, re-draw at every decoding step how many
+      prefix token frames stay frozen (parallel_decode.decode). Experimental.
   """
   num_steps: int = 12
   guidance_scale: float = 3.0
@@ -51,6 +57,8 @@ class SamplingOptions:
   choice_temperature: float = 4.5
   top_k: int = 0
   max_steps: int = 48
+  memory_guidance_scale: float = 0.0
+  seam_blending: bool = False
 
   def check(self, where: str = "") -> None:
     def bad(key, why):
@@ -67,6 +75,10 @@ class SamplingOptions:
       bad("guidance_scale", "must be >= 0")
     if self.top_k < 0:
       bad("top_k", "must be >= 0 (0: all codes)")
+    if self.memory_guidance_scale < 0:
+      bad("memory_guidance_scale", "must be >= 0 (0: no memory)")
+    if not isinstance(self.seam_blending, (bool, np.bool_)):
+      bad("seam_blending", "must be true or false")
 
 
 @dataclasses.dataclass
@@ -128,6 +140,11 @@ class Generator:
                            static_argnames=("max_steps", "top_k", "schedule"))
 
   @property
+  def memory_token_frames(self) -> int:
+    """Token frames of long-term memory the generator takes; 0: none."""
+    return int(self.model.memory_token_frames)
+
+  @property
   def token_grid(self) -> tuple[int, int, int]:
     return tuple(int(x) for x in self.config.model.token_grid)
 
@@ -142,13 +159,17 @@ class Generator:
 
   def sample_tokens(self, prompts: Sequence[str], *, seed: int = 0,
                     options: SamplingOptions = SamplingOptions(),
-                    prefix_tokens: Any = None, num_token_frames: int | None = None
-                    ) -> np.ndarray:
+                    prefix_tokens: Any = None, num_token_frames: int | None = None,
+                    memory_tokens: Any = None) -> np.ndarray:
     """Tokens (B, t, h, w) for the prompts.
 
     `prefix_tokens` (B, k, h, w), k < t, are kept as given (a story's frozen
-    context); the rest is generated. `num_token_frames` < the trained length
-    samples a shorter clip (1: an image).
+    context; with options.seam_blending the frames after frame 0 are blended,
+    see parallel_decode.decode); the rest is generated. `num_token_frames` <
+    the trained length samples a shorter clip (1: an image). `memory_tokens`
+    (B, m, h, w), m = memory_token_frames, are the long-term memory (a
+    story's first token frames), weighted by options.memory_guidance_scale;
+    None or a scale of 0: none (the plain two-pass sampler).
     """
     options.check()
     t, h, w = self.token_grid
@@ -163,11 +184,28 @@ class Generator:
       if prefix.shape[0] != b or prefix.shape[1] >= t or prefix.shape[2:] != (h, w):
         raise ValueError(f"prefix_tokens {prefix.shape}: expected ({b}, k < {t}, {h}, {w})")
       start[:, :prefix.shape[1]] = prefix
+    memory = None
+    if memory_tokens is not None:
+      m = self.memory_token_frames
+      if not m:
+        raise ValueError("memory_tokens given, but this generator has no long-term memory "
+                         "(its config.model.memory_token_frames is 0)")
+      memory = np.asarray(memory_tokens, np.int32)
+      if memory.shape != (b, m, h, w):
+        raise ValueError(f"memory_tokens {memory.shape}: expected {(b, m, h, w)}")
+    # Nones keep the plain sampler (and its compilation) when an option is off.
+    memory_args = None
+    if memory is not None and options.memory_guidance_scale > 0:
+      memory_args = (jnp.asarray(memory), jnp.float32(options.memory_guidance_scale))
+    seam = None
+    if prefix_tokens is not None and options.seam_blending:
+      seam = jnp.full((b,), prefix.shape[1], jnp.int32)
     tokens = self._sample(self.params, self.frozen_text_params, jnp.asarray(ids),
                           jnp.asarray(mask), jax.random.key(seed), jnp.asarray(start),
                           jnp.int32(options.num_steps), jnp.float32(options.guidance_scale),
                           jnp.float32(options.temperature),
                           jnp.float32(options.choice_temperature),
+                          memory_args, seam,
                           max_steps=options.max_steps, top_k=options.top_k or None,
                           schedule=self.config.mask_schedule)
     return np.asarray(tokens)
@@ -216,9 +254,16 @@ def _sample_tokens(model: maskgit.MaskGitTransformer, text: Any, params: Any,
                    frozen_text_params: Any, text_ids: jax.Array, text_mask: jax.Array,
                    rng: jax.Array, start: jax.Array, num_steps: jax.Array,
                    guidance_scale: jax.Array, temperature: jax.Array,
-                   choice_temperature: jax.Array, *, max_steps: int, top_k: int | None,
-                   schedule: str) -> jax.Array:
-  """MaskGIT decoding with CFG; the conditional and unconditional passes share one batch."""
+                   choice_temperature: jax.Array,
+                   memory_args: tuple[jax.Array, jax.Array] | None = None,
+                   seam_frames: jax.Array | None = None, *, max_steps: int,
+                   top_k: int | None, schedule: str) -> jax.Array:
+  """MaskGIT decoding with CFG; the conditional and unconditional passes share one batch.
+
+  `memory_args` = (memory tokens (B, m, h, w), memory guidance scale): a
+  third pass with text and memory joins the batch (parallel_decode.
+  guide_with_memory). `seam_frames` (B,): prefix token frames to blend.
+  """
   from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
   context, mask = train_maskgit.encode_text(text, params, frozen_text_params,
                                             {"text_ids": text_ids, "text_mask": text_mask})
@@ -229,15 +274,36 @@ def _sample_tokens(model: maskgit.MaskGitTransformer, text: Any, params: Any,
   both_context = jnp.concatenate([context, context], axis=0)
   both_mask = jnp.concatenate([mask, jnp.zeros_like(mask)], axis=0)
 
-  def logits_fn(flat_tokens: jax.Array) -> jax.Array:
+  def plain_logits_fn(flat_tokens: jax.Array) -> jax.Array:
     tokens = parallel_decode.unflatten_tokens(flat_tokens, grid)
     logits = model.apply({"params": params["generator"]}, jnp.concatenate([tokens, tokens]),
                          both_context, both_mask)
     logits = logits.reshape(2 * b, flat_tokens.shape[1], -1)
     return parallel_decode.guide(logits[:b], logits[b:], guidance_scale)
 
+  logits_fn = plain_logits_fn
+  if memory_args is not None:
+    # Three passes in one batch: (text), (nothing), (text + memory).
+    memory, memory_scale = memory_args
+    three_context = jnp.concatenate([context, context, context], axis=0)
+    three_mask = jnp.concatenate([mask, jnp.zeros_like(mask), mask], axis=0)
+    three_memory = jnp.concatenate([memory, memory, memory], axis=0)
+    memory_on = jnp.concatenate([jnp.zeros((2 * b,), jnp.bool_), jnp.ones((b,), jnp.bool_)])
+
+    def logits_fn(flat_tokens: jax.Array) -> jax.Array:
+      tokens = parallel_decode.unflatten_tokens(flat_tokens, grid)
+      logits = model.apply({"params": params["generator"]},
+                           jnp.concatenate([tokens, tokens, tokens]), three_context, three_mask,
+                           three_memory, memory_on)
+      logits = logits.reshape(3 * b, flat_tokens.shape[1], -1)
+      return parallel_decode.guide_with_memory(logits[:b], logits[b:2 * b], logits[2 * b:],
+                                               guidance_scale, memory_scale)
+
+  seam_kw = {}
+  if seam_frames is not None:
+    seam_kw = {"seam_prefix_frames": seam_frames, "tokens_per_frame": grid[1] * grid[2]}
   out = parallel_decode.decode(
       logits_fn, rng, parallel_decode.flatten_tokens(start), num_steps, mask_id=model.mask_id,
       max_steps=max_steps, temperature=temperature, choice_temperature=choice_temperature,
-      top_k=top_k, schedule=schedule)
+      top_k=top_k, schedule=schedule, **seam_kw)
   return parallel_decode.unflatten_tokens(out.tokens, grid)

@@ -108,6 +108,8 @@ class SelectFrames(grain.transforms.Map):
       out["caption"] = str(element["caption"])
     if "prefix_frames" in element:  # a story clip: its context length
       out["prefix_frames"] = np.int32(element["prefix_frames"])
+    if "memory_frames" in element:  # and its object seen apart (long-term memory)
+      out["memory_frames"] = np.asarray(element["memory_frames"], np.uint8)
     return out
 
 
@@ -123,6 +125,11 @@ class ClipAugment(grain.transforms.RandomMap):
     self.flip = flip
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    if "memory_frames" in element:  # the clip's memory: the same crop and flip
+      n = len(element["memory_frames"])
+      both = self.random_map({"frames": np.concatenate([element["memory_frames"],
+                                                        element["frames"]])}, rng)["frames"]
+      return {**element, "memory_frames": both[:n], "frames": both[n:]}
     frames = element["frames"]
     _, h, w, _ = frames.shape
     if self.min_scale < 1.0:
@@ -161,12 +168,16 @@ def _batched_stream(source: Any, *, batch_size: int, seed: int, process_index: i
 
 def make_train_dataset(input_cfg: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
                        process_count: int = 1, keep_caption: bool = False,
-                       text_max_length: int = 0) -> grain.IterDataset:
+                       text_max_length: int = 0,
+                       story_memory_frames: int = 0) -> grain.IterDataset:
   """The infinite, checkpointable stream of this process's local batches.
 
   Batches are {"frames": uint8 (B, T, H, W, 3)}, plus {"caption": str (B,)}
   with `keep_caption`; pre-tokenised data gives {"codes": int32 (B, t, h, w)}
-  and cached {"text_embeddings", "text_mask"} in place of captions.
+  and cached {"text_embeddings", "text_mask"} in place of captions. Story
+  batches add "prefix_frames" (B,), and with `story_memory_frames` > 0
+  "memory_frames" uint8 (B, story_memory_frames, H, W, 3), each clip's
+  object rendered apart from it (the generator's long-term memory).
   """
   if input_cfg.batch_size % process_count:
     raise ValueError(f"config.input.batch_size={input_cfg.batch_size} must be divisible by "
@@ -180,7 +191,8 @@ def make_train_dataset(input_cfg: ml_collections.ConfigDict, *, seed: int, proce
   if story_ratio > 0 and input_cfg.video_ratio > 0:
     # The generator's story task (built-in data): a share of the video batches.
     story = synthetic.ShapesStorySource(input_cfg.num_frames, input_cfg.resolution,
-                                        input_cfg.story_context_frames, seed=seed + 2)
+                                        input_cfg.story_context_frames, seed=seed + 2,
+                                        memory_frames=story_memory_frames)
   streams, weights = [], []
   for i, (source, weight) in enumerate((
       (video, input_cfg.video_ratio * (1.0 - story_ratio)),

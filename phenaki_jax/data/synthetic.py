@@ -461,10 +461,17 @@ class ShapesStorySource:
   `context_frames` (each 1 + m·temporal patch, so it tokenises to whole token
   frames); the generator gets the context's tokens unmasked and learns the
   rest from the new caption, as it samples a story's later windows.
+
+  With `memory_frames` > 0 (the generator's long-term memory) the record
+  also holds "memory_frames": uint8 [memory_frames, H, W, 3] of the same
+  object at its own random place and motion, never part of the clip: a
+  story's opening as a later window sees it (same look, unrelated place, so
+  the memory teaches appearance, not where the object is). The clip itself
+  is the record's clip without memory, draw for draw.
   """
 
   def __init__(self, num_frames: int, resolution: int, context_frames: Sequence[int],
-               seed: int = 0, num_records: int = 1_000_000):
+               seed: int = 0, num_records: int = 1_000_000, memory_frames: int = 0):
     context_frames = tuple(int(k) for k in context_frames)
     if not context_frames or any(not 1 <= k < num_frames for k in context_frames):
       raise ValueError(f"context_frames {context_frames} must be in [1, {num_frames})")
@@ -473,6 +480,9 @@ class ShapesStorySource:
     self.context_frames = context_frames
     self.seed = int(seed)
     self.num_records = int(num_records)
+    self.memory_frames = int(memory_frames)
+    if self.memory_frames < 0:
+      raise ValueError(f"memory_frames={memory_frames} must be >= 0")
 
   def __len__(self) -> int:
     return self.num_records
@@ -485,8 +495,16 @@ class ShapesStorySource:
     second = [m for m in MOTIONS if m != first][rng.integers(len(MOTIONS) - 1)]
     frames, captions, _ = render_story([first, second], [k, self.num_frames - k],
                                        self.resolution, seed=int(rng.integers(2 ** 31)))
-    return {"frames": frames, "caption": captions[1], "prefix_frames": np.int32(k)}
+    record = {"frames": frames, "caption": captions[1], "prefix_frames": np.int32(k)}
+    if self.memory_frames:
+      look = parse_caption(captions[0])
+      memory, _, _ = render_story([MOTIONS[rng.integers(len(MOTIONS))]], [self.memory_frames],
+                                  self.resolution, seed=int(rng.integers(2 ** 31)),
+                                  shape=look["shape"], colour=look["colour"], size=look["size"])
+      record["memory_frames"] = memory
+    return record
 
   def __repr__(self) -> str:
     return (f"ShapesStorySource(num_frames={self.num_frames}, resolution={self.resolution}, "
-            f"context_frames={self.context_frames}, seed={self.seed})")
+            f"context_frames={self.context_frames}, seed={self.seed}, "
+            f"memory_frames={self.memory_frames})")

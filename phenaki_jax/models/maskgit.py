@@ -21,6 +21,9 @@ Choices:
     ~900 of them over 96 shapes clips): the codebook geometry lets what is
     learned about one code carry to its neighbours. The trainer copies the
     tokenizer's l2-normalised codebook into `code_vectors` at initialisation.
+  * Optional long-term memory (`memory_token_frames` > 0; off by default, and
+    then no parameter of it exists): a story's first token frames join the
+    text context with their own mask (phenaki_jax/models/memory.py).
   * Output logits are NOT tied to the token embedding: the embedding has an
     extra [MASK] row that is never a target, and untied heads let the 'vocab'
     axis of the input and output tables be sharded independently. The cost is
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 
 from phenaki_jax.models.layers import (DenseGeneral, Transformer, check_attention_impl, constrain,
                                       remat_policy_name)
+from phenaki_jax.models.memory import MemoryContext
 
 Dtype = Any
 
@@ -64,6 +68,8 @@ class MaskGitTransformer(nn.Module):
     attention_impl: None lets XLA choose; 'cudnn' for the fused GPU kernel.
     code_dim: 0, or the tokenizer's code dimension: codes are then also
       embedded from, and scored against, `code_vectors` (see the module notes).
+    memory_token_frames: token frames of long-term memory in the cross-attention
+      context; 0: none (and no memory parameters).
   """
   codebook_size: int
   max_token_frames: int
@@ -81,6 +87,7 @@ class MaskGitTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   code_dim: int = 0
+  memory_token_frames: int = 0
 
   @property
   def mask_id(self) -> int:
@@ -128,7 +135,9 @@ class MaskGitTransformer(nn.Module):
     return constrain(ctx, *act), mask
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, text: jax.Array, text_mask: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, text: jax.Array, text_mask: jax.Array,
+               memory: jax.Array | None = None,
+               memory_mask: jax.Array | None = None) -> jax.Array:
     """Logits over the codes for every position.
 
     Args:
@@ -136,6 +145,10 @@ class MaskGitTransformer(nn.Module):
         is [MASK].
       text: (B, L, D_text) text embeddings (e.g. T5 outputs).
       text_mask: bool (B, L), True for real text tokens; all False = no text.
+      memory: int32 (B, memory_token_frames, h, w) long-term memory tokens, or
+        None (no memory); only for a model with memory_token_frames > 0.
+      memory_mask: bool (B,): True where an example's memory is given; None:
+        all True (when `memory` is given).
 
     Returns:
       float32 logits (B, T, h, w, codebook_size).
@@ -166,6 +179,20 @@ class MaskGitTransformer(nn.Module):
     x = constrain(x, "act_batch", "act_len", "act_embed")
 
     context, context_mask = self._embed_text(text, text_mask)
+    if self.memory_token_frames:  # phenaki_jax/models/memory.py
+      if memory is None:  # none given: the same parameters and shapes, all masked
+        memory = jnp.full((batch, self.memory_token_frames, h, w), self.mask_id, jnp.int32)
+        memory_mask = jnp.zeros((batch,), jnp.bool_)
+      elif memory_mask is None:
+        memory_mask = jnp.ones((batch,), jnp.bool_)
+      mem, mem_mask = MemoryContext(self.memory_token_frames, self.width, dtype=self.dtype,
+                                    param_dtype=self.param_dtype, name="memory")(
+                                        table, row_pos[:h], col_pos[:w], memory, memory_mask)
+      context = constrain(jnp.concatenate([context, mem], axis=1),
+                          "act_batch", "act_len", "act_embed")
+      context_mask = jnp.concatenate([context_mask, mem_mask], axis=1)
+    elif memory is not None:
+      raise ValueError("memory given, but this generator has memory_token_frames=0")
     x = Transformer(
         num_layers=self.num_layers, num_heads=self.num_heads, head_dim=self.head_dim,
         mlp_dim=self.mlp_dim, causal=False, cross_attention=True, remat=self.remat,
@@ -190,8 +217,9 @@ def from_config(model_config: Any, *, codebook_size: int, max_token_frames: int,
   """Builds a MaskGitTransformer from a `config.model` ConfigDict.
 
   Reads width, num_layers, num_heads, head_dim, mlp_dim, remat, dtype,
-  param_dtype, attention_impl, and code_dim when codebook_embedding is on; the token-grid sizes come from the tokenizer
-  (its codebook size, image_size // patch_size, and the clip length).
+  param_dtype, attention_impl, memory_token_frames, and code_dim when
+  codebook_embedding is on; the token-grid sizes come from the tokenizer (its
+  codebook size, image_size // patch_size, and the clip length).
   """
   m = model_config
   grid_h, grid_w = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
@@ -212,4 +240,5 @@ def from_config(model_config: Any, *, codebook_size: int, max_token_frames: int,
       param_dtype=jnp.dtype(m.param_dtype),
       attention_impl=check_attention_impl(m.attention_impl) or None,
       code_dim=m.code_dim if m.get("codebook_embedding", False) else 0,
+      memory_token_frames=m.get("memory_token_frames", 0),
   )

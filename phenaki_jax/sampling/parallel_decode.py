@@ -40,10 +40,14 @@ class DecodeOutput(NamedTuple):
       past `num_steps` are -1. A trace of the schedule, for tests and debugging.
     token_history: int32 (max_steps, B, N) tokens after each step when
       `record_tokens=True` (rows past `num_steps` are -1), else None.
+    seam_splits: int32 (max_steps, B) with seam blending: the split drawn at
+      each step (prefix token frames before it were kept); rows past
+      `num_steps` are -1. None without seam blending.
   """
   tokens: jax.Array
   num_masked: jax.Array
   token_history: jax.Array | None
+  seam_splits: jax.Array | None = None
 
 
 def flatten_tokens(tokens: jax.Array) -> jax.Array:
@@ -91,6 +95,21 @@ def guide(cond: jax.Array, uncond: jax.Array, scale: jax.Array | float) -> jax.A
   return uncond + jnp.asarray(scale, jnp.float32) * (cond - uncond)
 
 
+def guide_with_memory(cond: jax.Array, uncond: jax.Array, cond_memory: jax.Array,
+                      scale: jax.Array | float, memory_scale: jax.Array | float) -> jax.Array:
+  """uncond + scale·(cond − uncond) + memory_scale·(cond_memory − cond), in float32.
+
+  Two conditions with their own scales, nested as InstructPix2Pix nests image
+  and text guidance: `cond` has the text, `cond_memory` the text and the
+  long-term memory, `uncond` neither. memory_scale = 0 is plain CFG, 1 adds
+  the memory at the strength of plain conditioning. Three passes are the
+  fewest that keep the two scales independent.
+  """
+  cond_memory = cond_memory.astype(jnp.float32)
+  return (guide(cond, uncond, scale)
+          + jnp.asarray(memory_scale, jnp.float32) * (cond_memory - cond.astype(jnp.float32)))
+
+
 def _top_k_filter(logits: jax.Array, k: int) -> jax.Array:
   kth = jax.lax.top_k(logits, k)[0][..., -1:]
   return jnp.where(logits < kth, -jnp.inf, logits)
@@ -121,7 +140,9 @@ def decode(logits_fn: LogitsFn,
            choice_temperature: jax.Array | float = 4.5,
            top_k: int | None = None,
            schedule: str = "cosine",
-           record_tokens: bool = False) -> DecodeOutput:
+           record_tokens: bool = False,
+           seam_prefix_frames: jax.Array | None = None,
+           tokens_per_frame: int = 0) -> DecodeOutput:
   """Fills every [MASK] in `tokens` in `num_steps` parallel steps.
 
   Traceable: call it inside `jax.jit` (or use `decode_jit`); `num_steps`,
@@ -145,6 +166,20 @@ def decode(logits_fn: LogitsFn,
     top_k: if set, sample only among the k most likely codes.
     schedule: the mask schedule; see `mask_schedule.mask_ratio`.
     record_tokens: also return the tokens after every step.
+    seam_prefix_frames: int32 (B,), seam blending (None: off, and the loop is
+      exactly the plain one): the first k token frames of each example are a
+      story's frozen prefix (given in `tokens`; k = 0: none). At every step
+      a split j ~ U{1, …, k} is drawn per example (fold_in(step key, 2)):
+      prefix frames before j are restored from the start tokens, the prefix
+      frames from j on are [MASK]ed in the model's input and re-sampled,
+      always kept (outside the schedule's count, which stays that of the
+      generated tokens). So the seam is not one hard copy boundary: the
+      generated frames are decided against a context that ends at a random
+      frame, and the last step's split leaves the prefix frames after it
+      re-generated to bridge the old context and the new frames. The first
+      prefix frame is always kept (j ≥ 1).
+    tokens_per_frame: static, positions per token frame (h·w) of the flat
+      tokens; required with `seam_prefix_frames`.
 
   Returns:
     A `DecodeOutput`.
@@ -156,14 +191,31 @@ def decode(logits_fn: LogitsFn,
   # The schedule counts from the tokens masked at the start, so frozen
   # prefixes of any size still end exactly at zero.
   initially_masked = jnp.sum(tokens == mask_id, axis=1, dtype=jnp.int32)
+  blend = seam_prefix_frames is not None
+  if blend:
+    if tokens_per_frame <= 0 or length % tokens_per_frame:
+      raise ValueError(f"seam blending needs tokens_per_frame (h·w) dividing {length}; got "
+                       f"{tokens_per_frame}")
+    prefix_values = tokens
+    frame = (jnp.arange(length, dtype=jnp.int32) // tokens_per_frame)[None, :]
+    prefix_frames = jnp.asarray(seam_prefix_frames, jnp.int32).reshape(batch, 1)
+    in_prefix = frame < prefix_frames
 
   def body(step, state):
-    tokens, mask_trace, token_trace = state
+    tokens, mask_trace, token_trace, split_trace = state
+    step_rng = jax.random.fold_in(rng, step)
+    if blend:
+      split = jax.random.randint(jax.random.fold_in(step_rng, 2), (batch, 1), 1,
+                                 jnp.maximum(prefix_frames, 1) + 1)
+      kept = in_prefix & (frame < split)
+      blended = in_prefix & ~kept
+      tokens = jnp.where(kept, prefix_values, jnp.where(blended, mask_id, tokens))
+      split_trace = split_trace.at[step].set(split[:, 0])
     unknown = tokens == mask_id
     logits = logits_fn(tokens).astype(jnp.float32) / temperature
     if top_k is not None:
       logits = _top_k_filter(logits, top_k)
-    sample_rng, choice_rng = jax.random.split(jax.random.fold_in(rng, step))
+    sample_rng, choice_rng = jax.random.split(step_rng)
     sampled = jax.random.categorical(sample_rng, logits, axis=-1).astype(jnp.int32)
     sampled = jnp.where(unknown, sampled, tokens)
 
@@ -174,6 +226,9 @@ def decode(logits_fn: LogitsFn,
     confidence = chosen + noise_scale * jax.random.gumbel(choice_rng, chosen.shape)
     # Decided tokens are never re-masked.
     confidence = jnp.where(unknown, confidence, jnp.inf)
+    if blend:  # re-sampled prefix frames are always kept, outside the count
+      confidence = jnp.where(blended, jnp.inf, confidence)
+      unknown = unknown & ~blended
 
     still_unknown = jnp.sum(unknown, axis=1, dtype=jnp.int32)
     target = mask_schedule.num_masked(step, num_steps, initially_masked, schedule)
@@ -186,16 +241,18 @@ def decode(logits_fn: LogitsFn,
     mask_trace = mask_trace.at[step].set(jnp.sum(tokens == mask_id, axis=1, dtype=jnp.int32))
     if token_trace is not None:
       token_trace = token_trace.at[step].set(tokens)
-    return tokens, mask_trace, token_trace
+    return tokens, mask_trace, token_trace, split_trace
 
   mask_trace = jnp.full((max_steps, batch), -1, jnp.int32)
   token_trace = jnp.full((max_steps, batch, length), -1, jnp.int32) if record_tokens else None
-  tokens, mask_trace, token_trace = jax.lax.fori_loop(
-      0, num_steps, body, (tokens, mask_trace, token_trace))
-  return DecodeOutput(tokens, mask_trace, token_trace)
+  split_trace = jnp.full((max_steps, batch), -1, jnp.int32) if blend else None
+  tokens, mask_trace, token_trace, split_trace = jax.lax.fori_loop(
+      0, num_steps, body, (tokens, mask_trace, token_trace, split_trace))
+  return DecodeOutput(tokens, mask_trace, token_trace, split_trace)
 
 
-_STATIC = ("logits_fn", "mask_id", "max_steps", "top_k", "schedule", "record_tokens")
+_STATIC = ("logits_fn", "mask_id", "max_steps", "top_k", "schedule", "record_tokens",
+           "tokens_per_frame")
 _decode_compiled = jax.jit(decode, static_argnames=_STATIC)
 
 
@@ -210,7 +267,9 @@ def decode_jit(logits_fn: LogitsFn,
                choice_temperature: jax.Array | float = 4.5,
                top_k: int | None = None,
                schedule: str = "cosine",
-               record_tokens: bool = False) -> DecodeOutput:
+               record_tokens: bool = False,
+               seam_prefix_frames: jax.Array | None = None,
+               tokens_per_frame: int = 0) -> DecodeOutput:
   """`decode`, compiled once per `logits_fn` and static settings.
 
   The traced scalars are always passed as int32 / float32 arrays, so a Python
@@ -224,4 +283,7 @@ def decode_jit(logits_fn: LogitsFn,
       logits_fn, rng, tokens, jnp.asarray(num_steps, jnp.int32), mask_id=mask_id,
       max_steps=max_steps, temperature=jnp.asarray(temperature, jnp.float32),
       choice_temperature=jnp.asarray(choice_temperature, jnp.float32), top_k=top_k,
-      schedule=schedule, record_tokens=record_tokens)
+      schedule=schedule, record_tokens=record_tokens,
+      seam_prefix_frames=(None if seam_prefix_frames is None
+                          else jnp.asarray(seam_prefix_frames, jnp.int32)),
+      tokens_per_frame=tokens_per_frame)

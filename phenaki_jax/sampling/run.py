@@ -53,7 +53,9 @@ def sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions:
   s = config.sampling
   options = SamplingOptions(num_steps=s.num_steps, guidance_scale=s.guidance_scale,
                             temperature=s.temperature, choice_temperature=s.choice_temperature,
-                            top_k=s.top_k, max_steps=s.max_steps)
+                            top_k=s.top_k, max_steps=s.max_steps,
+                            memory_guidance_scale=s.memory_guidance_scale,
+                            seam_blending=s.seam_blending)
   options.check("sampling.")
   return options
 

@@ -19,6 +19,18 @@ frames are generated, and the T − K new frames are appended. A segment runs
 as many windows as its frame count needs. Only one window lives on the
 device, and frames stream to the output file, so memory does not grow with
 the length of the story.
+
+Two experimental switches (off by default, not yet measured), each a
+SamplingOptions field, a storyboard default and a segment key:
+  * memory_guidance_scale > 0, for a generator trained with long-term memory
+    (model.memory_token_frames = m): the first m token frames of the story's
+    first window are the memory of every later window (cross-attention,
+    guided on their own: Generator.sample_tokens), against object drift.
+  * seam_blending: each decoding step keeps the prefix token frames before a
+    random split and re-samples the ones after it (parallel_decode.decode),
+    so a window does not join its context at one hard copy boundary. The
+    context frames already written stay as they are; the new frames are
+    decoded from the blended tokens.
 """
 from __future__ import annotations
 
@@ -31,7 +43,8 @@ import numpy as np
 
 from phenaki_jax.generator import Generator, SamplingOptions
 
-_SEGMENT_KEYS = ("prompt", "num_frames", "seconds", "context_frames", "guidance_scale", "seed")
+_SEGMENT_KEYS = ("prompt", "num_frames", "seconds", "context_frames", "guidance_scale", "seed",
+                 "memory_guidance_scale", "seam_blending")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +61,8 @@ class Segment:
       the default generator's 11 frames); 0: a hard cut (no context).
     guidance_scale: None: the story default.
     seed: None: story seed + segment index.
+    memory_guidance_scale: None: the story default (experimental; see above).
+    seam_blending: None: the story default (experimental; see above).
   """
   prompt: str
   num_frames: int = 0
@@ -55,6 +70,8 @@ class Segment:
   context_frames: int = -1
   guidance_scale: float | None = None
   seed: int | None = None
+  memory_guidance_scale: float | None = None
+  seam_blending: bool | None = None
 
 
 def parse_segments(items: Sequence[Any], defaults: dict[str, Any] | None = None,
@@ -164,16 +181,20 @@ def generate_story(gen: Generator, segments: Sequence[Segment], *, sink: Callabl
       raise ValueError(f"{where}: num_frames={seg.num_frames} must be >= 0")
     if n == 0:  # one window's worth
       n = window.frames if (i == 0 or k == 0) else window.frames - k
-    plan.append((seg, k, n))
+    seg_options = _segment_options(options, seg)
+    seg_options.check()
+    if seg_options.memory_guidance_scale > 0 and not gen.memory_token_frames:
+      raise ValueError(f"{where}: memory_guidance_scale={seg_options.memory_guidance_scale}, "
+                       "but this generator has no long-term memory (it trained with "
+                       "model.memory_token_frames=0); set it to 0")
+    plan.append((seg, k, n, seg_options))
 
   history = None  # the last frames written (at most the largest K), host uint8
-  keep = max(max((k for _, k, _ in plan), default=1), 1)
+  keep = max(max((k for _, k, _, _ in plan), default=1), 1)
+  memory = None  # the first token frames of the story's first window, when it has memory
   total, records, strips = 0, [], []
-  for i, (seg, k, n) in enumerate(plan):
+  for i, (seg, k, n, seg_options) in enumerate(plan):
     seg_seed = seed + i if seg.seed is None else seg.seed
-    seg_options = dataclasses.replace(
-        options, guidance_scale=options.guidance_scale if seg.guidance_scale is None
-        else seg.guidance_scale)
     start, made, w = total, 0, 0
     segment_frames, window_starts = [], []
     picks = set(np.linspace(0, n - 1, min(n, strip_frames_per_segment)).round().astype(int))
@@ -185,7 +206,11 @@ def generate_story(gen: Generator, segments: Sequence[Segment], *, sink: Callabl
       # Window 0 of a segment samples with the segment's seed itself, so a
       # one-segment story is exactly gen.generate([prompt], seed=seed).
       tokens = gen.sample_tokens([seg.prompt], seed=seg_seed + 1_000_003 * w,
-                                 options=seg_options, prefix_tokens=prefix)
+                                 options=seg_options, prefix_tokens=prefix,
+                                 memory_tokens=(memory if seg_options.memory_guidance_scale > 0
+                                                else None))
+      if memory is None and gen.memory_token_frames:
+        memory = tokens[:, :gen.memory_token_frames]
       frames = gen.decode(tokens)[0]
       new = frames[k:] if use_context else frames
       new = new[:n - made]
@@ -206,6 +231,15 @@ def generate_story(gen: Generator, segments: Sequence[Segment], *, sink: Callabl
                     "num_frames": n, "windows": w, "window_starts": window_starts,
                     "context_frames": k if i else 0,
                     "guidance_scale": seg_options.guidance_scale, "seed": seg_seed,
+                    "memory_guidance_scale": seg_options.memory_guidance_scale,
+                    "seam_blending": seg_options.seam_blending,
                     "start_seconds": round(start / fps, 3)})
   return StoryResult(num_frames=total, segments=records, strip_frames=strips)
+
+
+def _segment_options(options: SamplingOptions, seg: Segment) -> SamplingOptions:
+  """The story's options with what the segment sets itself."""
+  own = {key: getattr(seg, key) for key in ("guidance_scale", "memory_guidance_scale",
+                                            "seam_blending") if getattr(seg, key) is not None}
+  return dataclasses.replace(options, **own)
 

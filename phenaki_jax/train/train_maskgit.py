@@ -9,7 +9,9 @@ tokenizer (or take precomputed codes), pad an image batch's single token frame
 to the token grid, mask a fraction γ(r) of each example's tokens with
 r ~ U(0, 1), replace the text of `text_drop_rate` of the examples by the empty
 text (classifier-free guidance), and take the cross-entropy on the masked
-tokens only.
+tokens only. A generator with long-term memory (model.memory_token_frames)
+also gets memory tokens, dropped for memory.drop_rate of the examples (see
+phenaki_jax/train/memory_task.py).
 
 The batch dict (global arrays, leading axis = examples):
   frames        uint8 (B, T, H, W, 3): T = input.num_frames (videos) or 1 (images)
@@ -20,6 +22,8 @@ The batch dict (global arrays, leading axis = examples):
   text_ids      int32 (B, L) and text_mask bool (B, L): captions tokenised on the host
   text_embeddings  optional float (B, L, D): precomputed outputs of a frozen
                 text encoder, used instead of text_ids (with text_mask)
+  memory_frames optional uint8 (B, 1 + (m−1)·t_p, H, W, 3): a story clip's
+                object rendered apart from it, encoded into its memory tokens
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from phenaki_jax.data import pipeline
 from phenaki_jax.models import cvivit, maskgit, t5, t5_weights, text_tokenizers
 from phenaki_jax.sampling import mask_schedule
 from phenaki_jax.tokenizer import Tokenizer
+from phenaki_jax.train import memory_task
 from phenaki_jax.train.state import GeneratorState
 # Generic trainer pieces, shared with the tokenizer trainer.
 from phenaki_jax.train.train_cvivit import (NonFiniteTrainingError, PreemptionWatch,  # noqa: F401
@@ -560,13 +565,17 @@ def finish_bucket_metrics(scalars: dict[str, float]) -> dict[str, float]:
 def training_inputs(rng: jax.Array, tokens: jax.Array, region: jax.Array, *, schedule: str,
                     mask_id: int, codebook_size: int, prefix_probability: float = 0.0,
                     prefix_corrupt_fraction: float = 0.0,
-                    given_prefix: jax.Array | None = None
+                    given_prefix: jax.Array | None = None,
+                    memory_frames: jax.Array | None = None
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(model inputs, bool masked = loss weight, prefix token frames (B,)) of a step.
 
   Masks γ(r) of each example's maskable tokens (in `region`, outside its
   story prefix); the prefix is given as context (corrupted when asked). A
   story clip's own context (`given_prefix` token frames, > 0) is its prefix.
+  `memory_frames` (B,): an example's first token frames that are its own
+  long-term memory; those not in its prefix are [MASK] in the input and
+  outside the loss (see memory_task.memory_inputs).
   """
   mask_rng, _ = split_step_rng(rng)
   # Its own stream (fold_in): the mask and text-drop draws stay as they were.
@@ -577,42 +586,62 @@ def training_inputs(rng: jax.Array, tokens: jax.Array, region: jax.Array, *, sch
                                          prefix_probability)
   if given_prefix is not None:
     prefix_frames = jnp.where(given_prefix > 0, given_prefix.astype(jnp.int32), prefix_frames)
+  frozen = prefix_frames if memory_frames is None else jnp.maximum(prefix_frames, memory_frames)
   masked = mask_schedule.sample_mask(mask_rng, tokens.shape, schedule, loss_region=region,
-                                     num_frozen_frames=prefix_frames)
+                                     num_frozen_frames=frozen)
   context = tokens
   if prefix_corrupt_fraction > 0 and (prefix_probability > 0 or given_prefix is not None):
     context = corrupt_prefix(corrupt_rng, tokens, prefix_frames, prefix_corrupt_fraction,
                              codebook_size)
-  return jnp.where(masked, mask_id, context), masked, prefix_frames
+  inputs = jnp.where(masked, mask_id, context)
+  if memory_frames is not None:
+    frame = jax.lax.broadcasted_iota(jnp.int32, tokens.shape, 1)
+    per_example = lambda x: x.reshape((-1,) + (1,) * (tokens.ndim - 1))
+    hidden = (frame >= per_example(prefix_frames)) & (frame < per_example(memory_frames))
+    inputs = jnp.where(hidden, mask_id, inputs)
+  return inputs, masked, prefix_frames
 
 
 def compute_losses(generator: maskgit.MaskGitTransformer, text: TextEncoder, params: Any,
                    frozen_text_params: Any, batch: Mapping[str, jax.Array], codes: jax.Array,
                    rng: jax.Array, *, text_drop_rate: float | jax.Array, label_smoothing: float,
                    schedule: str, prefix_probability: float = 0.0,
-                   prefix_corrupt_fraction: float = 0.0
+                   prefix_corrupt_fraction: float = 0.0,
+                   memory_drop_rate: float | jax.Array = 1.0
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Masked-token cross-entropy and its logged parts.
 
   With `prefix_probability`, an example's first k token frames are given
   unmasked (a story's re-encoded context) and the loss is on the rest; a
   `prefix_corrupt_fraction` of those context tokens is replaced at random.
+  A generator with memory gets memory tokens (batch['memory_codes'], else
+  the clip's own; see memory_task.memory_inputs), dropped at
+  `memory_drop_rate` (the default 1 gives none, as the held-out eval has it).
   Parts under 'bucket_stats/' are interval sums, not metrics (see
   finish_bucket_metrics).
   """
   tokens, region = pad_token_grid(codes, generator.max_token_frames, generator.mask_id,
                                   batch.get("token_frames"))
   _, drop_rng = split_step_rng(rng)
+  memory, memory_present, own_memory = None, None, None
+  if generator.memory_token_frames:
+    # Its own stream (fold_in), as the prefix's: the other draws stay as they were.
+    memory, memory_present, own_memory = memory_task.memory_inputs(
+        jax.random.fold_in(rng, 3), tokens, region,
+        memory_token_frames=generator.memory_token_frames, drop_rate=memory_drop_rate,
+        given=batch.get("memory_codes"))
   inputs, masked, prefix_frames = training_inputs(
       rng, tokens, region, schedule=schedule, mask_id=generator.mask_id,
       codebook_size=generator.codebook_size, prefix_probability=prefix_probability,
       prefix_corrupt_fraction=prefix_corrupt_fraction,
-      given_prefix=batch.get("prefix_token_frames"))
+      given_prefix=batch.get("prefix_token_frames"), memory_frames=own_memory)
   context, context_mask = encode_text(text, params, frozen_text_params, batch)
   dropped = text_drop_mask(drop_rng, tokens.shape[0], text_drop_rate)
   # All-False: the generator attends to its learned null token only.
   context_mask = context_mask & ~dropped[:, None]
-  logits = generator.apply({"params": params["generator"]}, inputs, context, context_mask)
+  memory_args = () if memory is None else (memory, memory_present)
+  logits = generator.apply({"params": params["generator"]}, inputs, context, context_mask,
+                           *memory_args)
   # Padding positions hold [MASK] (= V, not a class); they carry no weight.
   targets = jnp.where(region, tokens, 0)
   ce, correct = token_cross_entropy(logits, targets, label_smoothing)
@@ -628,6 +657,8 @@ def compute_losses(generator: maskgit.MaskGitTransformer, text: TextEncoder, par
       "train/text_dropped_fraction": jnp.mean(dropped.astype(jnp.float32)),
       "train/prefix_fraction": jnp.mean((prefix_frames > 0).astype(jnp.float32)),
   }
+  if memory is not None:
+    parts["train/memory_fraction"] = jnp.mean(memory_present.astype(jnp.float32))
   parts.update(bucket_stats(ce, correct, masked, region, schedule))
   return loss, parts
 
@@ -655,12 +686,17 @@ def make_train_step(generator: maskgit.MaskGitTransformer, text: TextEncoder,
     if "prefix_frames" in batch:  # story clips: K context frames -> token frames
       tp = tokenizer_model.temporal_patch_size
       batch = {**batch, "prefix_token_frames": 1 + (batch["prefix_frames"] - 1) // tp}
+    if "memory_frames" in batch and generator.memory_token_frames:
+      # Story clips: their object rendered apart -> memory tokens.
+      batch = {**batch, "memory_codes": batch_codes(tokenizer_model, frozen["tokenizer"],
+                                                    {"frames": batch["memory_frames"]})}
     rng = step_rng(config.seed, state.step)
     loss_fn = lambda p: compute_losses(
         generator, text, p, frozen["text_encoder"], batch, codes, rng,
         text_drop_rate=config.text_drop_rate, label_smoothing=config.loss.label_smoothing,
         schedule=config.mask_schedule, prefix_probability=config.prefix.probability,
-        prefix_corrupt_fraction=config.prefix.corrupt_fraction)
+        prefix_corrupt_fraction=config.prefix.corrupt_fraction,
+        memory_drop_rate=config.memory.drop_rate)
     (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -740,10 +776,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   replicated = sharding.replicated(mesh)
 
   # --- Input: clips with captions; captions become ids on the host.
+  memory_frames = 0  # story clips carry memory frames of their object for a memory generator
+  if config.model.memory_token_frames:
+    memory_frames = 1 + (config.model.memory_token_frames - 1) * int(
+        tok.config.model.temporal_patch_size)
   train_iter = iter(pipeline.make_train_dataset(
       config.input, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), keep_caption=True,
-      text_max_length=config.text.max_length))
+      text_max_length=config.text.max_length, story_memory_frames=memory_frames))
 
   def to_device(local_batch: Mapping[str, Any], where: Any) -> dict[str, jax.Array]:
     host = tokenize_captions(local_batch, text.tokenizer, config.text.max_length)

@@ -254,3 +254,61 @@ def test_codebook_embedding_scores_and_embeds_codes_by_their_vectors(setup):
   logits = np.asarray(apply(with_vectors(vectors), tokens))
   assert np.abs(logits[..., 1] - logits[..., 2]).max() > 1e-3
   assert np.abs(np.asarray(apply(with_vectors(vectors), swapped_in)) - logits).max() > 1e-3
+
+
+# --- Long-term memory (memory_token_frames > 0): extra cross-attention context.
+
+_PLAIN_PARAMS = {"token_embedding", "frame_pos", "row_pos", "col_pos", "text_projection",
+                 "null_text", "transformer", "to_logits"}
+
+
+@pytest.fixture(scope="module")
+def memory_setup():
+  model = tiny_model(memory_token_frames=1)
+  variables = jax.eval_shape(model.init, jax.random.key(0), *inputs())
+  params = numpy_params(nn.unbox(variables["params"]), seed=1)
+  apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+  memory = jnp.asarray(np.random.default_rng(4).integers(0, V, (2, 1, H, W)), jnp.int32)
+  return variables, params, apply, memory
+
+
+def test_without_memory_the_parameters_are_those_of_before_and_memory_is_refused(setup):
+  _, variables, params, apply = setup
+  assert set(nn.unbox(variables["params"])) == _PLAIN_PARAMS
+  tokens, text, mask = inputs()
+  with pytest.raises(ValueError, match="memory_token_frames=0"):
+    apply(params, tokens, text, mask, tokens[:, :1])
+
+
+def test_memory_parameters_and_their_axis_names(memory_setup):
+  variables, _, _, _ = memory_setup
+  assert set(nn.unbox(variables["params"])) == _PLAIN_PARAMS | {"memory"}
+  names = flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(nn.get_partition_spec(variables))["params"])
+  assert names[("memory", "frame_pos")] == jax.sharding.PartitionSpec("frames", "embed")
+  assert names[("memory", "norm", "norm", "scale")] == jax.sharding.PartitionSpec("embed")
+
+
+def test_memory_changes_the_logits_and_an_absent_memory_is_no_memory(memory_setup):
+  _, params, apply, memory = memory_setup
+  tokens, text, mask = inputs()
+  on, off = jnp.ones((2,), jnp.bool_), jnp.zeros((2,), jnp.bool_)
+  none = apply(params, tokens, text, mask)
+  given = apply(params, tokens, text, mask, memory, on)
+  assert not np.allclose(given, none, atol=1e-3)
+  assert not np.allclose(given, apply(params, tokens, text, mask, (memory + 1) % V, on),
+                         atol=1e-3)
+  # Behind an all-False mask its values do not matter: the memory-free model,
+  # the very one a generator without memory computes with the same weights.
+  np.testing.assert_allclose(apply(params, tokens, text, mask, memory, off), none, atol=1e-5)
+  np.testing.assert_allclose(apply(params, tokens, text, mask, (memory + 1) % V, off), none,
+                             atol=1e-5)
+  shared = {k: v for k, v in params.items() if k in _PLAIN_PARAMS}
+  np.testing.assert_allclose(tiny_model().apply({"params": shared}, tokens, text, mask), none,
+                             atol=1e-5)
+  # Per example: only example 1 has its memory.
+  mixed = apply(params, tokens, text, mask, memory, jnp.array([False, True]))
+  np.testing.assert_allclose(mixed[0], none[0], atol=1e-5)
+  np.testing.assert_allclose(mixed[1], given[1], atol=1e-5)
+  with pytest.raises(ValueError, match="memory must be"):
+    apply(params, tokens, text, mask, jnp.concatenate([memory, memory], axis=1), on)

@@ -26,3 +26,20 @@ def generator(trained):
   return Generator.load(trained[1])
 
 
+
+
+@pytest.fixture(scope="package")
+def memory_trained(trained, tmp_path_factory):
+  """A `:tiny` generator with long-term memory (model.memory_token_frames=1), same tokenizer."""
+  gen_dir = str(tmp_path_factory.mktemp("memory_generator"))
+  config = load_config("maskgit", "tiny")
+  config.tokenizer.workdir = trained[0]
+  config.model.memory_token_frames = 1
+  config.total_steps, config.eval_every_steps = 3, 0
+  train_maskgit.train_and_evaluate(config, gen_dir)
+  return gen_dir
+
+
+@pytest.fixture(scope="package")
+def memory_generator(memory_trained):
+  return Generator.load(memory_trained)

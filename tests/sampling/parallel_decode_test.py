@@ -156,3 +156,104 @@ def test_bad_num_steps():
     run(prefer_position, jax.random.key(0), all_masked(), MAX_STEPS + 1)
   with pytest.raises(ValueError, match="num_steps"):
     run(prefer_position, jax.random.key(0), all_masked(), 0)
+
+
+def test_guidance_with_memory():
+  tokens = all_masked()
+  cond, uncond = prefer_position(tokens), random_logits(tokens)
+  with_memory = random_logits(tokens.at[:, 0].set(3))
+  # Memory scale 0 is plain CFG; otherwise the memory's difference adds on its own scale.
+  np.testing.assert_array_equal(pd.guide_with_memory(cond, uncond, with_memory, 3.0, 0.0),
+                                pd.guide(cond, uncond, 3.0))
+  np.testing.assert_allclose(pd.guide_with_memory(cond, uncond, with_memory, 3.0, 2.0),
+                             uncond + 3.0 * (cond - uncond) + 2.0 * (with_memory - cond),
+                             atol=1e-4)
+  np.testing.assert_allclose(pd.guide_with_memory(cond, uncond, with_memory, 1.0, 1.0),
+                             with_memory, atol=1e-4)
+
+
+# --- Seam blending (stories): a random split inside the frozen prefix at every step.
+
+TPF = 8  # tokens per token frame: N = 6 token frames of 8
+
+
+def story_window(prefix_frames=(3, 2)):
+  """Example b keeps its first prefix_frames[b] token frames (codes V-1, then V-2, ...)."""
+  frame = np.arange(N) // TPF
+  given = np.broadcast_to((V - 1 - frame) % V, (2, N))
+  frozen = frame[None] < np.asarray(prefix_frames)[:, None]
+  return pd.initial_tokens(jnp.asarray(given), jnp.asarray(frozen), MASK), frozen
+
+
+# The output of the loop before seam blending existed (random_logits, key 7, 5 steps,
+# choice_temperature 2, the `with_prefix` start): the plain path must stay bit-identical.
+_PLAIN_GOLDEN = [
+    [12, 14, 2, 0, 10, 7, 12, 14, 10, 12, 6, 14, 4, 2, 9, 8, 9, 1, 14, 8, 4, 13, 2, 7, 10, 4, 3,
+     10, 5, 15, 15, 10, 14, 1, 4, 0, 9, 10, 9, 7, 12, 5, 4, 2, 7, 5, 5, 6],
+    [15] * 16 + [9, 3, 14, 6, 4, 1, 13, 7, 12, 0, 1, 2, 4, 12, 13, 10, 7, 9, 9, 8, 1, 6, 11, 7,
+                 2, 5, 0, 4, 3, 14, 0, 3]]
+
+
+def test_seam_blending_off_is_the_plain_loop_bit_for_bit():
+  tokens, _ = with_prefix()
+  out = run(random_logits, jax.random.key(7), tokens, 5, choice_temperature=2.0)
+  np.testing.assert_array_equal(out.tokens, _PLAIN_GOLDEN)
+  assert out.seam_splits is None
+  # A one-frame prefix has nothing to blend (split ≥ 1): the same tokens as without.
+  tokens, _ = story_window((1, 1))
+  plain = run(random_logits, jax.random.key(2), tokens, 6)
+  blended = run(random_logits, jax.random.key(2), tokens, 6,
+                seam_prefix_frames=jnp.array([1, 1]), tokens_per_frame=TPF)
+  np.testing.assert_array_equal(plain.tokens, blended.tokens)
+  np.testing.assert_array_equal(plain.token_history, blended.token_history)
+
+
+@pytest.mark.parametrize("steps", [3, 12])
+def test_seam_blending_keeps_the_prefix_before_each_split(steps):
+  k = np.array([3, 2])
+  tokens, frozen = story_window(tuple(k))
+  out = run(random_logits, jax.random.key(5), tokens, steps,
+            seam_prefix_frames=jnp.asarray(k), tokens_per_frame=TPF)
+  splits = np.asarray(out.seam_splits)
+  assert (splits[steps:] == -1).all()
+  splits = splits[:steps]
+  assert ((splits >= 1) & (splits <= k[None])).all()  # the first prefix frame is always kept
+  history = np.asarray(out.token_history[:steps])
+  start = np.asarray(tokens)
+  for s in range(steps):
+    for b in range(2):
+      kept = slice(0, splits[s, b] * TPF)
+      np.testing.assert_array_equal(history[s, b, kept], start[b, kept])
+      # Prefix frames after the split were re-sampled this step (never left [MASK]).
+      assert (history[s, b, :k[b] * TPF] != MASK).all()
+  # The generated tokens follow the plain schedule, whatever the splits.
+  np.testing.assert_array_equal(np.asarray(out.num_masked)[:steps],
+                                expected_counts(np.array([N - 24, N - 16]), steps))
+  np.testing.assert_array_equal(history[-1], out.tokens)
+  assert (np.asarray(out.tokens) < V).all()
+  if steps == 12:  # drawn afresh every step, not once
+    assert len(set(splits[:, 0].tolist())) > 1
+
+
+def test_seam_blending_is_deterministic_per_seed_and_resamples_after_the_last_split():
+  k = jnp.array([3, 3])
+  tokens, _ = story_window((3, 3))
+  runs = [run(random_logits, jax.random.key(seed), tokens, 6, seam_prefix_frames=k,
+              tokens_per_frame=TPF) for seed in (9, 9, 10)]
+  np.testing.assert_array_equal(runs[0].tokens, runs[1].tokens)
+  np.testing.assert_array_equal(runs[0].seam_splits, runs[1].seam_splits)
+  assert not np.array_equal(runs[0].tokens, runs[2].tokens)
+  # After the last step's split the prefix frames hold the model's own samples.
+  out = run(prefer_position, jax.random.key(9), tokens, 6, seam_prefix_frames=k,
+            tokens_per_frame=TPF)
+  last = np.asarray(out.seam_splits)[5]
+  for b in range(2):
+    cut = last[b] * TPF
+    np.testing.assert_array_equal(out.tokens[b, :cut], np.asarray(tokens)[b, :cut])
+    np.testing.assert_array_equal(out.tokens[b, cut:], np.arange(cut, N) % V)
+
+
+def test_seam_blending_needs_the_frame_size():
+  tokens, _ = story_window()
+  with pytest.raises(ValueError, match="tokens_per_frame"):
+    run(random_logits, jax.random.key(0), tokens, 4, seam_prefix_frames=jnp.array([3, 2]))

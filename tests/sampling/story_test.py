@@ -1,4 +1,5 @@
 """Stories on a `:tiny` generator (window 5 frames = 3 token frames, temporal patch 2)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -141,3 +142,114 @@ def test_bad_story_settings_fail_before_loading(trained, tmp_path):
   config.storyboard = str(tmp_path / "bad.yaml")
   with pytest.raises(config_schema.ConfigError, match="config.storyboard: .*frames"):
     sample_run.run(config, str(tmp_path / "b"))
+
+
+# --- Experimental switches: long-term memory and seam blending (off by default).
+
+STORY = ["a large red circle moves right", "the red circle moves up", "the red circle moves left"]
+
+
+def _spy(generator, monkeypatch):
+  calls = []
+  original = generator.sample_tokens
+
+  def spy(prompts, **kw):
+    out = original(prompts, **kw)
+    calls.append((kw, out))
+    return out
+
+  monkeypatch.setattr(generator, "sample_tokens", spy)
+  return calls
+
+
+def test_memory_is_the_first_windows_first_token_frame_for_every_later_window(
+    memory_generator, monkeypatch):
+  assert memory_generator.memory_token_frames == 1
+  calls = _spy(memory_generator, monkeypatch)
+  segments = story.parse_segments(STORY, {"num_frames": 4})
+  memory_opts = dataclasses.replace(OPTS, memory_guidance_scale=2.0)
+  frames = []
+  result = story.generate_story(memory_generator, segments, sink=frames.append,
+                                options=memory_opts, context_frames=3, seed=1)
+  (first_kw, first_tokens), *later = calls
+  # 4 new frames: one window (of 5) for the first segment, two (2 new each) for the others.
+  assert first_kw["memory_tokens"] is None and len(later) == 4
+  for kw, _ in later:
+    np.testing.assert_array_equal(kw["memory_tokens"], first_tokens[:, :1])
+  assert sum(len(f) for f in frames) == result.num_frames == 12
+  assert [s["memory_guidance_scale"] for s in result.segments] == [2.0] * 3
+  # Same seeds, same story; the memory changes it; scale 0 gives no memory at all.
+  again, _ = _run_with(memory_generator, segments, memory_opts)
+  np.testing.assert_array_equal(np.concatenate(frames), again)
+  calls.clear()
+  plain, _ = _run_with(memory_generator, segments, OPTS)
+  assert all(kw["memory_tokens"] is None for kw, _ in calls)
+  assert plain.shape == again.shape and (plain != again).any()
+  np.testing.assert_array_equal(plain[:4], again[:4])  # the first window has no memory
+
+
+def _run_with(generator, segments, options, **kw):
+  frames = []
+  kw.setdefault("context_frames", 3)
+  kw.setdefault("seed", 1)
+  result = story.generate_story(generator, segments, sink=frames.append, options=options, **kw)
+  return np.concatenate(frames), result
+
+
+def test_memory_needs_a_generator_trained_with_it(generator):
+  written = []
+  with pytest.raises(ValueError, match=r"segment 1 .*memory_guidance_scale=1.0.*"
+                                       r"memory_token_frames=0"):
+    story.generate_story(generator, story.parse_segments(
+        ["a", {"prompt": "b", "memory_guidance_scale": 1.0}]), sink=written.append,
+        options=OPTS)
+  assert not written  # refused before the first window
+  with pytest.raises(ValueError, match="no long-term memory"):
+    generator.sample_tokens(["a"], options=OPTS, memory_tokens=np.zeros((1, 1, 4, 4), np.int32))
+
+
+def test_seam_blending_story_keeps_frame_counts_and_is_deterministic(generator, monkeypatch):
+  segments = story.parse_segments(STORY, {"num_frames": 4})
+  blend = dataclasses.replace(OPTS, seam_blending=True)
+  plain, _ = _run_with(generator, segments, OPTS)
+  a, result = _run_with(generator, segments, blend)
+  b, _ = _run_with(generator, segments, blend)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == plain.shape == (12, 16, 16, 3)
+  assert [s["seam_blending"] for s in result.segments] == [True] * 3
+  np.testing.assert_array_equal(a[:4], plain[:4])  # the first window has no prefix to blend
+  assert (a != plain).any()
+  # Per segment: only the segment that asks for it blends.
+  calls = _spy(generator, monkeypatch)
+  _run_with(generator, story.parse_segments(
+      [STORY[0], {"prompt": STORY[1], "seam_blending": True}]), OPTS)
+  assert [kw["options"].seam_blending for kw, _ in calls] == [False, True]
+
+
+def test_storyboards_set_the_switches_as_defaults_and_per_segment(tmp_path):
+  (tmp_path / "s.yaml").write_text(
+      "defaults: {memory_guidance_scale: 1.5, seam_blending: true}\n"
+      "segments:\n  - a small red square\n"
+      "  - {prompt: the red square moves up, seam_blending: false, memory_guidance_scale: 0}\n")
+  first, second = story.load_storyboard(str(tmp_path / "s.yaml"))
+  assert (first.memory_guidance_scale, first.seam_blending) == (1.5, True)
+  assert (second.memory_guidance_scale, second.seam_blending) == (0, False)
+  assert story.Segment("x").memory_guidance_scale is None  # None: the story's options
+
+
+def test_story_job_takes_the_switches_from_the_sampling_keys(memory_trained, tmp_path):
+  config = load_config("sample", "tiny")
+  config.generator.workdir = memory_trained
+  config.story = ";".join(STORY)
+  config.story_defaults.context_frames = 3
+  config.sampling.memory_guidance_scale = 1.5
+  config.sampling.seam_blending = True
+  config.output.formats = "mp4"
+  report = sample_run.run(config, str(tmp_path / "story"))
+  assert report["num_frames"] == 9
+  assert report["sampling"]["memory_guidance_scale"] == 1.5
+  assert all(s["seam_blending"] and s["memory_guidance_scale"] == 1.5
+             for s in report["segments"])
+  defaults = config_schema.sample_defaults()
+  assert (defaults.sampling.memory_guidance_scale, defaults.sampling.seam_blending) == (0.0,
+                                                                                         False)

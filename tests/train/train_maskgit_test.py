@@ -456,3 +456,39 @@ def test_codebook_embedding_with_another_code_dim_is_named(tokenizer_dir, tmp_pa
   with pytest.raises(config_schema.ConfigError,
                      match=r"config.model.code_dim=7 but the tokenizer's codes are \d+-dim"):
     train_maskgit.train_and_evaluate(config, str(tmp_path))
+
+
+# --- Long-term memory (model.memory_token_frames; tests/train/memory_task_test.py).
+
+def test_a_memory_generator_trains_checkpoints_and_resumes_exactly(tokenizer_dir, tmp_path):
+  def config():
+    c = _tiny(tokenizer_dir)
+    c.model.memory_token_frames = 1
+    return c
+  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+  out = train_maskgit.train_and_evaluate(config(), whole)
+  assert sorted(os.listdir(os.path.join(whole, "checkpoints"))) == ["3", "6"]
+  rows = metrics.read_jsonl(os.path.join(whole, "metrics.jsonl"))
+  keys = set().union(*rows)
+  for key in ("train/memory_fraction", "train/story/loss", "train/video/loss", "eval/loss"):
+    assert key in keys, key
+  fractions = [r["train/memory_fraction"] for r in rows if "train/memory_fraction" in r]
+  assert 0 < np.mean(fractions) < 1  # memory.drop_rate 0.5 (images never get one)
+  assert "memory" in jax.device_get(out["state"]).params["generator"]
+  # Stopped after step 4 and resumed: the same losses and weights, bit for bit.
+  assert train_maskgit.train_and_evaluate(config(), parts, stop_after_step=4)["step"] == 4
+  resumed = train_maskgit.train_and_evaluate(config(), parts)
+  assert _losses(parts) == _losses(whole)
+  a, b = jax.device_get(resumed["state"]), jax.device_get(out["state"])
+  jax.tree.map(np.testing.assert_array_equal, (a.params, a.ema_params, a.opt_state),
+               (b.params, b.ema_params, b.opt_state))
+
+
+def test_memory_settings_are_checked_naming_the_key(tmp_path):
+  for key, value, message in (("model.memory_token_frames", 3,
+                               r"config.model.memory_token_frames=3: must be in \[0, 3\)"),
+                              ("memory.drop_rate", 1.5, r"config.memory.drop_rate=1.5")):
+    config = _tiny(str(tmp_path / "no_tokenizer"))
+    _set(config, key, value)
+    with pytest.raises(config_schema.ConfigError, match=message):
+      train_maskgit.train_and_evaluate(config, str(tmp_path / "run"))

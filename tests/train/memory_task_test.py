@@ -1,0 +1,200 @@
+"""Long-term memory in the generator's training: where it comes from, its drop rate, no leak."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from phenaki_jax import config_schema
+from phenaki_jax.data import pipeline, synthetic
+from phenaki_jax.train import memory_task, train_maskgit
+from tests.helpers import load_config
+
+T, H, W, V = 3, 4, 4, 64
+MASK = V
+M = 1  # memory token frames
+
+
+def _tokens(n, real_frames=T, seed=0):
+  codes = jax.random.randint(jax.random.key(seed), (n, real_frames, H, W), 0, V)
+  return train_maskgit.pad_token_grid(codes, T, MASK)
+
+
+def _memory(n, drop_rate, real_frames=T, given=None, step=3):
+  tokens, region = _tokens(n, real_frames)
+  # The rng as compute_losses derives it from the step's.
+  rng = jax.random.fold_in(train_maskgit.step_rng(0, step), 3)
+  out = jax.jit(lambda r: memory_task.memory_inputs(
+      r, tokens, region, memory_token_frames=M, drop_rate=drop_rate, given=given))(rng)
+  return (np.asarray(tokens), np.asarray(region)) + tuple(
+      None if x is None else np.asarray(x) for x in out)
+
+
+def _binomial_ok(count, n, p, sigmas=3.5):
+  return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
+
+
+def test_the_measured_memory_drop_rate():
+  n = 4000
+  for rate in (0.5, 0.2):
+    _, _, _, present, _ = _memory(n, rate)
+    assert _binomial_ok(int((~present).sum()), n, rate), ((~present).sum(), rate)
+  # Fresh draws every step.
+  patterns = {tuple(_memory(16, 0.5, step=s)[3]) for s in range(20)}
+  assert len(patterns) > 10
+  assert _memory(300, 0.0)[3].all() and not _memory(300, 1.0)[3].any()
+
+
+def test_own_memory_is_the_first_token_frames_and_images_get_none():
+  tokens, _, memory, present, own = _memory(200, 0.0)
+  np.testing.assert_array_equal(memory, tokens[:, :M])
+  np.testing.assert_array_equal(own, np.where(present, M, 0))
+  # An image (one real token frame) would keep nothing to learn after its memory.
+  _, _, _, present, own = _memory(200, 0.0, real_frames=1)
+  assert not present.any() and not own.any()
+
+
+def test_a_given_memory_is_used_as_is_and_hides_nothing():
+  given = jnp.full((100, M, H, W), 7, jnp.int32)
+  _, _, memory, present, own = _memory(100, 0.5, real_frames=1, given=given)
+  np.testing.assert_array_equal(memory, 7)
+  assert own is None
+  assert 0 < present.sum() < 100  # still dropped at the rate, images included
+
+
+def _inputs(n, prefix_probability, own):
+  tokens, region = _tokens(n)
+  fn = jax.jit(lambda r, o: train_maskgit.training_inputs(
+      r, tokens, region, schedule="cosine", mask_id=MASK, codebook_size=V,
+      prefix_probability=prefix_probability, memory_frames=o))
+  inputs, masked, prefix = fn(train_maskgit.step_rng(0, 5), own)
+  return np.asarray(tokens), np.asarray(inputs), np.asarray(masked), np.asarray(prefix)
+
+
+def test_own_memory_frames_are_hidden_in_the_input_and_outside_the_loss():
+  n = 1000
+  own = jnp.asarray(np.where(np.arange(n) % 2 == 0, M, 0), jnp.int32)
+  tokens, inputs, masked, prefix = _inputs(n, 0.5, own)
+  with_memory = np.asarray(own) > 0
+  first = np.s_[:, :M]
+  # Memory frames never carry loss, and are [MASK] unless the prefix gives them anyway.
+  assert not masked[with_memory][first].any()
+  no_prefix = with_memory & (prefix == 0)
+  assert (inputs[no_prefix][first] == MASK).all()
+  given = with_memory & (prefix > 0)
+  assert given.any()
+  np.testing.assert_array_equal(inputs[given][first], tokens[given][first])
+  # Every example still has tokens to learn, after its memory and its prefix.
+  assert masked.reshape(n, -1).any(axis=1).all()
+  # Examples without memory are masked exactly as without the memory task.
+  _, plain_inputs, plain_masked, plain_prefix = _inputs(n, 0.5, None)
+  np.testing.assert_array_equal(plain_prefix, prefix)
+  np.testing.assert_array_equal(plain_masked[~with_memory], masked[~with_memory])
+  np.testing.assert_array_equal(plain_inputs[~with_memory], inputs[~with_memory])
+
+
+# --- Story clips carry frames of their object, rendered apart.
+
+def test_story_clips_with_memory_hold_their_object_rendered_apart():
+  from phenaki_jax.eval import shapes_score
+  plain = synthetic.ShapesStorySource(11, 64, (1, 3, 5), seed=4)
+  source = synthetic.ShapesStorySource(11, 64, (1, 3, 5), seed=4, memory_frames=1)
+  for i in range(30):
+    e = source[i]
+    k = int(e["prefix_frames"])
+    assert e["frames"].shape == (11, 64, 64, 3) and e["memory_frames"].shape == (1, 64, 64, 3)
+    assert shapes_score.score_clip(e["frames"][k:], e["caption"])["all"], (i, e["caption"])
+    # The same object as the clip, elsewhere.
+    wanted = synthetic.parse_caption(e["caption"])
+    seen = shapes_score.read_clip(e["memory_frames"], wanted["colour"])
+    assert (seen.colour, seen.shape) == (wanted["colour"], wanted["shape"])
+    # The clip is the one without memory, draw for draw.
+    p = plain[i]
+    assert "memory_frames" not in p and (p["caption"], p["prefix_frames"]) == (e["caption"], k)
+    np.testing.assert_array_equal(p["frames"], e["frames"])
+
+
+def test_story_batches_carry_memory_frames_augmented_like_their_clip():
+  config = config_schema.complete(load_config("maskgit", "tiny"))
+  it = iter(pipeline.make_train_dataset(config.input, seed=0, keep_caption=True,
+                                        story_memory_frames=1))
+  kinds = set()
+  for _ in range(20):
+    batch = next(it)
+    story = "prefix_frames" in batch
+    kinds.add(story)
+    assert ("memory_frames" in batch) == story
+    if story:
+      assert batch["memory_frames"].shape == (8, 1, 16, 16, 3)
+  assert kinds == {True, False}
+  # One crop and flip for the clip and its memory.
+  frames = np.random.default_rng(0).integers(0, 255, (5, 16, 16, 3), np.uint8)
+  element = {"frames": frames, "memory_frames": frames[:1].copy()}
+  out = pipeline.ClipAugment(0.5, True).random_map(element, np.random.default_rng(3))
+  np.testing.assert_array_equal(out["memory_frames"][0], out["frames"][0])
+  assert not np.array_equal(out["frames"], frames)
+
+
+# --- The loss: unchanged with memory off, memory through compute_losses when on.
+
+def _setup(memory_token_frames):
+  config = config_schema.complete(load_config("maskgit", "tiny"))
+  config.model.memory_token_frames = memory_token_frames
+  generator = train_maskgit.build_generator(config)
+  text = train_maskgit.build_text_encoder(config.text)
+  init = train_maskgit.make_init_fn(generator, text, optax.sgd(0.1), config)
+  params = jax.jit(lambda r: nn.unbox(init(r)).params)(jax.random.key(0))
+  rng = np.random.default_rng(1)
+  ids, mask = text.tokenizer.encode_batch(["a red circle moves left"] * 8, 40)
+  batch = {"codes": jnp.asarray(rng.integers(0, V, (8, T, H, W)), jnp.int32),
+           "text_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask),
+           "token_frames": jnp.asarray([3, 3, 3, 3, 1, 1, 3, 3], jnp.int32)}
+  return generator, text, params, batch
+
+
+def test_with_memory_off_the_loss_is_the_recipe_of_before():
+  generator, text, params, batch = _setup(0)
+  rng = train_maskgit.step_rng(0, 4)
+  kw = dict(text_drop_rate=0.3, label_smoothing=0.1, schedule="cosine", prefix_probability=0.5)
+  loss, parts = jax.jit(lambda p: train_maskgit.compute_losses(
+      generator, text, p, {}, batch, batch["codes"], rng, **kw))(params)
+  assert "train/memory_fraction" not in parts
+
+  def before(p):  # the steps of compute_losses before the memory existed
+    tokens, region = train_maskgit.pad_token_grid(batch["codes"], T, MASK, batch["token_frames"])
+    inputs, masked, _ = train_maskgit.training_inputs(
+        rng, tokens, region, schedule="cosine", mask_id=MASK, codebook_size=V,
+        prefix_probability=0.5)
+    context, context_mask = train_maskgit.encode_text(text, p, {}, batch)
+    dropped = train_maskgit.text_drop_mask(train_maskgit.split_step_rng(rng)[1], 8, 0.3)
+    logits = generator.apply({"params": p["generator"]}, inputs, context,
+                             context_mask & ~dropped[:, None])
+    ce, _ = train_maskgit.token_cross_entropy(logits, jnp.where(region, tokens, 0), 0.1)
+    weight = masked.astype(jnp.float32)
+    return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+  assert float(loss) == float(jax.jit(before)(params))
+
+
+def test_with_memory_on_the_loss_sees_the_memory_and_reports_its_rate():
+  generator, text, params, batch = _setup(1)
+  assert "memory" in params["generator"]
+  rng = train_maskgit.step_rng(0, 4)
+
+  def loss(p, b, rate):
+    return train_maskgit.compute_losses(generator, text, p, {}, b, b["codes"], rng,
+                                        text_drop_rate=0.0, label_smoothing=0.0,
+                                        schedule="cosine", memory_drop_rate=rate)
+  loss = jax.jit(loss)
+  _, kept = loss(params, batch, 0.0)
+  # Six of the eight are clips (two are images, never given their own memory).
+  assert float(kept["train/memory_fraction"]) == 6 / 8
+  _, dropped = loss(params, batch, 1.0)
+  assert float(dropped["train/memory_fraction"]) == 0.0
+  # A given memory (a story clip's) changes the loss; dropped, it cannot.
+  a = dict(batch, memory_codes=jnp.zeros((8, 1, H, W), jnp.int32))
+  b = dict(batch, memory_codes=jnp.full((8, 1, H, W), 5, jnp.int32))
+  assert float(loss(params, a, 0.0)[0]) != float(loss(params, b, 0.0)[0])
+  assert float(loss(params, a, 1.0)[0]) == float(loss(params, b, 1.0)[0])
