@@ -486,12 +486,6 @@ def maskgit_defaults() -> ml_collections.ConfigDict:
   # What the generator is built for; checked against the tokenizer at start.
   c.model.codebook_size = 1024
   c.model.token_grid = (6, 8, 8)  # (token frames, h, w) of an input.num_frames clip
-  # Codes also embedded from / scored against the tokenizer's codebook vectors
-  # (copied in at initialisation; see phenaki_jax/models/maskgit.py), so what
-  # is learned about a code carries to codes that look alike. code_dim must
-  # be the tokenizer's model.code_dim (checked at start-up).
-  c.model.codebook_embedding = False
-  c.model.code_dim = 32
   c.model.width = 256
   c.model.num_layers = 4
   c.model.num_heads = 4

@@ -14,13 +14,6 @@ Choices:
     an all-False text mask (dropped text) a softmax over no keys has no
     meaning; with the null token it is well defined, and that very input is
     the unconditional model that classifier-free guidance needs.
-  * Optionally (`code_dim` > 0) the codes are also seen through their vectors
-    in the tokenizer's codebook, on the way in and out. A learned table knows
-    nothing of which codes look alike, and on a small budget most of the
-    ~1,000 codes are each seen too rarely to learn (the default tokenizer uses
-    ~900 of them over 96 shapes clips): the codebook geometry lets what is
-    learned about one code carry to its neighbours. The trainer copies the
-    tokenizer's l2-normalised codebook into `code_vectors` at initialisation.
   * Optional long-term memory (`memory_token_frames` > 0; off by default, and
     then no parameter of it exists): a story's first token frames join the
     text context with their own mask (phenaki_jax/models/memory.py).
@@ -66,8 +59,6 @@ class MaskGitTransformer(nn.Module):
     dtype: compute dtype; logits are returned in float32.
     param_dtype: dtype the parameters are created in.
     attention_impl: None lets XLA choose; 'cudnn' for the fused GPU kernel.
-    code_dim: 0, or the tokenizer's code dimension: codes are then also
-      embedded from, and scored against, `code_vectors` (see the module notes).
     memory_token_frames: token frames of long-term memory in the cross-attention
       context; 0: none (and no memory parameters).
   """
@@ -86,7 +77,6 @@ class MaskGitTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
-  code_dim: int = 0
   memory_token_frames: int = 0
 
   @property
@@ -161,16 +151,6 @@ class MaskGitTransformer(nn.Module):
     # wrong dimension and XLA would replicate it to reshard by batch.
     table = nn.with_logical_constraint(jnp.asarray(table, self.dtype), ("vocab", None))
     x = jnp.take(table, tokens.astype(jnp.int32), axis=0)
-    if self.code_dim:
-      # [MASK] and padding rows start at zero (the trainer copies the codes
-      # in); [MASK]'s then learns like the rest of its embedding.
-      code_vectors = self.param(
-          "code_vectors", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab", "code")),
-          (self.embedding_rows, self.code_dim), self.param_dtype)
-      code_vectors = jnp.asarray(code_vectors, self.dtype)
-      x = x + DenseGeneral(self.width, kernel_axes=("code", "embed"), use_bias=False,
-                           dtype=self.dtype, param_dtype=self.param_dtype, name="code_in")(
-                               jnp.take(code_vectors, tokens.astype(jnp.int32), axis=0))
     frame_pos = self._table("frame_pos", self.max_token_frames, ("frames", "embed"))
     row_pos = self._table("row_pos", self.grid_height, ("grid", "embed"))
     col_pos = self._table("col_pos", self.grid_width, ("grid", "embed"))
@@ -203,11 +183,6 @@ class MaskGitTransformer(nn.Module):
 
     logits = DenseGeneral(self.codebook_size, kernel_axes=("embed", "vocab"), dtype=self.dtype,
                           param_dtype=self.param_dtype, name="to_logits")(x)
-    if self.code_dim:
-      query = DenseGeneral(self.code_dim, kernel_axes=("embed", "code"), use_bias=False,
-                           dtype=self.dtype, param_dtype=self.param_dtype, name="code_out")(x)
-      logits = logits + jnp.einsum("bld,vd->blv", query,
-                                   code_vectors[:self.codebook_size])
     logits = constrain(logits.astype(jnp.float32), "act_batch", "act_len", "act_vocab")
     return logits.reshape(batch, t, h, w, self.codebook_size)
 
@@ -217,9 +192,9 @@ def from_config(model_config: Any, *, codebook_size: int, max_token_frames: int,
   """Builds a MaskGitTransformer from a `config.model` ConfigDict.
 
   Reads width, num_layers, num_heads, head_dim, mlp_dim, remat, dtype,
-  param_dtype, attention_impl, memory_token_frames, and code_dim when
-  codebook_embedding is on; the token-grid sizes come from the tokenizer (its
-  codebook size, image_size // patch_size, and the clip length).
+  param_dtype, attention_impl and memory_token_frames; the token-grid sizes
+  come from the tokenizer (its codebook size, image_size // patch_size, and the
+  clip length).
   """
   m = model_config
   grid_h, grid_w = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
@@ -239,6 +214,5 @@ def from_config(model_config: Any, *, codebook_size: int, max_token_frames: int,
       dtype=jnp.dtype(m.dtype),
       param_dtype=jnp.dtype(m.param_dtype),
       attention_impl=check_attention_impl(m.attention_impl) or None,
-      code_dim=m.code_dim if m.get("codebook_embedding", False) else 0,
       memory_token_frames=m.get("memory_token_frames", 0),
   )

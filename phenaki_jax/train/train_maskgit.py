@@ -151,10 +151,6 @@ def check_tokenizer_match(config: ml_collections.ConfigDict, tok_config: ml_coll
           f"config.input.num_frames={config.input.num_frames} frames of "
           f"config.input.resolution={config.input.resolution} into a "
           f"{grid[0]}x{grid[1]}x{grid[2]} token grid: set config.model.token_grid={grid}")
-  if config.model.get("codebook_embedding", False) and config.model.code_dim != tm.code_dim:
-    errors.append(f"config.model.code_dim={config.model.code_dim} but the tokenizer's codes are "
-                  f"{tm.code_dim}-dimensional (its model.code_dim); config.model."
-                  "codebook_embedding needs them equal")
   story = config.input.get("story_ratio", 0.0) > 0 and config.input.data == "shapes"
   if story and any((k - 1) % tm.temporal_patch_size for k in config.input.story_context_frames):
     errors.append(f"config.input.story_context_frames={tuple(config.input.story_context_frames)}"
@@ -353,31 +349,6 @@ def make_init_fn(generator: maskgit.MaskGitTransformer, text: TextEncoder,
                           opt_state=tx.init(params), ema_params=params,
                           nonfinite_streak=jnp.zeros((), jnp.int32))
   return init
-
-
-def tokenizer_code_vectors(tok: Tokenizer, rows: int) -> np.ndarray:
-  """The tokenizer's codebook as the generator's code_vectors (rows, code_dim).
-
-  l2-normalised, as the quantiser compares codes; the [MASK] and padding rows
-  are zero.
-  """
-  codebook = np.asarray(jax.device_get(tok.params["quantizer"]["codebook"]), np.float32)
-  codebook = codebook / np.maximum(np.linalg.norm(codebook, axis=-1, keepdims=True), 1e-6)
-  out = np.zeros((rows, codebook.shape[1]), np.float32)
-  out[:codebook.shape[0]] = codebook
-  return out
-
-
-def with_tokenizer_codebook(state: GeneratorState, tok: Tokenizer, shardings: Any
-                            ) -> GeneratorState:
-  """A freshly initialised state whose generator code_vectors are the tokenizer's codebook."""
-  where = shardings.params["generator"]["code_vectors"]
-  vectors = tokenizer_code_vectors(tok, state.params["generator"]["code_vectors"].shape[0])
-  def put(params):
-    gen = dict(params["generator"])
-    gen["code_vectors"] = place(vectors.astype(gen["code_vectors"].dtype), where)
-    return {**params, "generator": gen}
-  return state.replace(params=put(state.params), ema_params=put(state.ema_params))
 
 
 def abstract_state_and_shardings(config: ml_collections.ConfigDict,
@@ -814,8 +785,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state = state.replace(
             params={**state.params, "text_encoder": place(text.pretrained, where)},
             ema_params={**state.ema_params, "text_encoder": place(text.pretrained, where)})
-      if generator.code_dim:
-        state = with_tokenizer_codebook(state, tok, state_shardings)
       start_step = 0
       logging.info("no checkpoint in %s: starting from scratch", workdir)
     else:

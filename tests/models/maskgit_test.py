@@ -216,46 +216,6 @@ def test_scanned_layers_compute_what_the_unrolled_stack_computes():
   names = nn.get_partition_spec(abstract)["transformer"]["blocks"]["mlp"]
   assert jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0][0] == "layers"
 
-
-def test_codebook_embedding_scores_and_embeds_codes_by_their_vectors(setup):
-  _, plain_variables, _, _ = setup
-  assert "code_vectors" not in plain_variables["params"]  # off: the parameters of before
-  model = tiny_model(code_dim=4)
-  tokens, text, mask = inputs()
-  variables = jax.eval_shape(model.init, jax.random.key(0), tokens, text, mask)
-  params = numpy_params(nn.unbox(variables["params"]))
-  assert params["code_vectors"].shape == (model.embedding_rows, 4)
-  # Codes 1 and 2 get one learned row and one output column; only their code
-  # vectors can tell them apart.
-  for table, axis in ((("token_embedding",), 0), (("to_logits", "kernel"), 1),
-                      (("to_logits", "bias"), 0)):
-    leaf = params
-    for key in table[:-1]:
-      leaf = leaf[key]
-    x = np.array(leaf[table[-1]])
-    if axis == 0:
-      x[2] = x[1]
-    else:
-      x[:, 2] = x[:, 1]
-    leaf[table[-1]] = jnp.asarray(x)
-  apply = jax.jit(lambda p, t: model.apply({"params": p}, t, text, mask))
-  vectors = np.array(params["code_vectors"])
-
-  def with_vectors(v):
-    return {**params, "code_vectors": jnp.asarray(v)}
-
-  same = vectors.copy()
-  same[2] = same[1]
-  logits = np.asarray(apply(with_vectors(same), tokens))
-  np.testing.assert_allclose(logits[..., 1], logits[..., 2], rtol=1e-6)
-  swapped_in = np.where(tokens == 1, 2, tokens)
-  np.testing.assert_allclose(np.asarray(apply(with_vectors(same), swapped_in)), logits, rtol=1e-5,
-                             atol=1e-6)
-  logits = np.asarray(apply(with_vectors(vectors), tokens))
-  assert np.abs(logits[..., 1] - logits[..., 2]).max() > 1e-3
-  assert np.abs(np.asarray(apply(with_vectors(vectors), swapped_in)) - logits).max() > 1e-3
-
-
 # --- Long-term memory (memory_token_frames > 0): extra cross-attention context.
 
 _PLAIN_PARAMS = {"token_embedding", "frame_pos", "row_pos", "col_pos", "text_projection",

@@ -424,40 +424,6 @@ def test_stop_and_resume_is_exact(uninterrupted, tokenizer_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, (a.params, a.ema_params, a.opt_state),
                (b.params, b.ema_params, b.opt_state))
 
-
-# --- Codes embedded through the tokenizer's codebook (model.codebook_embedding).
-
-def test_codebook_embedding_starts_from_the_tokenizers_codebook_and_trains(tokenizer_dir,
-                                                                          tmp_path):
-  config = _tiny(tokenizer_dir, total_steps=3)
-  config.model.codebook_embedding = True
-  config.model.code_dim = Tokenizer.load(tokenizer_dir).config.model.code_dim
-  config.checkpoint_every_steps, config.eval_every_steps = 2, 0
-  # Two steps: the first has learning rate 0 (warm-up).
-  out = train_maskgit.train_and_evaluate(config, str(tmp_path / "run"), stop_after_step=2)
-  tok = Tokenizer.load(tokenizer_dir)
-  codebook = np.asarray(tok.params["quantizer"]["codebook"])
-  unit = codebook / np.linalg.norm(codebook, axis=-1, keepdims=True)
-  state = jax.device_get(out["state"])
-  vectors = np.asarray(state.ema_params["generator"]["code_vectors"])
-  # Steps of EMA (decay 0.999) away from the copied codebook; padding rows zero.
-  np.testing.assert_allclose(vectors[:V], unit, atol=1e-3)
-  assert not np.any(vectors[V + 1:])
-  assert not np.allclose(np.asarray(state.params["generator"]["code_vectors"])[:V], unit,
-                         atol=1e-6)  # and it trains
-  out = train_maskgit.train_and_evaluate(config, str(tmp_path / "run"))  # resumes
-  assert out["step"] == 3
-
-
-def test_codebook_embedding_with_another_code_dim_is_named(tokenizer_dir, tmp_path):
-  config = _tiny(tokenizer_dir)
-  config.model.codebook_embedding = True
-  config.model.code_dim = 7
-  with pytest.raises(config_schema.ConfigError,
-                     match=r"config.model.code_dim=7 but the tokenizer's codes are \d+-dim"):
-    train_maskgit.train_and_evaluate(config, str(tmp_path))
-
-
 # --- Long-term memory (model.memory_token_frames; tests/train/memory_task_test.py).
 
 def test_a_memory_generator_trains_checkpoints_and_resumes_exactly(tokenizer_dir, tmp_path):
