@@ -26,8 +26,6 @@ def generator(trained):
   return Generator.load(trained[1])
 
 
-
-
 @pytest.fixture(scope="package")
 def memory_trained(trained, tmp_path_factory):
   """A `:tiny` generator with long-term memory (model.memory_token_frames=1), same tokenizer."""
