@@ -14,7 +14,7 @@ and motion; accuracy in samples.json), 'tiny' (a `configs/maskgit.py:tiny`
 generator, 2 prompts, 4 steps; what the tests run).
 Prompts on the command line: --config.prompts='first prompt;second prompt'.
 Stories: --config.story='first;second' or --config.storyboard=story.yaml, with
-two experimental switches (off by default, not yet measured):
+two experimental switches (off by default; measured in benchmarks/RESULTS.md):
 --config.sampling.memory_guidance_scale=1.0 (a generator trained with
 model.memory_token_frames > 0) and --config.sampling.seam_blending=True.
 Every key and its default is in phenaki_jax/config_schema.py.

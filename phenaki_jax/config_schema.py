@@ -494,7 +494,7 @@ def maskgit_defaults() -> ml_collections.ConfigDict:
   c.model.remat = False
   c.model.remat_policy = ""  # layers.REMAT_POLICIES name; '' follows model.remat
   c.model.scan_layers = False  # nn.scan over blocks: one block to compile (pods)
-  # Long-term memory for stories (experimental, not yet measured): this many
+  # Long-term memory for stories (experimental; benchmarks/RESULTS.md): this many
   # token frames of a story's first window join the text in cross-attention
   # (StreamingT2V's appearance preservation, as tokens); 0: off, no parameters.
   c.model.memory_token_frames = 0
@@ -913,7 +913,7 @@ def sample_defaults() -> ml_collections.ConfigDict:
   c.sampling.choice_temperature = 4.5
   c.sampling.top_k = 0  # 0: every code
   c.sampling.max_steps = 48  # static loop bound: one compilation for num_steps <= it
-  # Stories only, experimental and not yet measured (phenaki_jax/sampling/story.py;
+  # Stories only, experimental (phenaki_jax/sampling/story.py; benchmarks/RESULTS.md;
   # a storyboard's defaults or segments may set them too):
   # guidance of the long-term memory (a generator with model.memory_token_frames
   # > 0): uncond + s·(cond − uncond) + memory_guidance_scale·(cond_memory − cond);

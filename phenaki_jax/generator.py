@@ -269,35 +269,27 @@ def _sample_tokens(model: maskgit.MaskGitTransformer, text: Any, params: Any,
                                             {"text_ids": text_ids, "text_mask": text_mask})
   b = start.shape[0]
   grid = start.shape[1:]
-  # The unconditional half sees no text at all: its mask is all False, as for
+  # Passes in one batch: (text), (nothing) and, with memory, (text + memory).
+  # The unconditional pass sees no text at all: its mask is all False, as for
   # the examples whose text was dropped in training.
-  both_context = jnp.concatenate([context, context], axis=0)
-  both_mask = jnp.concatenate([mask, jnp.zeros_like(mask)], axis=0)
-
-  def plain_logits_fn(flat_tokens: jax.Array) -> jax.Array:
-    tokens = parallel_decode.unflatten_tokens(flat_tokens, grid)
-    logits = model.apply({"params": params["generator"]}, jnp.concatenate([tokens, tokens]),
-                         both_context, both_mask)
-    logits = logits.reshape(2 * b, flat_tokens.shape[1], -1)
-    return parallel_decode.guide(logits[:b], logits[b:], guidance_scale)
-
-  logits_fn = plain_logits_fn
+  passes = 2 if memory_args is None else 3
+  all_context = jnp.concatenate([context] * passes, axis=0)
+  all_mask = jnp.concatenate([mask, jnp.zeros_like(mask), mask][:passes], axis=0)
+  memory_kw = {}
   if memory_args is not None:
-    # Three passes in one batch: (text), (nothing), (text + memory).
     memory, memory_scale = memory_args
-    three_context = jnp.concatenate([context, context, context], axis=0)
-    three_mask = jnp.concatenate([mask, jnp.zeros_like(mask), mask], axis=0)
-    three_memory = jnp.concatenate([memory, memory, memory], axis=0)
-    memory_on = jnp.concatenate([jnp.zeros((2 * b,), jnp.bool_), jnp.ones((b,), jnp.bool_)])
+    memory_kw = {"memory": jnp.concatenate([memory] * passes, axis=0),
+                 "memory_mask": jnp.arange(passes * b) >= 2 * b}
 
-    def logits_fn(flat_tokens: jax.Array) -> jax.Array:
-      tokens = parallel_decode.unflatten_tokens(flat_tokens, grid)
-      logits = model.apply({"params": params["generator"]},
-                           jnp.concatenate([tokens, tokens, tokens]), three_context, three_mask,
-                           three_memory, memory_on)
-      logits = logits.reshape(3 * b, flat_tokens.shape[1], -1)
-      return parallel_decode.guide_with_memory(logits[:b], logits[b:2 * b], logits[2 * b:],
-                                               guidance_scale, memory_scale)
+  def logits_fn(flat_tokens: jax.Array) -> jax.Array:
+    tokens = parallel_decode.unflatten_tokens(flat_tokens, grid)
+    logits = model.apply({"params": params["generator"]}, jnp.concatenate([tokens] * passes),
+                         all_context, all_mask, **memory_kw)
+    logits = logits.reshape(passes, b, flat_tokens.shape[1], -1)
+    if memory_args is None:
+      return parallel_decode.guide(logits[0], logits[1], guidance_scale)
+    return parallel_decode.guide_with_memory(logits[0], logits[1], logits[2], guidance_scale,
+                                             memory_scale)
 
   seam_kw = {}
   if seam_frames is not None:

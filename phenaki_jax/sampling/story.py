@@ -20,8 +20,9 @@ as many windows as its frame count needs. Only one window lives on the
 device, and frames stream to the output file, so memory does not grow with
 the length of the story.
 
-Two experimental switches (off by default, not yet measured), each a
-SamplingOptions field, a storyboard default and a segment key:
+Two experimental switches (off by default; measured in benchmarks/RESULTS.md,
+"Long-term memory and seam blending"), each a SamplingOptions field, a
+storyboard default and a segment key:
   * memory_guidance_scale > 0, for a generator trained with long-term memory
     (model.memory_token_frames = m): the first m token frames of the story's
     first window are the memory of every later window (cross-attention,
@@ -30,7 +31,7 @@ SamplingOptions field, a storyboard default and a segment key:
     random split and re-samples the ones after it (parallel_decode.decode),
     so a window does not join its context at one hard copy boundary. The
     context frames already written stay as they are; the new frames are
-    decoded from the blended tokens.
+    decoded from the blended tokens (measured: seams got worse).
 """
 from __future__ import annotations
 
