@@ -33,6 +33,11 @@ def num_token_frames(num_frames: int, temporal_patch_size: int) -> int:
   return 1 + (num_frames - 1) // temporal_patch_size
 
 
+def num_frames_of(token_frames: int, temporal_patch_size: int) -> int:
+  """Frames that make `token_frames` token frames (the inverse of num_token_frames)."""
+  return 1 + (token_frames - 1) * temporal_patch_size
+
+
 class _SpaceTimeTransformer(nn.Module):
   """Spatial transformer within token frames plus causal temporal across them."""
   width: int

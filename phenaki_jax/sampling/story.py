@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from phenaki_jax.generator import Generator, SamplingOptions
+from phenaki_jax.models import cvivit
 
 _SEGMENT_KEYS = ("prompt", "num_frames", "seconds", "context_frames", "guidance_scale", "seed",
                  "memory_guidance_scale", "seam_blending")
@@ -135,10 +136,11 @@ class StoryWindow:
   def __init__(self, gen: Generator):
     self.token_frames = gen.token_grid[0]
     self.temporal_patch = int(gen.tokenizer.config.model.temporal_patch_size)
-    self.frames = 1 + (self.token_frames - 1) * self.temporal_patch
+    self.frames = cvivit.num_frames_of(self.token_frames, self.temporal_patch)
 
   def allowed_contexts(self) -> list[int]:
-    return [1 + m * self.temporal_patch for m in range(self.token_frames - 1)]
+    """K-frame contexts that tokenise to whole token frames, shorter than the window."""
+    return [cvivit.num_frames_of(m, self.temporal_patch) for m in range(1, self.token_frames)]
 
   def default_context(self) -> int:
     """The longest allowed context of at most about half the window."""
@@ -149,12 +151,12 @@ class StoryWindow:
     """Token frames of a K-frame context; errors say which K are possible."""
     if k == 0:
       return 0
-    allowed = [1 + m * self.temporal_patch for m in range(self.token_frames - 1)]
+    allowed = self.allowed_contexts()
     if k not in allowed:
       raise ValueError(f"{where}: context_frames={k}; this generator's window is {self.frames} "
                        f"frames (temporal patch {self.temporal_patch}), so the context must be "
                        f"one of {allowed} (or 0 for a cut)")
-    return 1 + (k - 1) // self.temporal_patch
+    return cvivit.num_token_frames(k, self.temporal_patch)
 
 
 def generate_story(gen: Generator, segments: Sequence[Segment], *, sink: Callable[[np.ndarray],

@@ -749,8 +749,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # --- Input: clips with captions; captions become ids on the host.
   memory_frames = 0  # story clips carry memory frames of their object for a memory generator
   if config.model.memory_token_frames:
-    memory_frames = 1 + (config.model.memory_token_frames - 1) * int(
-        tok.config.model.temporal_patch_size)
+    memory_frames = cvivit.num_frames_of(config.model.memory_token_frames,
+                                         int(tok.config.model.temporal_patch_size))
   train_iter = iter(pipeline.make_train_dataset(
       config.input, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), keep_caption=True,

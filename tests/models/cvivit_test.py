@@ -93,6 +93,7 @@ def test_variable_length(model_and_params, frames, token_frames):
   decoded = model.apply({"params": params}, aux["codes"], method=model.decode)
   np.testing.assert_allclose(decoded, recon, atol=1e-5)
   assert cvivit.num_token_frames(frames, TP) == token_frames
+  assert cvivit.num_frames_of(token_frames, TP) == frames
 
 
 @pytest.mark.parametrize("frames", [0, 2, 4, 10])
