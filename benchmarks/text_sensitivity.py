@@ -32,11 +32,19 @@ def main(argv):
   del argv
   from phenaki_jax.eval import text_sensitivity  # pylint: disable=g-import-not-at-top
   from phenaki_jax.generator import Generator  # pylint: disable=g-import-not-at-top
+  try:
+    ratios = [float(r) for r in _RATIOS.value]
+  except ValueError:
+    raise app.UsageError(f"--mask_ratios={','.join(_RATIOS.value)}: not numbers") from None
+  if not ratios or not all(0 < r <= 1 for r in ratios):
+    raise app.UsageError(f"--mask_ratios={','.join(_RATIOS.value)}: each must be in (0, 1]")
+  if _CLIPS.value < 1:
+    raise app.UsageError(f"--num_clips={_CLIPS.value}: must be >= 1")
   start = time.time()
   gen = Generator.load(_GENERATOR.value, step=None if _STEP.value < 0 else _STEP.value,
                        use_ema=not _RAW.value)
   result = text_sensitivity.measure(gen, num_clips=_CLIPS.value,
-                                    mask_ratios=[float(r) for r in _RATIOS.value])
+                                    mask_ratios=ratios)
   print(json.dumps({"generator": os.path.abspath(_GENERATOR.value), "step": gen.step,
                     "weights": "raw" if _RAW.value else "ema", "num_clips": _CLIPS.value,
                     **result, "seconds": round(time.time() - start, 1)}, indent=2))
