@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phenaki_jax.data import synthetic
+from phenaki_jax.eval import token_stats
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "size": synthetic.SIZES,
@@ -60,8 +61,11 @@ def measure(gen, *, num_clips: int = 48, mask_ratios: Sequence[float] = (0.5, 0.
   specs, clips = held_out_clips(num_clips, gen.num_frames, int(gen.config.input.resolution), seed)
   tokens = np.asarray(gen.tokenizer.encode(clips))
   flat = tokens.reshape(num_clips, -1)
-  # The commonest code of the clips is the black background.
-  background = np.bincount(flat.ravel()).argmax()
+  # Object tokens by their pixels, not by code: a tokenizer may give black
+  # tubelets many codes (phenaki_jax/eval/token_stats.py).
+  m = gen.tokenizer.config.model
+  is_object = token_stats.object_token_mask(clips, m.patch_size,
+                                            m.temporal_patch_size).reshape(flat.shape)
   rng = np.random.default_rng([seed, 1])
 
   @jax.jit
@@ -82,7 +86,7 @@ def measure(gen, *, num_clips: int = 48, mask_ratios: Sequence[float] = (0.5, 0.
   for ratio in mask_ratios:
     masked = rng.random(flat.shape) < ratio
     inputs = np.where(masked, gen.model.mask_id, flat).reshape(tokens.shape)
-    scored = masked & (flat != background)
+    scored = masked & is_object
     if not scored.any():
       raise ValueError(f"mask ratio {ratio}: no object token is masked in {num_clips} clips")
 
