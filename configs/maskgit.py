@@ -7,7 +7,7 @@
       --config.tokenizer.workdir=gs://... --config.text.t5_path=/path/to/t5
 
 Variants: '' (default: the tokenizer of `configs/cvivit.py` in runs/cvivit,
-64×64, 11 frames → 6×8×8 = 384 tokens of 1,024 codes; a byte-level text
+64×64, 11 frames → 6×8×8 = 384 tokens of 256 codes; a byte-level text
 encoder trained alongside; CPU-friendly), 'tiny' (seconds; the tokenizer of
 `configs/cvivit.py:tiny`: 16×16, 5 frames → 3×4×4 tokens of 64 codes; what the
 tests run), 'paper' (paper scale for pods: the tokenizer of

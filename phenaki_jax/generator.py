@@ -50,6 +50,9 @@ class SamplingOptions:
       memory is not used. Experimental.
     seam_blending: with prefix tokens, re-draw at every decoding step how many
       prefix token frames stay frozen (parallel_decode.decode). Experimental.
+    guidance_schedule: how guidance_scale varies as tokens are decided:
+      'constant', 'increasing' (1 → scale) or 'decreasing' (scale → 1);
+      parallel_decode.scheduled_guidance.
   """
   num_steps: int = 12
   guidance_scale: float = 3.0
@@ -59,6 +62,7 @@ class SamplingOptions:
   max_steps: int = 48
   memory_guidance_scale: float = 0.0
   seam_blending: bool = False
+  guidance_schedule: str = "constant"
 
   def check(self, where: str = "") -> None:
     def bad(key, why):
@@ -79,6 +83,8 @@ class SamplingOptions:
       bad("memory_guidance_scale", "must be >= 0 (0: no memory)")
     if not isinstance(self.seam_blending, (bool, np.bool_)):
       bad("seam_blending", "must be true or false")
+    if self.guidance_schedule not in parallel_decode.GUIDANCE_SCHEDULES:
+      bad("guidance_schedule", f"must be one of {parallel_decode.GUIDANCE_SCHEDULES}")
 
 
 @dataclasses.dataclass
@@ -137,7 +143,8 @@ class Generator:
 
   def __post_init__(self):
     self._sample = jax.jit(functools.partial(_sample_tokens, self.model, self.text),
-                           static_argnames=("max_steps", "top_k", "schedule"))
+                           static_argnames=("max_steps", "top_k", "schedule",
+                                            "guidance_schedule"))
 
   @property
   def memory_token_frames(self) -> int:
@@ -207,7 +214,8 @@ class Generator:
                           jnp.float32(options.choice_temperature),
                           memory_args, seam,
                           max_steps=options.max_steps, top_k=options.top_k or None,
-                          schedule=self.config.mask_schedule)
+                          schedule=self.config.mask_schedule,
+                          guidance_schedule=options.guidance_schedule)
     return np.asarray(tokens)
 
   def decode(self, tokens: Any) -> np.ndarray:
@@ -257,7 +265,8 @@ def _sample_tokens(model: maskgit.MaskGitTransformer, text: Any, params: Any,
                    choice_temperature: jax.Array,
                    memory_args: tuple[jax.Array, jax.Array] | None = None,
                    seam_frames: jax.Array | None = None, *, max_steps: int,
-                   top_k: int | None, schedule: str) -> jax.Array:
+                   top_k: int | None, schedule: str,
+                   guidance_schedule: str = "constant") -> jax.Array:
   """MaskGIT decoding with CFG; the conditional and unconditional passes share one batch.
 
   `memory_args` = (memory tokens (B, m, h, w), memory guidance scale): a
@@ -281,14 +290,20 @@ def _sample_tokens(model: maskgit.MaskGitTransformer, text: Any, params: Any,
     memory_kw = {"memory": jnp.concatenate([memory] * passes, axis=0),
                  "memory_mask": jnp.arange(passes * b) >= 2 * b}
 
+  # Per example: the share of its generated tokens decided so far.
+  to_generate = jnp.maximum(jnp.sum(start == model.mask_id, axis=(1, 2, 3)), 1)
+
   def logits_fn(flat_tokens: jax.Array) -> jax.Array:
+    revealed = 1.0 - jnp.sum(flat_tokens == model.mask_id, axis=1) / to_generate
+    scale = parallel_decode.scheduled_guidance(guidance_scale, revealed,
+                                               guidance_schedule)[:, None, None]
     tokens = parallel_decode.unflatten_tokens(flat_tokens, grid)
     logits = model.apply({"params": params["generator"]}, jnp.concatenate([tokens] * passes),
                          all_context, all_mask, **memory_kw)
     logits = logits.reshape(passes, b, flat_tokens.shape[1], -1)
     if memory_args is None:
-      return parallel_decode.guide(logits[0], logits[1], guidance_scale)
-    return parallel_decode.guide_with_memory(logits[0], logits[1], logits[2], guidance_scale,
+      return parallel_decode.guide(logits[0], logits[1], scale)
+    return parallel_decode.guide_with_memory(logits[0], logits[1], logits[2], scale,
                                              memory_scale)
 
   seam_kw = {}

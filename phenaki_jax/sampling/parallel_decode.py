@@ -95,6 +95,32 @@ def guide(cond: jax.Array, uncond: jax.Array, scale: jax.Array | float) -> jax.A
   return uncond + jnp.asarray(scale, jnp.float32) * (cond - uncond)
 
 
+GUIDANCE_SCHEDULES = ("constant", "increasing", "decreasing")
+
+
+def scheduled_guidance(scale: jax.Array | float, revealed: jax.Array,
+                       schedule: str = "constant") -> jax.Array:
+  """The guidance scale when a fraction `revealed` of the generated tokens is decided.
+
+  'constant': `scale` throughout. 'increasing': from 1 (the plain conditional
+  model) at the first step to `scale` at the last, as Muse ramps it: the
+  first, scattered tokens are drawn from the calibrated model. 'decreasing':
+  from `scale` down to 1: the text decides the first tokens, and the ones that
+  fill in around them are drawn without the push towards object codes that
+  guidance gives every position (at a constant 3 the shapes' objects grow into
+  blobs; benchmarks/RESULTS.md). Linear in `revealed` ∈ [0, 1].
+  """
+  scale = jnp.asarray(scale, jnp.float32)
+  revealed = jnp.clip(jnp.asarray(revealed, jnp.float32), 0.0, 1.0)
+  if schedule == "constant":
+    return jnp.broadcast_to(scale, revealed.shape)
+  if schedule == "increasing":
+    return 1.0 + (scale - 1.0) * revealed
+  if schedule == "decreasing":
+    return scale + (1.0 - scale) * revealed
+  raise ValueError(f"guidance schedule {schedule!r}: expected one of {GUIDANCE_SCHEDULES}")
+
+
 def guide_with_memory(cond: jax.Array, uncond: jax.Array, cond_memory: jax.Array,
                       scale: jax.Array | float, memory_scale: jax.Array | float) -> jax.Array:
   """uncond + scale·(cond − uncond) + memory_scale·(cond_memory − cond), in float32.

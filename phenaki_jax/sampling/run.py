@@ -55,7 +55,8 @@ def sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions:
                             temperature=s.temperature, choice_temperature=s.choice_temperature,
                             top_k=s.top_k, max_steps=s.max_steps,
                             memory_guidance_scale=s.memory_guidance_scale,
-                            seam_blending=s.seam_blending)
+                            seam_blending=s.seam_blending,
+                            guidance_schedule=s.guidance_schedule)
   options.check("sampling.")
   return options
 

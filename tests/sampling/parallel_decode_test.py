@@ -257,3 +257,15 @@ def test_seam_blending_needs_the_frame_size():
   tokens, _ = story_window()
   with pytest.raises(ValueError, match="tokens_per_frame"):
     run(random_logits, jax.random.key(0), tokens, 4, seam_prefix_frames=jnp.array([3, 2]))
+
+
+def test_scheduled_guidance_moves_linearly_between_one_and_the_scale():
+  revealed = jnp.array([0.0, 0.25, 1.0])
+  np.testing.assert_allclose(pd.scheduled_guidance(3.0, revealed, "constant"),
+                             [3.0, 3.0, 3.0])
+  np.testing.assert_allclose(pd.scheduled_guidance(3.0, revealed, "increasing"),
+                             [1.0, 1.5, 3.0])
+  np.testing.assert_allclose(pd.scheduled_guidance(3.0, revealed, "decreasing"),
+                             [3.0, 2.5, 1.0])
+  with pytest.raises(ValueError, match="'cosine'"):
+    pd.scheduled_guidance(3.0, revealed, "cosine")

@@ -72,6 +72,19 @@ def test_guidance_scale_one_is_the_conditional_model(generator):
   np.testing.assert_array_equal(guided.reshape(2, -1), np.asarray(out.tokens))
 
 
+def test_guidance_schedules_start_and_end_where_they_say(generator):
+  """With one step every token is decided at revealed = 0: 'increasing' is the
+  conditional model (scale 1) there and 'decreasing' the full scale; with more
+  steps a schedule changes the tokens a constant scale gives."""
+  def tokens(steps, scale, schedule):
+    return generator.sample_tokens(PROMPTS, seed=5, options=SamplingOptions(
+        num_steps=steps, max_steps=8, guidance_scale=scale, guidance_schedule=schedule))
+  np.testing.assert_array_equal(tokens(1, 6.0, "increasing"), tokens(1, 1.0, "constant"))
+  np.testing.assert_array_equal(tokens(1, 6.0, "decreasing"), tokens(1, 6.0, "constant"))
+  assert not np.array_equal(tokens(1, 6.0, "constant"), tokens(1, 1.0, "constant"))
+  assert not np.array_equal(tokens(4, 6.0, "decreasing"), tokens(4, 6.0, "constant"))
+
+
 def test_generate_makes_clips_and_images_of_the_tokenizer_frame_count(generator):
   opts = SamplingOptions(num_steps=2, max_steps=8)
   video = generator.generate(PROMPTS, options=opts)
@@ -119,6 +132,7 @@ def test_sample_job_same_seed_same_files(trained, tmp_path):
     ("generator.workdir", "", "config.generator.workdir=''"),
     ("sampling.num_steps", 9, "config.sampling.num_steps=9"),
     ("sampling.guidance_scale", -1.0, "config.sampling.guidance_scale=-1.0"),
+    ("sampling.guidance_schedule", "cosine", "config.sampling.guidance_schedule='cosine'"),
     ("output.formats", "avi", "config.output.formats='avi'"),
     ("num_frames", 0, "config.num_frames=0"),
 ])
