@@ -135,7 +135,9 @@ def check_tokenizer_match(config: ml_collections.ConfigDict, tok_config: ml_coll
   tm, errors = tok_config.model, []
   if config.model.codebook_size != tm.codebook_size:
     errors.append(f"config.model.codebook_size={config.model.codebook_size} but the tokenizer "
-                  f"has {tm.codebook_size} codes (its model.codebook_size)")
+                  f"has {tm.codebook_size} codes (its model.codebook_size): set "
+                  f"config.model.codebook_size={tm.codebook_size} (the CPU default changed "
+                  "from 1,024 to 256 codes on 2026-11-30)")
   if config.input.resolution != tok_config.input.resolution:
     errors.append(f"config.input.resolution={config.input.resolution} but the tokenizer was "
                   f"built for {tok_config.input.resolution}px frames (its input.resolution)")

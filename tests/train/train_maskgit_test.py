@@ -300,7 +300,8 @@ def test_sharded_step_skips_nonfinite_and_matches_unsharded_loss(setup):
 
 @pytest.mark.parametrize("key,value,message", [
     ("model.codebook_size", 128,
-     r"config.model.codebook_size=128 but the tokenizer has 64 codes"),
+     r"config.model.codebook_size=128 but the tokenizer has 64 codes .*: set "
+     r"config.model.codebook_size=64"),
     ("model.token_grid", (3, 4, 5),
      r"config.model.token_grid=\(3, 4, 5\) but .* into a 3x4x4 token grid"),
     ("input.num_frames", 7,
