@@ -166,6 +166,23 @@ def prompt_set(count: int = 30, seed: int = 0) -> list[str]:
   return out
 
 
+def reference_clip(prompt: str, num_frames: int, resolution: int) -> np.ndarray | None:
+  """The dataset's own clip for `prompt`, starting at the frame centre; None without a size.
+
+  Scoring a tokenizer's reconstruction of these clips gives the ceiling a
+  generator on that tokenizer can reach: an outline the tokenizer rounds off
+  is lost before the generator sees it. A still-image prompt gives a still
+  object; a story prompt ("the red circle moves left") names no size: None.
+  """
+  wanted = synthetic.parse_caption(prompt)
+  if wanted["size"] is None:
+    return None
+  spec = synthetic.ShapesSpec(shape=wanted["shape"], colour=wanted["colour"],
+                              size=wanted["size"], motion=wanted["motion"] or synthetic.STILL,
+                              start=(0.5, 0.5))
+  return synthetic.render_clip(spec, num_frames, resolution)
+
+
 def is_shapes_prompt(prompt: str) -> bool:
   try:
     synthetic.parse_caption(prompt)

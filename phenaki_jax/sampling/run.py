@@ -25,7 +25,7 @@ import tqdm
 from absl import logging
 from PIL import Image, ImageDraw, ImageFont
 
-from phenaki_jax import config_schema
+from phenaki_jax import config_schema, metrics
 from phenaki_jax.config_schema import ConfigError
 from phenaki_jax.data import synthetic, video_io
 from phenaki_jax.eval import shapes_score
@@ -83,6 +83,27 @@ def labelled_strips(videos: Sequence[np.ndarray], labels: Sequence[str],
   rows = [np.pad(r, ((0, gap), (0, width - r.shape[1]), (0, 0)), constant_values=255)
           for r in rows]
   return np.concatenate(rows, axis=0)
+
+
+def tokenizer_ceiling(gen: Generator, prompts: Sequence[str], num_frames: int,
+                      resolution: int, batch_size: int) -> dict[str, float] | None:
+  """Shapes accuracy of the tokenizer's reconstructions of each prompt's dataset clip.
+
+  None when no prompt has a reference clip (no shapes prompt names a size).
+  """
+  pairs = [(p, shapes_score.reference_clip(p, num_frames, resolution))
+           for p in prompts if shapes_score.is_shapes_prompt(p)]
+  pairs = [(p, c) for p, c in pairs if c is not None]
+  if not pairs:
+    return None
+  scores = []
+  for first in range(0, len(pairs), batch_size):
+    chunk = pairs[first:first + batch_size]
+    # Padded to the batch size: one compilation, as for sampling.
+    clips = np.stack([c for _, c in chunk] + [chunk[-1][1]] * (batch_size - len(chunk)))
+    recon = metrics.to_uint8(np.asarray(gen.tokenizer.decode(gen.tokenizer.encode(clips))))
+    scores += [shapes_score.score_clip(r, p) for (p, _), r in zip(chunk, recon)]
+  return shapes_score.accuracy(scores)
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
@@ -154,6 +175,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                          upscale=upscale)
   Image.fromarray(grid).save(os.path.join(workdir, "samples.png"))
   scored = [r["shapes"]["correct"] for r in records if "shapes" in r]
+  ceiling = (tokenizer_ceiling(gen, list(dict.fromkeys(r["prompt"] for r in records
+                                                      if "shapes" in r)),
+                               videos[0].shape[0], videos[0].shape[1], bs) if scored else None)
   report = {
       "job": "sample",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -165,6 +189,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "sampling": {**options.__dict__, "batch_size": bs, "seed": config.seed},
       "samples": records,
       "shapes_accuracy": shapes_score.accuracy(scored) if scored else None,
+      "tokenizer_ceiling": ceiling,
       "seconds": {"sampling": round(sample_seconds, 3),
                   "total": round(time.perf_counter() - start, 3)},
       "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
@@ -176,6 +201,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info("shapes prompt accuracy over %d clips: %s", len(scored),
                  " ".join(f"{k}={acc[k]:.3f}" for k in (*shapes_score.ATTRIBUTES, "all")
                           if k in acc))
+  if ceiling:
+    logging.info("the tokenizer's ceiling (its reconstructions of the dataset's clips for "
+                 "these prompts): %s", " ".join(f"{k}={ceiling[k]:.3f}" for k in
+                                                (*shapes_score.ATTRIBUTES, "all") if k in ceiling))
   logging.info("wrote %d sample(s) to %s (%.1f s sampling)", len(records), workdir,
                sample_seconds)
   return report

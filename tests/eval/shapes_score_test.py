@@ -80,3 +80,18 @@ def test_the_prompt_colour_object_is_judged_even_when_another_colour_dominates()
   # size and motion are right.
   assert score == {"size": True, "colour": False, "shape": True, "motion": True, "all": False}
   assert shapes_score.score_clip(clip, "a large blue square stays still")["all"]
+
+
+@pytest.mark.parametrize("resolution,num_frames", [(64, 11), (64, 1)])
+def test_reference_clips_of_the_prompt_set_are_read_as_their_prompts(resolution, num_frames):
+  prompts = shapes_score.prompt_set(30) + ["a small red circle", "a large blue square"]
+  for prompt in prompts:
+    clip = shapes_score.reference_clip(prompt, num_frames, resolution)
+    assert clip.shape == (num_frames, resolution, resolution, 3) and clip.dtype == np.uint8
+    if num_frames == 1 and "moves" in prompt:
+      continue  # one frame cannot show a motion
+    assert shapes_score.score_clip(clip, prompt)["all"], prompt
+
+
+def test_a_story_prompt_has_no_reference_clip():
+  assert shapes_score.reference_clip("the red circle moves left", 11, 64) is None

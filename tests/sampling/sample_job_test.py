@@ -111,6 +111,7 @@ def test_sample_job_writes_valid_mp4_png_and_json(trained, tmp_path):
   on_disk = json.load(open(tmp_path / "samples.json"))
   assert on_disk["generator"]["step"] == 3 and on_disk["tokenizer"]["step"] == 1
   assert on_disk["shapes_accuracy"]["num_clips"] == 4.0
+  assert on_disk["tokenizer_ceiling"]["num_clips"] == 2.0  # one per distinct prompt
   wanted = config.prompts.split(";")
   assert [s["prompt"] for s in on_disk["samples"]] == [wanted[0]] * 2 + [wanted[1]] * 2
   from PIL import Image
@@ -161,3 +162,44 @@ def test_command_line_with_prompts(trained, tmp_path):
   assert all(os.path.exists(out / s["files"][0]) for s in report["samples"])
   # A prompt outside the built-in grammar is sampled, just not scored.
   assert "shapes" in report["samples"][0] and "shapes" not in report["samples"][2]
+
+
+class _FakeTokenizer:
+  """Encodes a clip as itself; decoding applies `damage` (floats in [-1, 1])."""
+
+  def __init__(self, damage):
+    self.damage = damage
+
+  def encode(self, frames):
+    return np.asarray(frames, np.float32) / 127.5 - 1.0
+
+  def decode(self, codes):
+    return self.damage(codes)
+
+
+class _FakeGenerator:
+  def __init__(self, damage):
+    self.tokenizer = _FakeTokenizer(damage)
+
+
+def test_tokenizer_ceiling_scores_the_reconstructions_of_the_prompts_clips():
+  prompts = ["a large red circle moves right", "a small blue square moves up",
+             "the green triangle moves left", "a dog runs on a beach"]
+  perfect = sample_run.tokenizer_ceiling(_FakeGenerator(lambda x: x), prompts, 11, 64, 3)
+  # Only the two prompts that name every attribute have a dataset clip.
+  assert perfect == {"colour": 1.0, "shape": 1.0, "size": 1.0, "motion": 1.0, "all": 1.0,
+                     "num_clips": 2.0}
+
+  def fill_bounding_boxes(x):  # every object becomes a square; colour, size, motion kept
+    out = np.full_like(x, -1.0)
+    for b, t in np.ndindex(x.shape[:2]):
+      ys, xs = np.nonzero((x[b, t] > 0).any(-1))
+      colour = x[b, t, ys, xs].max(axis=0)
+      out[b, t, ys.min():ys.max() + 1, xs.min():xs.max() + 1] = colour
+    return out
+
+  squared = sample_run.tokenizer_ceiling(_FakeGenerator(fill_bounding_boxes), prompts, 11, 64, 3)
+  # The circle is lost, the square stays one.
+  assert squared == {"colour": 1.0, "shape": 0.5, "size": 1.0, "motion": 1.0, "all": 0.5,
+                     "num_clips": 2.0}
+  assert sample_run.tokenizer_ceiling(_FakeGenerator(lambda x: x), prompts[2:], 11, 64, 3) is None
