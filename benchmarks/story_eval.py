@@ -38,6 +38,9 @@ _STEPS = flags.DEFINE_integer("num_steps", 12, "Decoding steps per window.")
 _MEMORY = flags.DEFINE_float("memory_guidance_scale", 0.0,
                              "Long-term memory guidance (a generator trained with memory); "
                              "0: off.")
+_SCHEDULE = flags.DEFINE_enum("guidance_schedule", "constant",
+                              ["constant", "increasing", "decreasing"],
+                              "How the guidance scale moves over the decoding steps.")
 _SEAM = flags.DEFINE_bool("seam_blending", False, "Randomised blending of the seams.")
 _SAVE = flags.DEFINE_string("save_gif", "", "Write the first story here as a GIF.")
 
@@ -51,7 +54,9 @@ def main(_):
 
   gen = Generator.load(_GENERATOR.value)
   options = SamplingOptions(num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
-                            memory_guidance_scale=_MEMORY.value, seam_blending=_SEAM.value)
+                            memory_guidance_scale=_MEMORY.value, seam_blending=_SEAM.value,
+                            guidance_schedule=_SCHEDULE.value)
+  options.check()
   scores, start = [], time.perf_counter()
   for i in range(_STORIES.value):
     prompts = story_metrics.shapes_storyboard(_SEGMENTS.value, seed=i)
