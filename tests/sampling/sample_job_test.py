@@ -186,7 +186,7 @@ def test_tokenizer_ceiling_scores_the_reconstructions_of_the_prompts_clips():
   prompts = ["a large red circle moves right", "a small blue square moves up",
              "the green triangle moves left", "a dog runs on a beach"]
   perfect = sample_run.tokenizer_ceiling(_FakeGenerator(lambda x: x), prompts, 11, 64, 3)
-  # Only the two prompts that name every attribute have a dataset clip.
+  # The story prompt names no size and the last is not a shapes prompt: two clips.
   assert perfect == {"colour": 1.0, "shape": 1.0, "size": 1.0, "motion": 1.0, "all": 1.0,
                      "num_clips": 2.0}
 
