@@ -108,7 +108,8 @@ def scheduled_guidance(scale: jax.Array | float, revealed: jax.Array,
   from `scale` down to 1: the text decides the first tokens, and the ones that
   fill in around them are drawn without the push towards object codes that
   guidance gives every position (at a constant 3 the shapes' objects grow into
-  blobs; benchmarks/RESULTS.md). Linear in `revealed` ∈ [0, 1].
+  blobs). Linear in `revealed` ∈ [0, 1]. Neither ramp beat 'constant' on the
+  built-in shapes (benchmarks/RESULTS.md).
   """
   scale = jnp.asarray(scale, jnp.float32)
   revealed = jnp.clip(jnp.asarray(revealed, jnp.float32), 0.0, 1.0)

@@ -106,6 +106,10 @@ def tokenizer_ceiling(gen: Generator, prompts: Sequence[str], num_frames: int,
   return shapes_score.accuracy(scores)
 
 
+def _format_accuracy(acc: dict[str, float]) -> str:
+  return " ".join(f"{k}={acc[k]:.3f}" for k in (*shapes_score.ATTRIBUTES, "all") if k in acc)
+
+
 def _write_json(path: str, payload: dict[str, Any]) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -197,14 +201,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   }
   _write_json(os.path.join(workdir, "samples.json"), report)
   if scored:
-    acc = report["shapes_accuracy"]
     logging.info("shapes prompt accuracy over %d clips: %s", len(scored),
-                 " ".join(f"{k}={acc[k]:.3f}" for k in (*shapes_score.ATTRIBUTES, "all")
-                          if k in acc))
+                 _format_accuracy(report["shapes_accuracy"]))
   if ceiling:
     logging.info("the tokenizer's ceiling (its reconstructions of the dataset's clips for "
-                 "these prompts): %s", " ".join(f"{k}={ceiling[k]:.3f}" for k in
-                                                (*shapes_score.ATTRIBUTES, "all") if k in ceiling))
+                 "these prompts): %s", _format_accuracy(ceiling))
   logging.info("wrote %d sample(s) to %s (%.1f s sampling)", len(records), workdir,
                sample_seconds)
   return report
