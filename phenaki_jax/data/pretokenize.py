@@ -46,6 +46,7 @@ from absl import logging
 from phenaki_jax import config_schema
 from phenaki_jax.config_schema import ConfigError
 from phenaki_jax.data import pipeline, prepare, sources
+from phenaki_jax.data.shard_records import DamagedRecordError, ShardRecords
 
 RECORD_FORMAT = "phenaki_jax/tokens"
 RECORD_VERSION = 1
@@ -73,18 +74,30 @@ def encode_token_record(codes: np.ndarray, *, kind: str, caption: str,
 
 
 def decode_token_record(data: bytes) -> dict[str, Any]:
-  record = msgpack.unpackb(data, raw=False)
+  """Inverse of `encode_token_record`.
+
+  Raises DamagedRecordError for bytes that do not parse (the reader skips
+  those), ValueError for a record of another format or a newer version.
+  """
+  try:
+    record = msgpack.unpackb(data, raw=False)
+  except Exception as e:  # pylint: disable=broad-except  # msgpack's errors have no common base
+    raise DamagedRecordError(f"not msgpack ({type(e).__name__}: {e})") from e
   if not isinstance(record, dict) or record.get("fmt") != RECORD_FORMAT:
     raise ValueError("not a phenaki_jax token record (was this folder written by "
                      "configs/pretokenize.py?)")
   if record["version"] > RECORD_VERSION:
     raise ValueError(f"token record version {record['version']} is newer than this reader "
                      f"({RECORD_VERSION}): update phenaki_jax")
-  record["codes"] = np.frombuffer(record["codes"], record["codes_dtype"]).reshape(
-      record["shape"]).astype(np.int32)
-  if "text_embedding" in record:
-    record["text_embedding"] = np.frombuffer(record["text_embedding"], ml_dtypes.bfloat16
-                                             ).reshape(record["text_length"], record["text_width"])
+  try:
+    record["codes"] = np.frombuffer(record["codes"], record["codes_dtype"]).reshape(
+        record["shape"]).astype(np.int32)
+    if "text_embedding" in record:
+      record["text_embedding"] = np.frombuffer(
+          record["text_embedding"], ml_dtypes.bfloat16).reshape(record["text_length"],
+                                                                record["text_width"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise DamagedRecordError(f"codes or embedding do not decode ({type(e).__name__}: {e})") from e
   return record
 
 
@@ -97,17 +110,18 @@ class TokenShardSource:
   """
 
   def __init__(self, directory: str, split: str, max_length: int):
-    import grain  # pylint: disable=g-import-not-at-top
     self.directory, self.split, self.max_length = directory, split, int(max_length)
-    self._paths = sorted(os.path.join(directory, split, f)
-                         for f in os.listdir(os.path.join(directory, split))
-                         if f.endswith(sources.SHARD_SUFFIX))
-    if not self._paths:
+    paths = sorted(os.path.join(directory, split, f)
+                   for f in os.listdir(os.path.join(directory, split))
+                   if f.endswith(sources.SHARD_SUFFIX))
+    if not paths:
       raise FileNotFoundError(f"no {split} token shards in {os.path.join(directory, split)}")
-    self._source = grain.sources.ArrayRecordDataSource(self._paths)
+    # Unreadable shard files are left out and damaged records skipped, each
+    # reported (phenaki_jax/data/shard_records.py).
+    self.records = ShardRecords(paths, self._example, "token")
 
   def __len__(self) -> int:
-    return len(self._source)
+    return len(self.records)
 
   def _example(self, data: bytes) -> dict[str, Any]:
     record = decode_token_record(data)
@@ -121,13 +135,14 @@ class TokenShardSource:
     return out
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return self._example(self._source[index])
+    return self.records[index]
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    return [self._example(d) for d in self._source.__getitems__(indices)]
+    return self.records.__getitems__(indices)
 
   def __repr__(self) -> str:
-    return f"TokenShardSource({self.directory!r}, {self.split!r}, {len(self._paths)} shards)"
+    return (f"TokenShardSource({self.directory!r}, {self.split!r}, "
+            f"{len(self.records.paths)} shards)")
 
 
 def read_metadata(directory: str) -> dict[str, Any]:

@@ -36,6 +36,8 @@ import msgpack  # flax's serialisation dependency; plain maps suffice here.
 import numpy as np
 from PIL import Image
 
+from phenaki_jax.data.shard_records import DamagedRecordError, ShardRecords
+
 RECORD_FORMAT = "phenaki_jax/clip"
 RECORD_VERSION = 1
 FRAME_CODECS = ("raw", "png", "jpeg")
@@ -79,23 +81,35 @@ def _encode_image(frame: np.ndarray, codec: str, quality: int) -> bytes:
 
 
 def decode_clip_record(data: bytes) -> dict[str, Any]:
-  """Inverse of `encode_clip_record`: a dict with `frames` as uint8 array."""
-  record = msgpack.unpackb(data, raw=False)
+  """Inverse of `encode_clip_record`: a dict with `frames` as uint8 array.
+
+  Raises DamagedRecordError for bytes that do not parse (the reader skips
+  those), ValueError for a record of another format or a newer version.
+  """
+  try:
+    record = msgpack.unpackb(data, raw=False)
+  except Exception as e:  # pylint: disable=broad-except  # msgpack's errors have no common base
+    raise DamagedRecordError(f"not msgpack ({type(e).__name__}: {e})") from e
   if not isinstance(record, dict) or record.get("fmt") != RECORD_FORMAT:
     raise ValueError("not a phenaki_jax clip record")
   if record["version"] > RECORD_VERSION:
     raise ValueError(f"clip record version {record['version']} is newer than "
                      f"this reader ({RECORD_VERSION}): update phenaki_jax")
-  shape = tuple(record["shape"])
-  codec = record["codec"]
-  if codec == "raw":
-    # Copy: a view of the message bytes would be read-only.
-    frames = np.frombuffer(record["frames"], np.uint8).reshape(shape).copy()
-  elif codec in ("png", "jpeg"):
-    frames = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
-                       for b in record["frames"]])
-  else:
-    raise ValueError(f"unknown frame codec {codec!r}")
+  codec = record.get("codec")
+  if codec not in FRAME_CODECS:
+    raise DamagedRecordError(f"unknown frame codec {codec!r}")
+  try:
+    shape = tuple(record["shape"])
+    if codec == "raw":
+      # Copy: a view of the message bytes would be read-only.
+      frames = np.frombuffer(record["frames"], np.uint8).reshape(shape).copy()
+    else:
+      frames = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+                         for b in record["frames"]])
+      if frames.shape != shape:
+        raise ValueError(f"frames decode to {frames.shape}, the record says {shape}")
+  except (KeyError, TypeError, ValueError, OSError) as e:  # PIL raises OSError subclasses
+    raise DamagedRecordError(f"frames do not decode ({type(e).__name__}: {e})") from e
   record["frames"] = frames
   return record
 
@@ -178,20 +192,22 @@ class ClipShardSource:
       kind: "video" or "image", for a prepare output folder.
       with_metadata: also return source path, start time and kind.
     """
-    # grain imports jax (~2 s): only readers pay for it, not the prepare
-    # workers that import this module for the record format.
-    import grain  # pylint: disable=g-import-not-at-top
-
-    self._paths = _resolve_paths(paths_or_dir, kind)
     self._with_metadata = with_metadata
-    self._source = grain.sources.ArrayRecordDataSource(self._paths)
+    # Unreadable shard files are left out and damaged records skipped, each
+    # reported (phenaki_jax/data/shard_records.py).
+    self._records = ShardRecords(_resolve_paths(paths_or_dir, kind), self._example, "clip")
 
   @property
   def paths(self) -> list[str]:
-    return list(self._paths)
+    """The shard files read (those that could be opened)."""
+    return list(self._records.paths)
+
+  @property
+  def records(self) -> ShardRecords:
+    return self._records
 
   def __len__(self) -> int:
-    return len(self._source)
+    return len(self._records)
 
   def _example(self, data: bytes) -> dict[str, Any]:
     record = decode_clip_record(data)
@@ -203,15 +219,14 @@ class ClipShardSource:
     return example
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return self._example(self._source[index])
+    return self._records[index]
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    # Batched reads let array_record fetch several records per call.
-    return [self._example(d) for d in self._source.__getitems__(indices)]
+    return self._records.__getitems__(indices)
 
   def __repr__(self) -> str:
-    return (f"ClipShardSource({len(self._paths)} shards, first="
-            f"{self._paths[0]!r})")
+    return (f"ClipShardSource({len(self._records.paths)} shards, first="
+            f"{self._records.paths[0]!r})")
 
 
 # ----------------------------------------------------------------------------

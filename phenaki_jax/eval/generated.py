@@ -404,11 +404,11 @@ def open_reference(config: ml_collections.ConfigDict, p: Protocol) -> VideoSet:
       raise ConfigError(f"config.reference={ref!r} (config.tfds.*): {e}") from None
     return RecordSet(source, {"kind": "tfds", "path": ref, "split": t.split}, p.seed)
   if _is_shards(ref):
-    from phenaki_jax.data import sources  # pylint: disable=g-import-not-at-top
+    from phenaki_jax.data import shard_records, sources  # pylint: disable=g-import-not-at-top
     spec = [s for s in ref.split(",") if s] if "," in ref else ref
     try:
       source = sources.ClipShardSource(spec, kind="video")
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, shard_records.UnreadableShardsError) as e:
       raise ConfigError(f"config.reference={ref!r}: {e}") from None
     return RecordSet(source, {"kind": "shards", "path": ref,
                               "shards": len(source.paths)}, p.seed)
