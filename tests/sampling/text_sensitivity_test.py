@@ -43,3 +43,27 @@ def test_a_text_blind_generator_is_insensitive_to_every_word_and_a_trained_one_i
   seeing = text_sensitivity.measure(generator, num_clips=8, mask_ratios=(0.5, 1.0))
   assert set(seeing) == {"mask_0.5", "mask_1"}
   assert any(abs(seeing["mask_1"][k]) > 1e-4 for k in (*text_sensitivity.ATTRIBUTES, "none"))
+
+
+def test_only_masked_tokens_whose_pixels_are_not_black_are_scored(generator, monkeypatch):
+  calls = []
+  real = text_sensitivity.token_stats.object_token_mask
+
+  def spy(clips, patch_size, temporal_patch_size):
+    calls.append((clips.copy(), patch_size, temporal_patch_size))
+    return real(clips, patch_size, temporal_patch_size)
+
+  monkeypatch.setattr(text_sensitivity.token_stats, "object_token_mask", spy)
+  objects_only = text_sensitivity.measure(generator, num_clips=8, mask_ratios=(1.0,))
+  # The mask comes from the measured clips' pixels, tiled as the tokenizer tiles them.
+  (clips, patch, temporal), = calls
+  _, expected = text_sensitivity.held_out_clips(8, generator.num_frames,
+                                                int(generator.config.input.resolution), seed=0)
+  np.testing.assert_array_equal(clips, expected)
+  m = generator.tokenizer.config.model
+  assert (patch, temporal) == (m.patch_size, m.temporal_patch_size)
+  # ... and it decides which tokens are averaged: scoring every token gives another figure.
+  monkeypatch.setattr(text_sensitivity.token_stats, "object_token_mask",
+                      lambda c, p, t: np.ones_like(real(c, p, t)))
+  every_token = text_sensitivity.measure(generator, num_clips=8, mask_ratios=(1.0,))
+  assert abs(every_token["mask_1"]["nll_true"] - objects_only["mask_1"]["nll_true"]) > 1e-3
