@@ -640,6 +640,10 @@ def stream_set(items: Iterable[Item], owner: VideoSet, name: str, p: Protocol,
       else:
         if item.caption and shapes_score.is_shapes_prompt(item.caption):
           record["shapes"] = shapes_score.score_clip(item.video, item.caption)
+          reading = shapes_score.read_clip(
+              item.video, synthetic.parse_caption(item.caption)["colour"])
+          record["shapes_area_ratio"] = shapes_score.area_ratio(
+              item.caption, reading, item.video.shape[0], item.video.shape[1])
         if clip is not None and item.caption:
           clip.add(record, item.video, item.caption)
         result.per_clip.append(record)
@@ -697,6 +701,11 @@ def summarise(gen: SetResult) -> dict[str, Any]:
   if shapes:
     for k, v in shapes_score.accuracy(shapes).items():
       metrics[f"shapes/{k}"] = v
+    ratios = shapes_score.mean_area_ratios((r["caption"], r.get("shapes_area_ratio"))
+                                           for r in gen.per_clip if "shapes" in r)
+    for size in synthetic.SIZES:
+      if ratios and size in ratios:
+        metrics[f"shapes/area_ratio_{size}"] = ratios[size]
   clip_scores = [r["clip_score"] for r in gen.per_clip if "clip_score" in r]
   if clip_scores:
     metrics["clip_score"] = _mean(clip_scores)

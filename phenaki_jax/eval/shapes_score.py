@@ -16,6 +16,11 @@ attributes; this module reads each of them back from pixels and compares:
     the clip (the dataset keeps the caption's direction at least that long),
     against half the distance the dataset moves an object in that time.
 
+Besides the verdicts, `area_ratio` says how far off the size is: the object's
+pixel area over that of the dataset's own clip for the prompt, by the size
+the prompt names. A generator that draws small objects smaller than large
+ones, but both too large, reads as "large" on both; the ratios show it.
+
 It needs frames large enough to tell a triangle from a circle (the default
 64×64; at 16×16 a small object is 3 pixels wide). On the dataset's own clips
 it is right on every attribute (tested); on generated clips, a frame with no
@@ -54,8 +59,10 @@ class ClipReading:
   shape: str | None
   size: str | None
   motion: str | None
+  # Median over frames of the object's pixels, as a share of the frame.
+  area: float | None = None
 
-  def as_dict(self) -> dict[str, str | None]:
+  def as_dict(self) -> dict[str, str | float | None]:
     return dataclasses.asdict(self)
 
 
@@ -93,12 +100,13 @@ def read_clip(frames: np.ndarray, colour: str | None = None) -> ClipReading:
     code = _code_of(colour)
   mask = codes == code
 
-  fills, sides, centroids = [], [], []
+  fills, sides, centroids, areas = [], [], [], []
   for f in range(t):
     ys, xs = np.nonzero(mask[f])
     if len(xs) < _MIN_PIXELS:
       centroids.append(None)
       continue
+    areas.append(len(xs) / float(h * w))
     box_w, box_h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
     fills.append(len(xs) / float(box_w * box_h))
     sides.append(max(box_w, box_h) / float(max(h, w)))
@@ -108,7 +116,7 @@ def read_clip(frames: np.ndarray, colour: str | None = None) -> ClipReading:
                                                  else "circle")
   size = "large" if side > _LARGE_ABOVE else "small"
   motion = _motion(centroids, max(h, w)) if t > 1 else synthetic.STILL
-  return ClipReading(seen_colour, shape, size, motion)
+  return ClipReading(seen_colour, shape, size, motion, float(np.median(areas)))
 
 
 def _motion(centroids: Sequence[tuple[float, float] | None], side: int) -> str | None:
@@ -181,6 +189,36 @@ def reference_clip(prompt: str, num_frames: int, resolution: int) -> np.ndarray 
                               size=wanted["size"], motion=wanted["motion"] or synthetic.STILL,
                               start=(0.5, 0.5))
   return synthetic.render_clip(spec, num_frames, resolution)
+
+
+def area_ratio(prompt: str, reading: ClipReading, num_frames: int,
+               resolution: int) -> float | None:
+  """The read object's area over that of `reference_clip(prompt)`.
+
+  A clip with no object of any colour gives 0. None for a prompt without a
+  size, or where the reference object is too small to read.
+  """
+  reference = reference_clip(prompt, num_frames, resolution)
+  if reference is None:
+    return None
+  truth = read_clip(reference, synthetic.parse_caption(prompt)["colour"]).area
+  return (reading.area or 0.0) / truth if truth else None
+
+
+def mean_area_ratios(ratios: Iterable[tuple[str, float | None]]) -> dict[str, float] | None:
+  """{"small", "large", "num_clips"}: the mean `area_ratio` per prompt size (Nones left out).
+
+  None when no ratio is left.
+  """
+  by_size: dict[str, list[float]] = {size: [] for size in synthetic.SIZES}
+  for prompt, ratio in ratios:
+    if ratio is not None:
+      by_size[synthetic.parse_caption(prompt)["size"]].append(ratio)
+  if not any(by_size.values()):
+    return None
+  out = {size: float(np.mean(v)) for size, v in by_size.items() if v}
+  out["num_clips"] = float(sum(len(v) for v in by_size.values()))
+  return out
 
 
 def is_shapes_prompt(prompt: str) -> bool:

@@ -141,7 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   jobs = [(p, k) for p in prompts for k in range(config.samples_per_prompt)]
   os.makedirs(workdir, exist_ok=True)
 
-  records, videos, sample_seconds = [], [], 0.0
+  records, videos, readings, sample_seconds = [], [], [], 0.0
   bs = config.batch_size
   batches = range(0, len(jobs), bs)
   for first in tqdm.tqdm(batches, desc="sampling", unit="batch",
@@ -168,8 +168,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       record = {"index": index, "prompt": prompt, "sample": k, "batch_seed": batch_seed,
                 "files": files, "frames": list(video.shape)}
       if shapes_score.is_shapes_prompt(prompt):
-        wanted_colour = synthetic.parse_caption(prompt)["colour"]
-        record["shapes"] = {"read": shapes_score.read_clip(video, wanted_colour).as_dict(),
+        reading = shapes_score.read_clip(video, synthetic.parse_caption(prompt)["colour"])
+        readings.append((prompt, reading))
+        record["shapes"] = {"read": reading.as_dict(),
                             "correct": shapes_score.score_clip(video, prompt)}
       records.append(record)
       videos.append(video)
@@ -194,6 +195,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "samples": records,
       "shapes_accuracy": shapes_score.accuracy(scored) if scored else None,
       "tokenizer_ceiling": ceiling,
+      "object_area_ratio": shapes_score.mean_area_ratios(
+          (p, shapes_score.area_ratio(p, r, videos[0].shape[0], videos[0].shape[1]))
+          for p, r in readings),
       "seconds": {"sampling": round(sample_seconds, 3),
                   "total": round(time.perf_counter() - start, 3)},
       "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
@@ -206,6 +210,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if ceiling:
     logging.info("the tokenizer's ceiling (its reconstructions of the dataset's clips for "
                  "these prompts): %s", _format_accuracy(ceiling))
+  if report["object_area_ratio"]:
+    logging.info("object area over the dataset's, by prompt size: %s", " ".join(
+        f"{k} {v:.2f}x" for k, v in report["object_area_ratio"].items() if k != "num_clips"))
   logging.info("wrote %d sample(s) to %s (%.1f s sampling)", len(records), workdir,
                sample_seconds)
   return report

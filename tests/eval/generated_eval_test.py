@@ -212,6 +212,14 @@ def test_checkpoint_job_samples_shapes_prompts_and_scores_them(tmp_path):
   assert all(synthetic.parse_caption(c["caption"]) for c in clips)
   assert 0.0 <= report["metrics"]["shapes/all"] <= 1.0
   assert report["metrics"]["shapes/num_clips"] == 4
+  # Object area over the dataset's, per clip and averaged by the prompt's size.
+  by_size = {}
+  for c in clips:
+    assert c["shapes_area_ratio"] >= 0.0
+    by_size.setdefault(synthetic.parse_caption(c["caption"])["size"], []).append(
+        c["shapes_area_ratio"])
+  assert by_size and all(report["metrics"][f"shapes/area_ratio_{size}"] == pytest.approx(np.mean(v))
+                         for size, v in by_size.items())
   assert os.path.exists(tmp_path / "e1" / "report.png")
 
 

@@ -47,7 +47,7 @@ def test_a_prompt_that_differs_in_one_attribute_fails_on_it_only(attribute):
 def test_a_clip_without_an_object_is_wrong_on_everything():
   blank = np.zeros((11, 64, 64, 3), np.uint8)
   assert shapes_score.read_clip(blank).as_dict() == {
-      "colour": None, "shape": None, "size": None, "motion": None}
+      "colour": None, "shape": None, "size": None, "motion": None, "area": None}
   assert shapes_score.score_clip(blank, "a small red circle moves left") == {
       "size": False, "colour": False, "shape": False, "motion": False, "all": False}
 
@@ -95,3 +95,23 @@ def test_reference_clips_of_the_prompt_set_are_read_as_their_prompts(resolution,
 
 def test_a_story_prompt_has_no_reference_clip():
   assert shapes_score.reference_clip("the red circle moves left", 11, 64) is None
+
+
+def test_area_ratios_are_one_on_the_dataset_and_measure_how_far_a_size_is_off():
+  prompts = ["a small red circle moves left", "a large green square moves up",
+             "a small blue triangle stays still", "a large yellow circle moves down"]
+
+  def ratio(prompt, clip):
+    return prompt, shapes_score.area_ratio(prompt, shapes_score.read_clip(clip), 11, 64)
+
+  exact = [ratio(p, shapes_score.reference_clip(p, 11, 64)) for p in prompts]
+  assert [r for _, r in exact] == [1.0] * 4
+  assert shapes_score.mean_area_ratios(exact) == {"small": 1.0, "large": 1.0, "num_clips": 4.0}
+  # A large object for a small prompt: the area of the wrong size, (1/3 ÷ 1/5)² ≈ 2.8×.
+  drawn_large = shapes_score.reference_clip("a large red circle moves left", 11, 64)
+  off = [ratio(prompts[0], drawn_large), ratio(prompts[1], np.zeros_like(drawn_large))]
+  assert off[0][1] == pytest.approx((5 / 3) ** 2, rel=0.1) and off[1][1] == 0.0
+  assert shapes_score.mean_area_ratios(off + [("a large red circle", None)]) == {
+      "small": off[0][1], "large": 0.0, "num_clips": 2.0}
+  assert ratio("the red circle moves left", drawn_large)[1] is None  # names no size
+  assert shapes_score.mean_area_ratios([("a small red circle", None)]) is None

@@ -11,6 +11,7 @@ import pytest
 
 from phenaki_jax import config_schema
 from phenaki_jax.data import video_io
+from phenaki_jax.eval import shapes_score
 from phenaki_jax.generator import SamplingOptions
 from phenaki_jax.sampling import run as sample_run
 from phenaki_jax.train import train_maskgit
@@ -112,6 +113,11 @@ def test_sample_job_writes_valid_mp4_png_and_json(trained, tmp_path):
   assert on_disk["generator"]["step"] == 3 and on_disk["tokenizer"]["step"] == 1
   assert on_disk["shapes_accuracy"]["num_clips"] == 4.0
   assert on_disk["tokenizer_ceiling"]["num_clips"] == 2.0  # one per distinct prompt
+  assert on_disk["object_area_ratio"]["num_clips"] == 4.0
+  assert on_disk["object_area_ratio"] == shapes_score.mean_area_ratios(
+      (s["prompt"], shapes_score.area_ratio(
+          s["prompt"], shapes_score.ClipReading(**s["shapes"]["read"]), 5, 16))
+      for s in on_disk["samples"])
   wanted = config.prompts.split(";")
   assert [s["prompt"] for s in on_disk["samples"]] == [wanted[0]] * 2 + [wanted[1]] * 2
   from PIL import Image
