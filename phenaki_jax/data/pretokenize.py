@@ -46,7 +46,7 @@ from absl import logging
 from phenaki_jax import config_schema
 from phenaki_jax.config_schema import ConfigError
 from phenaki_jax.data import pipeline, prepare, sources
-from phenaki_jax.data.shard_records import DamagedRecordError, ShardRecords
+from phenaki_jax.data.shard_records import DamagedRecordError, ShardRecords, unpack_record
 
 RECORD_FORMAT = "phenaki_jax/tokens"
 RECORD_VERSION = 1
@@ -79,16 +79,8 @@ def decode_token_record(data: bytes) -> dict[str, Any]:
   Raises DamagedRecordError for bytes that do not parse (the reader skips
   those), ValueError for a record of another format or a newer version.
   """
-  try:
-    record = msgpack.unpackb(data, raw=False)
-  except Exception as e:  # pylint: disable=broad-except  # msgpack's errors have no common base
-    raise DamagedRecordError(f"not msgpack ({type(e).__name__}: {e})") from e
-  if not isinstance(record, dict) or record.get("fmt") != RECORD_FORMAT:
-    raise ValueError("not a phenaki_jax token record (was this folder written by "
-                     "configs/pretokenize.py?)")
-  if record["version"] > RECORD_VERSION:
-    raise ValueError(f"token record version {record['version']} is newer than this reader "
-                     f"({RECORD_VERSION}): update phenaki_jax")
+  record = unpack_record(data, RECORD_FORMAT, RECORD_VERSION, "token record",
+                         hint=" (was this folder written by configs/pretokenize.py?)")
   try:
     record["codes"] = np.frombuffer(record["codes"], record["codes_dtype"]).reshape(
         record["shape"]).astype(np.int32)

@@ -23,6 +23,7 @@ import itertools
 from typing import Any, Callable, Sequence
 
 from absl import logging
+import msgpack
 
 
 # Past this many damaged records in a row the shards are not damaged but gone
@@ -36,6 +37,27 @@ class DamagedRecordError(ValueError):
 
 class UnreadableShardsError(RuntimeError):
   """No shard of a set could be opened, or no record of it could be read."""
+
+
+def unpack_record(data: bytes, fmt: str, version: int, what: str,
+                  hint: str = "") -> dict[str, Any]:
+  """A msgpack map of format `fmt` written by a version <= `version`.
+
+  Raises DamagedRecordError for bytes that are not msgpack, ValueError for a
+  record of another format (`what` names the expected one, e.g. "clip
+  record"; `hint` is added to that message) or a newer version: those are not
+  damage, and every record would fail alike.
+  """
+  try:
+    record = msgpack.unpackb(data, raw=False)
+  except Exception as e:  # pylint: disable=broad-except  # msgpack's errors have no common base
+    raise DamagedRecordError(f"not msgpack ({type(e).__name__}: {e})") from e
+  if not isinstance(record, dict) or record.get("fmt") != fmt:
+    raise ValueError(f"not a phenaki_jax {what}{hint}")
+  if record.get("version", 0) > version:
+    raise ValueError(f"{what} version {record['version']} is newer than this reader "
+                     f"({version}): update phenaki_jax")
+  return record
 
 
 def _open(paths: Sequence[str]) -> Any:

@@ -36,7 +36,7 @@ import msgpack  # flax's serialisation dependency; plain maps suffice here.
 import numpy as np
 from PIL import Image
 
-from phenaki_jax.data.shard_records import DamagedRecordError, ShardRecords
+from phenaki_jax.data.shard_records import DamagedRecordError, ShardRecords, unpack_record
 
 RECORD_FORMAT = "phenaki_jax/clip"
 RECORD_VERSION = 1
@@ -86,15 +86,7 @@ def decode_clip_record(data: bytes) -> dict[str, Any]:
   Raises DamagedRecordError for bytes that do not parse (the reader skips
   those), ValueError for a record of another format or a newer version.
   """
-  try:
-    record = msgpack.unpackb(data, raw=False)
-  except Exception as e:  # pylint: disable=broad-except  # msgpack's errors have no common base
-    raise DamagedRecordError(f"not msgpack ({type(e).__name__}: {e})") from e
-  if not isinstance(record, dict) or record.get("fmt") != RECORD_FORMAT:
-    raise ValueError("not a phenaki_jax clip record")
-  if record["version"] > RECORD_VERSION:
-    raise ValueError(f"clip record version {record['version']} is newer than "
-                     f"this reader ({RECORD_VERSION}): update phenaki_jax")
+  record = unpack_record(data, RECORD_FORMAT, RECORD_VERSION, "clip record")
   codec = record.get("codec")
   if codec not in FRAME_CODECS:
     raise DamagedRecordError(f"unknown frame codec {codec!r}")
