@@ -98,7 +98,7 @@ class ShardRecords:
           "; ".join(f"{p}: {type(e).__name__}: {e}" for p, e in unreadable))
     if sum(lengths) == 0:
       raise UnreadableShardsError(f"the {what} shard files hold no records: {readable[:5]}")
-    self.paths, self.unreadable_paths = readable, [p for p, _ in unreadable]
+    self.paths = readable  # the shard files read: those that could be opened
     self._ends = list(itertools.accumulate(lengths))
     self._source = _open(readable)
     self.damaged: dict[int, str] = {}  # index -> reason, as met by this process

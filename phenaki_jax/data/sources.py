@@ -187,19 +187,15 @@ class ClipShardSource:
     self._with_metadata = with_metadata
     # Unreadable shard files are left out and damaged records skipped, each
     # reported (phenaki_jax/data/shard_records.py).
-    self._records = ShardRecords(_resolve_paths(paths_or_dir, kind), self._example, "clip")
+    self.records = ShardRecords(_resolve_paths(paths_or_dir, kind), self._example, "clip")
 
   @property
   def paths(self) -> list[str]:
     """The shard files read (those that could be opened)."""
-    return list(self._records.paths)
-
-  @property
-  def records(self) -> ShardRecords:
-    return self._records
+    return list(self.records.paths)
 
   def __len__(self) -> int:
-    return len(self._records)
+    return len(self.records)
 
   def _example(self, data: bytes) -> dict[str, Any]:
     record = decode_clip_record(data)
@@ -211,14 +207,14 @@ class ClipShardSource:
     return example
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return self._records[index]
+    return self.records[index]
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    return self._records.__getitems__(indices)
+    return self.records.__getitems__(indices)
 
   def __repr__(self) -> str:
-    return (f"ClipShardSource({len(self._records.paths)} shards, first="
-            f"{self._records.paths[0]!r})")
+    return (f"ClipShardSource({len(self.records.paths)} shards, first="
+            f"{self.records.paths[0]!r})")
 
 
 # ----------------------------------------------------------------------------

@@ -639,9 +639,8 @@ def stream_set(items: Iterable[Item], owner: VideoSet, name: str, p: Protocol,
         result.stories.append(record)
       else:
         if item.caption and shapes_score.is_shapes_prompt(item.caption):
-          record["shapes"] = shapes_score.score_clip(item.video, item.caption)
-          reading = shapes_score.read_clip(
-              item.video, synthetic.parse_caption(item.caption)["colour"])
+          reading = shapes_score.read_prompt_object(item.video, item.caption)
+          record["shapes"] = shapes_score.score_reading(reading, item.caption)
           record["shapes_area_ratio"] = shapes_score.area_ratio(
               item.caption, reading, item.video.shape[0], item.video.shape[1])
         if clip is not None and item.caption:

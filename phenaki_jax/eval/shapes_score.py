@@ -139,9 +139,18 @@ def score_clip(frames: np.ndarray, prompt: str) -> dict[str, bool]:
   A still-image prompt (no motion) is not scored on motion; a story prompt
   ("the red circle moves left") names no size.
   """
-  wanted = synthetic.parse_caption(prompt)
-  seen = read_clip(frames, colour=wanted["colour"]).as_dict()
-  out = {k: seen[k] == v for k, v in wanted.items() if v is not None}
+  return score_reading(read_prompt_object(frames, prompt), prompt)
+
+
+def read_prompt_object(frames: np.ndarray, prompt: str) -> ClipReading:
+  """`read_clip` of the object of the prompt's colour."""
+  return read_clip(frames, colour=synthetic.parse_caption(prompt)["colour"])
+
+
+def score_reading(reading: ClipReading, prompt: str) -> dict[str, bool]:
+  """`score_clip` from a reading already taken with `read_prompt_object`."""
+  seen = reading.as_dict()
+  out = {k: seen[k] == v for k, v in synthetic.parse_caption(prompt).items() if v is not None}
   out["all"] = all(out.values())
   return out
 

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from phenaki_jax import config_schema, metrics
 from phenaki_jax.config_schema import ConfigError
-from phenaki_jax.data import synthetic, video_io
+from phenaki_jax.data import video_io
 from phenaki_jax.eval import shapes_score
 from phenaki_jax.generator import Generator, SamplingOptions
 from phenaki_jax.sampling import story as story_lib
@@ -168,10 +168,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       record = {"index": index, "prompt": prompt, "sample": k, "batch_seed": batch_seed,
                 "files": files, "frames": list(video.shape)}
       if shapes_score.is_shapes_prompt(prompt):
-        reading = shapes_score.read_clip(video, synthetic.parse_caption(prompt)["colour"])
+        reading = shapes_score.read_prompt_object(video, prompt)
         readings.append((prompt, reading))
         record["shapes"] = {"read": reading.as_dict(),
-                            "correct": shapes_score.score_clip(video, prompt)}
+                            "correct": shapes_score.score_reading(reading, prompt)}
       records.append(record)
       videos.append(video)
 
@@ -245,9 +245,9 @@ def run_story(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
   def score(i: int, frames: np.ndarray) -> None:
     prompt = segments[i].prompt
     if shapes_score.is_shapes_prompt(prompt):
-      scores[i] = {"read": shapes_score.read_clip(
-                       frames, synthetic.parse_caption(prompt)["colour"]).as_dict(),
-                   "correct": shapes_score.score_clip(frames, prompt)}
+      reading = shapes_score.read_prompt_object(frames, prompt)
+      scores[i] = {"read": reading.as_dict(),
+                   "correct": shapes_score.score_reading(reading, prompt)}
 
   t0 = time.perf_counter()
   with video_io.VideoWriter(mp4, fps=config.output.fps) as writer:
