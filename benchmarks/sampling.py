@@ -60,12 +60,13 @@ def main(_):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from phenaki_jax import config_schema, generator, perf  # pylint: disable=g-import-not-at-top
+  from phenaki_jax.config import schema  # pylint: disable=g-import-not-at-top
+  from phenaki_jax import generator, perf
   from phenaki_jax.sampling import parallel_decode  # pylint: disable=g-import-not-at-top
   from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
   from tests.helpers import load_config  # pylint: disable=g-import-not-at-top
 
-  config = config_schema.complete(_CONFIG.value or load_config("maskgit"))
+  config = schema.complete(_CONFIG.value or load_config("maskgit"))
   model = train_maskgit.build_generator(config)
   text = train_maskgit.build_text_encoder(config.text)
   length = config.text.max_length
@@ -95,7 +96,7 @@ def main(_):
     if _TOK_CONFIG.value is None:
       raise app.UsageError("--kinds=guided+decode needs --tokenizer_config")
     from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
-    tok_config = config_schema.complete(_TOK_CONFIG.value)
+    tok_config = schema.complete(_TOK_CONFIG.value)
     ti = tok_config.input
     tok_model = train_cvivit.build_model(tok_config)
     clip = jnp.zeros((1, ti.num_frames, ti.resolution, ti.resolution, 3))

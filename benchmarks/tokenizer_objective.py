@@ -64,12 +64,12 @@ def time_step(config, num_frames: int, phase: str) -> float:
 
 
 def main(_):
-  from phenaki_jax import config_schema
+  from phenaki_jax.config import schema
   from phenaki_jax.train import train_cvivit
   from tests.helpers import load_config  # pylint: disable=g-import-not-at-top
   results = {}
   for name, overrides in TERMS.items():
-    config = config_schema.complete(load_config("cvivit", _VARIANT.value))
+    config = schema.complete(load_config("cvivit", _VARIANT.value))
     config.gan.start_step = 0  # time the step with the GAN on
     for k, v in overrides.items():
       config.loss[k] = v

@@ -71,8 +71,8 @@ def _variant_of(argv_flag: str) -> str:
 
 
 def step_config(config):
-  from phenaki_jax import config_schema  # pylint: disable=g-import-not-at-top
-  return config_schema.complete(config.copy_and_resolve_references())
+  from phenaki_jax.config import schema  # pylint: disable=g-import-not-at-top
+  return schema.complete(config.copy_and_resolve_references())
 
 
 def dry_run(job, config, tok_config) -> dict:
@@ -81,7 +81,8 @@ def dry_run(job, config, tok_config) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from phenaki_jax import config_schema, sharding  # pylint: disable=g-import-not-at-top
+  from phenaki_jax.config import schema  # pylint: disable=g-import-not-at-top
+  from phenaki_jax import sharding
   from phenaki_jax.train import train_cvivit, train_maskgit  # pylint: disable=g-import-not-at-top
   c = step_config(config)
   i, m = c.input, c.model
@@ -90,7 +91,7 @@ def dry_run(job, config, tok_config) -> dict:
   mesh = sharding.make_mesh(c.mesh.shape)
   with sharding.use_mesh(mesh, c.logical_axis_rules):
     if job == "cvivit":
-      config_schema.validate_cvivit(c, jax.device_count(), jax.process_count())
+      schema.validate_cvivit(c, jax.device_count(), jax.process_count())
       model = train_cvivit.build_model(c)
       shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(
           (1, i.num_frames, i.resolution, i.resolution, 3), jnp.float32))
@@ -100,8 +101,8 @@ def dry_run(job, config, tok_config) -> dict:
     else:
       if not c.tokenizer.workdir:
         c.tokenizer.workdir = "(random weights)"
-      config_schema.validate_maskgit(c, jax.device_count(), jax.process_count())
-      config_schema.validate_cvivit(step_config(tok_config), jax.device_count(),
+      schema.validate_maskgit(c, jax.device_count(), jax.process_count())
+      schema.validate_cvivit(step_config(tok_config), jax.device_count(),
                                     jax.process_count())
       model = train_maskgit.build_generator(c)
       grid, length = tuple(m.token_grid), c.text.max_length

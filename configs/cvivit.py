@@ -10,13 +10,13 @@ Variants: '' (default: 64×64, 11 frames, trains on a 2-core CPU in minutes),
 4 temporal layers per side, width 512, 8,192 codes).
 Append ',l2vq' to any variant for the L2 + L_VQ baseline objective (no GAN,
 no perceptual networks), e.g. --config=configs/cvivit.py:tiny,l2vq.
-Every key and its default is in phenaki_jax/config_schema.py.
+Every key and its default is in phenaki_jax/schema.py.
 """
-from phenaki_jax import config_schema
+from phenaki_jax.config import schema
 
 
 def get_config(arg: str = ""):
-  config = config_schema.cvivit_defaults()
+  config = schema.cvivit_defaults()
   variant, *modifiers = (arg or "default").split(",")
   if variant == "default":
     pass

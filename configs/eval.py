@@ -13,7 +13,7 @@ for the default tokenizer), 'tokenizer_tiny' (the tokenizer of
 `configs/cvivit.py:tiny`: 2 clips of 5 frames at 16×16, LPIPS with VGG16,
 no FVD since I3D needs 9 frames; seconds; what the tests run).
 
-Generated video (phenaki_jax/eval/generated.py; writes WORKDIR/report.json, report.png):
+Generated video (phenaki_jax/eval/eval_generated.py; writes WORKDIR/report.json, report.png):
 
   python -m phenaki_jax.main --config=configs/eval.py:generated --workdir=runs/eval_gen \
       --config.generated=runs/samples --config.reference=shapes
@@ -27,17 +27,17 @@ with --config.clip.path), 'generated_tiny' (4 clips of 9 frames per set, 2 per
 I3D batch: what the tests run; for a `configs/maskgit.py:tiny` workdir, whose
 clips have 5 frames, add --config.protocol.fvd=False), 'compare' (a table of
 several reports; warns naming each protocol field that differs).
-Every key and its default is in phenaki_jax/config_schema.py.
+Every key and its default is in phenaki_jax/schema.py.
 """
-from phenaki_jax import config_schema
+from phenaki_jax.config import schema
 
 
 def get_config(variant: str = ""):
   variant = variant or "tokenizer"
   if variant == "tokenizer":
-    config = config_schema.eval_tokenizer_defaults()
+    config = schema.eval_tokenizer_defaults()
   elif variant == "tokenizer_tiny":
-    config = config_schema.eval_tokenizer_defaults()
+    config = schema.eval_tokenizer_defaults()
     config.num_grid_clips = 2
     p = config.protocol
     p.num_clips, p.batch_size = 2, 2
@@ -46,15 +46,15 @@ def get_config(variant: str = ""):
     p.fvd = False
     p.lpips_net = "vgg16"
   elif variant == "generated":
-    config = config_schema.eval_generated_defaults()
+    config = schema.eval_generated_defaults()
   elif variant == "generated_tiny":
-    config = config_schema.eval_generated_defaults()
+    config = schema.eval_generated_defaults()
     p = config.protocol
     p.num_clips, p.num_frames, p.batch_size = 4, 9, 2  # FVD from 4 clips: a smoke test only
     config.batch_size = 2
     config.sampling.num_steps, config.sampling.max_steps = 4, 8
   elif variant == "compare":
-    config = config_schema.eval_compare_defaults()
+    config = schema.eval_compare_defaults()
   else:
     raise ValueError(f"configs/eval.py: unknown variant {variant!r}; choose one of "
                      "'tokenizer', 'tokenizer_tiny', 'generated', 'generated_tiny', 'compare'")

@@ -15,13 +15,13 @@ tests run), 'paper' (paper scale for pods: the tokenizer of
 pretrained T5 from text.t5_path, bf16, remat).
 Long-term memory for stories (experimental): --config.model.memory_token_frames=1
 (memory.drop_rate sets how often it is dropped for its own guidance).
-Every key and its default is in phenaki_jax/config_schema.py.
+Every key and its default is in phenaki_jax/schema.py.
 """
-from phenaki_jax import config_schema
+from phenaki_jax.config import schema
 
 
 def get_config(variant: str = ""):
-  config = config_schema.maskgit_defaults()
+  config = schema.maskgit_defaults()
   variant = variant or "default"
   if variant == "default":
     config.tokenizer.workdir = "runs/cvivit"  # where README's tokenizer command trains

@@ -11,13 +11,13 @@
 Variants: '' (the built-in shapes at the default tokenizer's 64×64, 11 frames:
 20,000 clips + 5,000 images + 64 held-out clips), 'tiny' (the tokenizer of
 `configs/cvivit.py:tiny`; 16 clips + 8 images; what the tests run).
-Every key and its default is in phenaki_jax/config_schema.py.
+Every key and its default is in phenaki_jax/schema.py.
 """
-from phenaki_jax import config_schema
+from phenaki_jax.config import schema
 
 
 def get_config(variant: str = ""):
-  config = config_schema.pretokenize_defaults()
+  config = schema.pretokenize_defaults()
   variant = variant or "default"
   if variant == "default":
     config.tokenizer.workdir = "runs/cvivit"

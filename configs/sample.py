@@ -17,9 +17,9 @@ Stories: --config.story='first;second' or --config.storyboard=story.yaml, with
 two experimental switches (off by default; measured in benchmarks/RESULTS.md):
 --config.sampling.memory_guidance_scale=1.0 (a generator trained with
 model.memory_token_frames > 0) and --config.sampling.seam_blending=True.
-Every key and its default is in phenaki_jax/config_schema.py.
+Every key and its default is in phenaki_jax/schema.py.
 """
-from phenaki_jax import config_schema
+from phenaki_jax.config import schema
 
 _DEFAULT_PROMPTS = (
     "a large red circle moves right",
@@ -34,7 +34,7 @@ _DEFAULT_PROMPTS = (
 
 
 def get_config(arg: str = ""):
-  config = config_schema.sample_defaults()
+  config = schema.sample_defaults()
   variant = arg or "default"
   if variant == "default":
     config.generator.workdir = "runs/maskgit"  # where README's generator command trains

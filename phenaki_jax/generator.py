@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from phenaki_jax import checkpointing, config_schema, metrics, optimizers, sharding
+from phenaki_jax import checkpointing, metrics, optimizers, sharding
+from phenaki_jax.config import schema
 from phenaki_jax.models import cvivit, maskgit
 from phenaki_jax.sampling import parallel_decode
 from phenaki_jax.tokenizer import Tokenizer
@@ -66,7 +67,7 @@ class SamplingOptions:
 
   def check(self, where: str = "") -> None:
     def bad(key, why):
-      raise config_schema.ConfigError(f"config.{where}{key}={getattr(self, key)!r}: {why}")
+      raise schema.ConfigError(f"config.{where}{key}={getattr(self, key)!r}: {why}")
     if not 1 <= self.max_steps:
       bad("max_steps", "must be >= 1")
     if not 1 <= self.num_steps <= self.max_steps:
@@ -118,7 +119,7 @@ class Generator:
       raise FileNotFoundError(f"{workdir} has no checkpoint step {step}; it has {steps}")
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000,
                                       async_save=False)
-    config = config_schema.complete(ml_collections.ConfigDict(
+    config = schema.complete(ml_collections.ConfigDict(
         ckpt.restore_config(step if step is not None else steps[-1])))
 
     tok, tok_dir = _load_recorded_tokenizer(workdir, tokenizer_workdir)

@@ -34,8 +34,8 @@ def run_job(config, workdir: str):
     from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
     return train_maskgit.train_and_evaluate(config, workdir)
   if job == "sample":
-    from phenaki_jax.sampling import run as sample_run  # pylint: disable=g-import-not-at-top
-    return sample_run.run(config, workdir)
+    from phenaki_jax.sampling import sample as sample_job  # pylint: disable=g-import-not-at-top
+    return sample_job.run(config, workdir)
   if job == "pretokenize":
     from phenaki_jax.data import pretokenize  # pylint: disable=g-import-not-at-top
     return pretokenize.run(config, workdir)
@@ -43,14 +43,14 @@ def run_job(config, workdir: str):
     from phenaki_jax.data import prepare  # pylint: disable=g-import-not-at-top
     return prepare.run(config, workdir)
   if job == "eval_generated":  # configs/eval.py:generated
-    from phenaki_jax.eval import generated  # pylint: disable=g-import-not-at-top
-    return generated.run(config, workdir)
+    from phenaki_jax.eval import eval_generated  # pylint: disable=g-import-not-at-top
+    return eval_generated.run(config, workdir)
   if job == "eval_compare":  # configs/eval.py:compare
-    from phenaki_jax.eval import report_compare  # pylint: disable=g-import-not-at-top
-    return report_compare.run(config, workdir)
+    from phenaki_jax.eval import eval_compare  # pylint: disable=g-import-not-at-top
+    return eval_compare.run(config, workdir)
   if isinstance(job, str) and job.startswith("eval_"):  # configs/eval.py
-    from phenaki_jax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
-    return eval_run.run(config, workdir)
+    from phenaki_jax.eval import eval_tokenizer  # pylint: disable=g-import-not-at-top
+    return eval_tokenizer.run(config, workdir)
   raise ValueError(f"config.job={job!r}: unknown job; expected 'cvivit', 'maskgit', "
                    "'sample', 'eval_tokenizer', 'eval_generated', 'eval_compare', 'pretokenize' or "
                    "'prepare'")
@@ -73,7 +73,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     hint = re.search(r"Did you mean[^?]*\?", text)
     print(f"error: unknown config key in {where}: the config has no such key"
           f"{' (' + hint.group(0) + ')' if hint else ''}; every key is listed in "
-          "phenaki_jax/config_schema.py", file=sys.stderr)
+          "phenaki_jax/config/schema.py", file=sys.stderr)
     sys.exit(2)
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)

@@ -91,9 +91,11 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from phenaki_jax import checkpointing, config_schema, optimizers, sharding  # noqa: E402
-from phenaki_jax.config_schema import ConfigError  # noqa: E402
-from phenaki_jax.models import t5, t5_weights, text_tokenizers  # noqa: E402
+from phenaki_jax import checkpointing, optimizers, sharding  # noqa: E402
+from phenaki_jax.config import schema
+from phenaki_jax.config.schema import ConfigError  # noqa: E402
+from phenaki_jax.models import t5  # noqa: E402
+from phenaki_jax.text import t5_weights, text_tokenizers
 
 GIB = 1024 ** 3
 CPU_ESTIMATE_NOTE = (
@@ -245,7 +247,7 @@ def _count(tree: Any) -> int:
 
 def _override_mesh(config: ml_collections.ConfigDict,
                    mesh_shape: Sequence[int] | None) -> ml_collections.ConfigDict:
-  config = config_schema.complete(config)
+  config = schema.complete(config)
   if mesh_shape is not None:
     with config.unlocked():
       config.mesh.shape = tuple(int(s) for s in mesh_shape)
@@ -253,8 +255,8 @@ def _override_mesh(config: ml_collections.ConfigDict,
 
 
 def _validate(config: ml_collections.ConfigDict, num_devices: int, mesh_flag: bool) -> None:
-  validate = {"cvivit": config_schema.validate_cvivit,
-              "maskgit": config_schema.validate_maskgit}.get(config.job)
+  validate = {"cvivit": schema.validate_cvivit,
+              "maskgit": schema.validate_maskgit}.get(config.job)
   if validate is None:
     raise ConfigError(f"config.job={config.job!r}: the pre-flight knows the train steps of "
                       "'cvivit' and 'maskgit'")
@@ -339,11 +341,11 @@ def tokenizer_config_for(config: ml_collections.ConfigDict, config_arg: str = ""
       saved = ml_collections.ConfigDict(ckpt.restore_config(step))
     finally:
       ckpt.close()
-    return config_schema.complete(saved), f"{tok_dir} step {step}"
+    return schema.complete(saved), f"{tok_dir} step {step}"
   path, _, variant = config_arg.partition(":")
   folder = os.path.dirname(path) if path else "configs"
   source = os.path.join(folder, "cvivit.py") + (f":{variant}" if variant else "")
-  return config_schema.complete(_load_config_file(source)), source
+  return schema.complete(_load_config_file(source)), source
 
 
 def _text_encoder(config: ml_collections.ConfigDict, t5_preset: str):
@@ -376,7 +378,7 @@ def _generator_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   if tokenizer_config is None:
     tok_config, source = tokenizer_config_for(config, config_arg)
   else:
-    tok_config, source = config_schema.complete(tokenizer_config), "the given tokenizer config"
+    tok_config, source = schema.complete(tokenizer_config), "the given tokenizer config"
   notes.append(f"frozen tokenizer shapes from {source}")
   train_maskgit.check_tokenizer_match(config, tok_config, source)
   text, text_note = _text_encoder(config, t5_preset)
@@ -515,7 +517,7 @@ def preflight(config: ml_collections.ConfigDict, *, mesh_shape: Sequence[int] | 
   estimate = not topology and jax.default_backend() == "cpu"
   if estimate:
     notes.append(CPU_ESTIMATE_NOTE)
-  batch_ways = config_schema._batch_ways(config, tuple(mesh.shape.values()))  # pylint: disable=protected-access
+  batch_ways = schema._batch_ways(config, tuple(mesh.shape.values()))  # pylint: disable=protected-access
   return Report(
       config=name, job=config.job, mesh=dict(mesh.shape), target=target, estimate=estimate,
       step=description, global_batch=int(config.input.batch_size),

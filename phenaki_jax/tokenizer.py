@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from phenaki_jax import checkpointing, config_schema, optimizers, sharding
+from phenaki_jax import checkpointing, optimizers, sharding
+from phenaki_jax.config import schema
 from phenaki_jax.models import cvivit
 
 
@@ -41,7 +42,7 @@ class Tokenizer:
     if not steps:
       raise FileNotFoundError(f"no C-ViViT checkpoint in {workdir}/checkpoints")
     config_step = step if step is not None else steps[-1]
-    config = config_schema.complete(ml_collections.ConfigDict(ckpt.restore_config(config_step)))
+    config = schema.complete(ml_collections.ConfigDict(ckpt.restore_config(config_step)))
     # Imported here: the trainer module pulls in the input pipeline.
     from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
     model = train_cvivit.build_model(config)

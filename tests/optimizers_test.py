@@ -3,11 +3,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from phenaki_jax import config_schema, optimizers
+from phenaki_jax.config import schema
+from phenaki_jax import optimizers
 
 
 def _opt(**overrides):
-  opt = config_schema.cvivit_defaults().optimizer
+  opt = schema.cvivit_defaults().optimizer
   for k, v in overrides.items():
     opt[k] = v
   return opt

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from phenaki_jax import preflight
-from phenaki_jax.config_schema import ConfigError
+from phenaki_jax.config.schema import ConfigError
 from tests.helpers import REPO, load_config
 
 TIMEOUT_S = 300

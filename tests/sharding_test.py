@@ -6,13 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phenaki_jax import config_schema, optimizers, sharding
+from phenaki_jax.config import schema
+from phenaki_jax import optimizers, sharding
 from phenaki_jax.train import train_cvivit
 from tests.helpers import load_config
 
 
 def _config():
-  config = config_schema.complete(load_config("cvivit", "tiny,l2vq"))
+  config = schema.complete(load_config("cvivit", "tiny,l2vq"))
   return config
 
 

@@ -43,8 +43,8 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from phenaki_jax import config_schema
-from phenaki_jax.config_schema import ConfigError
+from phenaki_jax.config import schema
+from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import pipeline, prepare, sources
 from phenaki_jax.data.shard_records import DamagedRecordError, ShardRecords, unpack_record
 
@@ -205,13 +205,13 @@ def make_text_fn(text_cfg: ml_collections.ConfigDict) -> tuple[Any, dict[str, An
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Writes the token shards and metadata.json into `workdir`; returns the metadata."""
-  from phenaki_jax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
-  config = config_schema.complete(config)
-  config_schema.validate_pretokenize(config)
+  from phenaki_jax.eval import eval_tokenizer  # pylint: disable=g-import-not-at-top
+  config = schema.complete(config)
+  schema.validate_pretokenize(config)
   if os.path.exists(os.path.join(workdir, METADATA)):
     raise ConfigError(f"--workdir={workdir} already holds pretokenized data ({METADATA}); "
                       "choose an empty folder")
-  tok = eval_run.load_tokenizer(config.tokenizer)
+  tok = eval_tokenizer.load_tokenizer(config.tokenizer)
   input_cfg = ml_collections.ConfigDict(config.input.to_dict())
   if input_cfg.resolution != tok.config.input.resolution:
     raise ConfigError(f"config.input.resolution={input_cfg.resolution}: the tokenizer in "

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phenaki_jax.models import clip
-from phenaki_jax.models import clip_tokenizer
-from phenaki_jax.models import clip_weights
+from phenaki_jax.pretrained import clip
+from phenaki_jax.pretrained import clip_tokenizer
+from phenaki_jax.pretrained import clip_weights
 
 SCALE = 100.0
 

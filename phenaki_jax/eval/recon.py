@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phenaki_jax import config_schema, perceptual
+from phenaki_jax.config import schema
+from phenaki_jax.pretrained import perceptual
 from phenaki_jax.eval import fvd as fvd_lib
 
 ReconstructFn = Callable[[jax.Array], tuple[Any, Any]]
@@ -147,12 +148,12 @@ def codebook_stats(counts: np.ndarray) -> dict[str, float]:
 # --- The evaluator.
 
 def resolve_protocol(protocol_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-  """The protocol keys of `config_schema.eval_protocol_defaults()`, missing ones filled."""
-  resolved = config_schema.eval_protocol_defaults().to_dict()
+  """The protocol keys of `schema.eval_protocol_defaults()`, missing ones filled."""
+  resolved = schema.eval_protocol_defaults().to_dict()
   given = dict(protocol_cfg.items()) if protocol_cfg is not None else {}
   unknown = sorted(set(given) - set(resolved))
   if unknown:
-    raise config_schema.ConfigError(
+    raise schema.ConfigError(
         f"unknown protocol key(s) {unknown}; known: {sorted(resolved)}")
   resolved.update(given)
   return resolved
@@ -161,7 +162,7 @@ def resolve_protocol(protocol_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
 class ReconstructionEvaluator:
   """Reconstruction metrics of any reconstruct_fn on one fixed set of clips.
 
-  `protocol_cfg`: the `protocol.*` keys (config_schema.eval_protocol_defaults;
+  `protocol_cfg`: the `protocol.*` keys (schema.eval_protocol_defaults;
   missing keys take their defaults). `config_prefix` is how errors name them
   ('protocol.' in the eval job; the trainer may nest them elsewhere).
   `source`: where the clips came from (data, shards, seed, …), copied into

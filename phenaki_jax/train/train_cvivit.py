@@ -20,14 +20,15 @@ import numpy as np
 import optax
 from absl import logging
 
-from phenaki_jax import batch_log, checkpointing, config_schema, ema, losses, metrics, optimizers
-from phenaki_jax import perceptual
+from phenaki_jax import batch_log, checkpointing, ema, losses, metrics, optimizers
+from phenaki_jax.config import schema
+from phenaki_jax.pretrained import perceptual
 from phenaki_jax import perf
 from phenaki_jax import sharding
 from phenaki_jax.data import pipeline
 from phenaki_jax.eval import recon as recon_eval
 from phenaki_jax.models import cvivit, discriminator, quantizer
-from phenaki_jax.train.state import TokenizerState
+from phenaki_jax.train_state import TokenizerState
 
 
 def build_model(config: ml_collections.ConfigDict) -> cvivit.CViViT:
@@ -442,8 +443,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   would, without changing anything that depends on total_steps.
   """
   # --- Setup: a bad config fails here, before anything compiles.
-  config = config_schema.complete(config)
-  config_schema.validate_cvivit(config, jax.device_count(), jax.process_count())
+  config = schema.complete(config)
+  schema.validate_cvivit(config, jax.device_count(), jax.process_count())
   perf.setup_compilation_cache(config.model.compilation_cache_dir)
   os.makedirs(workdir, exist_ok=True)
   save_config(config, workdir)

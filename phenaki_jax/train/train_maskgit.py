@@ -42,15 +42,17 @@ import numpy as np
 import optax
 from absl import logging
 
-from phenaki_jax import batch_log, checkpointing, config_schema, ema, metrics, optimizers, sharding
+from phenaki_jax import batch_log, checkpointing, ema, metrics, optimizers, sharding
+from phenaki_jax.config import schema
 from phenaki_jax import perf
-from phenaki_jax.config_schema import ConfigError
+from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import pipeline
-from phenaki_jax.models import cvivit, maskgit, t5, t5_weights, text_tokenizers
+from phenaki_jax.models import cvivit, maskgit, t5
+from phenaki_jax.text import t5_weights, text_tokenizers
 from phenaki_jax.sampling import mask_schedule
 from phenaki_jax.tokenizer import Tokenizer
 from phenaki_jax.train import memory_task
-from phenaki_jax.train.state import GeneratorState
+from phenaki_jax.train_state import GeneratorState
 # Generic trainer pieces, shared with the tokenizer trainer.
 from phenaki_jax.train.train_cvivit import (NonFiniteTrainingError, PreemptionWatch,  # noqa: F401
                                             check_nonfinite_streak, restore_or_set_aside,
@@ -725,8 +727,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   would, without changing anything that depends on total_steps.
   """
   # --- Setup: a bad config fails here, before anything loads or compiles.
-  config = config_schema.complete(config)
-  config_schema.validate_maskgit(config, jax.device_count(), jax.process_count())
+  config = schema.complete(config)
+  schema.validate_maskgit(config, jax.device_count(), jax.process_count())
   perf.setup_compilation_cache(config.model.compilation_cache_dir)
   os.makedirs(workdir, exist_ok=True)
   rules = config.logical_axis_rules

@@ -4,13 +4,13 @@ import hashlib
 import numpy as np
 import pytest
 
-from phenaki_jax import config_schema
+from phenaki_jax.config import schema
 from phenaki_jax.data import pipeline
 from tests.helpers import load_config
 
 
 def _input_cfg(**overrides):
-  config = config_schema.complete(load_config("cvivit", "tiny"))
+  config = schema.complete(load_config("cvivit", "tiny"))
   with config.unlocked():
     for k, v in overrides.items():
       config.input[k] = v

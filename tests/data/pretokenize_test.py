@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from phenaki_jax import config_schema
+from phenaki_jax.config import schema
 from phenaki_jax.data import pipeline, pretokenize, synthetic
 from phenaki_jax.tokenizer import Tokenizer
 from phenaki_jax.train import train_cvivit, train_maskgit
@@ -45,7 +45,7 @@ def _maskgit(tokenizer_dir, tokens_dir, **top):
 
 def test_records_hold_exactly_the_tokenizer_codes_of_the_source_clips(tokenizer_dir, tokens_dir):
   tok = Tokenizer.load(tokenizer_dir)
-  config = config_schema.complete(load_config("pretokenize", "tiny"))
+  config = schema.complete(load_config("pretokenize", "tiny"))
   video, image = pipeline.make_sources(config.input, config.seed)
   for split, source, n in (("video", video, 16), ("image", image, 8)):
     records = pretokenize.TokenShardSource(tokens_dir, split, max_length=40)
@@ -81,17 +81,17 @@ def test_generator_trains_checkpoints_and_resumes_on_tokens(tokenizer_dir, token
 def test_tokens_of_another_tokenizer_are_refused_naming_both(tokens_dir, tmp_path):
   other = _train_tokenizer(str(tmp_path / "other_tokenizer"), seed=1)
   config = _maskgit(other, tokens_dir)
-  with pytest.raises(config_schema.ConfigError, match="config.input.token_shards=.*tokenizer"):
+  with pytest.raises(schema.ConfigError, match="config.input.token_shards=.*tokenizer"):
     train_maskgit.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_augmentation_and_a_missing_folder_fail_before_compiling(tokenizer_dir, tmp_path):
   config = _maskgit(tokenizer_dir, "")
-  with pytest.raises(config_schema.ConfigError, match="config.input.token_shards=''"):
+  with pytest.raises(schema.ConfigError, match="config.input.token_shards=''"):
     train_maskgit.train_and_evaluate(config, str(tmp_path / "a"))
   config = _maskgit(tokenizer_dir, str(tmp_path / "nothing"))
   config.input.horizontal_flip = True
-  with pytest.raises(config_schema.ConfigError, match="augmented"):
+  with pytest.raises(schema.ConfigError, match="augmented"):
     train_maskgit.train_and_evaluate(config, str(tmp_path / "b"))
   config = _maskgit(tokenizer_dir, str(tmp_path / "nothing"))
   with pytest.raises(FileNotFoundError, match="metadata.json"):
@@ -112,7 +112,7 @@ def test_frozen_t5_embeddings_are_cached_and_used_instead_of_the_encoder(tokeniz
   assert meta["text"]["cached"] and meta["text"]["width"] == 16
 
   # The cached embeddings are the frozen encoder's outputs (to bfloat16 precision).
-  text_cfg = config_schema.complete(load_config("maskgit", "tiny")).text
+  text_cfg = schema.complete(load_config("maskgit", "tiny")).text
   text_cfg.encoder, text_cfg.t5_path = "t5", t5_path
   text_cfg.max_length = 40
   text = train_maskgit.build_text_encoder(text_cfg)
@@ -128,10 +128,10 @@ def test_frozen_t5_embeddings_are_cached_and_used_instead_of_the_encoder(tokeniz
   config = _maskgit(tokenizer_dir, out, total_steps=2, eval_every_steps=2, num_eval_examples=4)
   config.text.encoder, config.text.t5_path = "t5", t5_path
   batch = next(iter(pipeline.make_train_dataset(
-      config_schema.complete(config).input, seed=0, keep_caption=True, text_max_length=40)))
+      schema.complete(config).input, seed=0, keep_caption=True, text_max_length=40)))
   assert "caption" not in batch and batch["text_embeddings"].shape[1:] == (40, 16)
   assert train_maskgit.train_and_evaluate(config, str(tmp_path / "run"))["step"] == 2
   # Embeddings made for another max_length are refused, naming the key.
   config.text.max_length = 32
-  with pytest.raises(config_schema.ConfigError, match="text.max_length"):
+  with pytest.raises(schema.ConfigError, match="text.max_length"):
     train_maskgit.train_and_evaluate(config, str(tmp_path / "run2"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from phenaki_jax import config_schema
+from phenaki_jax.config import schema
 from phenaki_jax.data import pipeline, pretokenize, sources
 from phenaki_jax.data.shard_records import UnreadableShardsError
 from tests.helpers import load_config
@@ -137,7 +137,7 @@ def test_every_record_damaged_is_an_error_naming_the_shard(tmp_path):
 
 
 def test_training_stream_over_a_damaged_shard_keeps_full_batches(shard_dir):
-  config = config_schema.complete(load_config("cvivit", "tiny"))
+  config = schema.complete(load_config("cvivit", "tiny"))
   with config.unlocked():
     config.input.data = "shards"
     config.input.video_shards = str(shard_dir)

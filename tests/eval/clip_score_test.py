@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from phenaki_jax.eval import clip_score
-from phenaki_jax.models import clip
-from phenaki_jax.models import clip_tokenizer
-from phenaki_jax.models import clip_weights
+from phenaki_jax.pretrained import clip
+from phenaki_jax.pretrained import clip_tokenizer
+from phenaki_jax.pretrained import clip_weights
 
 # A few real-looking merges: the vocabulary is 512 bytes + 6 merges + SOT/EOT.
 MERGES = ['t h', 'th e</w>', 'r e', 'o x</w>', 'f ox</w>', 'a </w>']

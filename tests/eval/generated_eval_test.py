@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from phenaki_jax import config_schema, perceptual
+from phenaki_jax.config import schema
+from phenaki_jax.pretrained import perceptual
 from phenaki_jax.data import synthetic, video_io
 from phenaki_jax.eval import fvd as fvd_lib
-from phenaki_jax.eval import generated, report_compare
+from phenaki_jax.eval import eval_generated, eval_compare
 from tests.helpers import REPO, load_config
 
 MEDIA = REPO / "tests" / "data" / "media"
@@ -91,14 +92,14 @@ def _i3d_features(extractor, clips):
 
 
 def test_fvd_of_a_set_against_itself_is_zero_and_grows_with_noise():
-  p = generated.Protocol.from_config(_config(**{"protocol.resolution": 32}).protocol)
+  p = eval_generated.Protocol.from_config(_config(**{"protocol.resolution": 32}).protocol)
   clips = []
   for name in MP4S:  # 2 non-overlapping 9-frame clips of each real video
-    clips += generated.cut_clips(video_io.read_video(str(MEDIA / "videos" / name), fps=None),
+    clips += eval_generated.cut_clips(video_io.read_video(str(MEDIA / "videos" / name), fps=None),
                                  p, 2)
   clips = np.stack(clips)
   assert clips.shape == (4, 9, 32, 32, 3)
-  i3d = generated.I3DLogits(p)
+  i3d = eval_generated.I3DLogits(p)
   clean = _i3d_features(i3d, clips)
   rng = np.random.default_rng(0)
   noisy = {s: _i3d_features(i3d, np.clip(clips + rng.normal(0, s, clips.shape), 0, 255)
@@ -112,15 +113,15 @@ def test_fvd_of_a_set_against_itself_is_zero_and_grows_with_noise():
 def test_fvd_repeats_disjoint_and_bootstrap():
   rng = np.random.default_rng(0)
   gen, ref = rng.normal(size=(40, 8)), rng.normal(size=(40, 8)) + 0.5
-  p = generated.Protocol.from_config(_config(**{"protocol.repeats": 2}).protocol)
-  runs, n = generated.fvd_runs(gen, ref, p)
+  p = eval_generated.Protocol.from_config(_config(**{"protocol.repeats": 2}).protocol)
+  runs, n = eval_generated.fvd_runs(gen, ref, p)
   assert n == 20 and runs == [fvd_lib.fvd_from_features(gen[:20], ref[:20]),
                               fvd_lib.fvd_from_features(gen[20:], ref[20:])]
-  p = generated.Protocol.from_config(
+  p = eval_generated.Protocol.from_config(
       _config(**{"protocol.repeats": 3, "protocol.repeat_mode": "bootstrap"}).protocol)
-  runs_a, n = generated.fvd_runs(gen, ref, p)
+  runs_a, n = eval_generated.fvd_runs(gen, ref, p)
   assert n == 40 and len(runs_a) == 3 and len(set(runs_a)) == 3
-  assert generated.fvd_runs(gen, ref, p)[0] == runs_a  # seeded: the same resamples
+  assert eval_generated.fvd_runs(gen, ref, p)[0] == runs_a  # seeded: the same resamples
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,7 @@ def folder_report(folders, tmp_path_factory):
   try:
     config = _config(generated=gen, reference=ref, **{"protocol.resolution": 32,
                                                       "clip.path": str(weights)})
-    report = generated.run(config, str(out / "eval"))
+    report = eval_generated.run(config, str(out / "eval"))
   finally:
     if saved is None:
       sys.modules.pop("phenaki_jax.eval.clip_score", None)
@@ -193,10 +194,10 @@ def test_checkpoint_job_samples_shapes_prompts_and_scores_them(tmp_path):
   train_maskgit.train_and_evaluate(config, gen_dir)
 
   # FVD on: the tiny generator's 5-frame clips are too short, said before sampling.
-  with pytest.raises(config_schema.ConfigError,
+  with pytest.raises(schema.ConfigError,
                      match=r"config.protocol.num_frames=9 .* generated clips have 5"):
-    generated.run(_config(generated=gen_dir), str(tmp_path / "e0"))
-  report = generated.run(_config(generated=gen_dir, **{"protocol.fvd": False,
+    eval_generated.run(_config(generated=gen_dir), str(tmp_path / "e0"))
+  report = eval_generated.run(_config(generated=gen_dir, **{"protocol.fvd": False,
                                                         "protocol.num_frames": -1}),
                          str(tmp_path / "e1"))
   assert report["generated"]["kind"] == "maskgit" and report["generated"]["step"] == 2
@@ -239,7 +240,7 @@ def test_story_folder_gets_segment_accuracy_seams_and_per_segment_clip(tmp_path,
               for i, (p, s, e) in enumerate(zip(prompts, starts, ends))]
   (story / "story.json").write_text(json.dumps({"files": ["story.mp4"], "window_frames": 10,
                                                 "segments": segments}))
-  report = generated.run(_config(generated=str(story), **{
+  report = eval_generated.run(_config(generated=str(story), **{
       "protocol.fvd": False, "protocol.num_frames": -1, "clip.path": clip_path}),
       str(tmp_path / "out"))
   assert report["protocol"]["resolved"]["num_frames"] == 10  # one window, not the story
@@ -281,7 +282,7 @@ def test_compare_tabulates_reports_and_names_protocol_differences(folder_report,
   assert saved["protocol_differences"] == ["protocol.resize"]
   assert [r["name"] for r in saved["reports"]] == ["generated", "other"]
   # The same report twice: nothing to warn about.
-  same = report_compare.run(_config("compare", reports=f"{tmp_path / 'a.json'},"
+  same = eval_compare.run(_config("compare", reports=f"{tmp_path / 'a.json'},"
                                                        f"{tmp_path / 'a.json'}"),
                             str(tmp_path / "cmp2"))
   assert same["protocol_differences"] == [] and "Same protocol" in same["markdown"]
@@ -320,8 +321,8 @@ def test_bad_input_fails_naming_the_key_before_any_network(overrides, message, t
   config = _config(generated=str(good), reference="shapes")
   for key, value in overrides.items():
     _config_set(config, key, where.get(value, value))
-  with pytest.raises(config_schema.ConfigError, match=message):
-    generated.run(config, str(tmp_path / "out"))
+  with pytest.raises(schema.ConfigError, match=message):
+    eval_generated.run(config, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out" / "report.json")
 
 
@@ -334,9 +335,9 @@ def _config_set(config, key, value):
 
 
 def test_compare_needs_two_readable_eval_reports(tmp_path):
-  with pytest.raises(config_schema.ConfigError, match="config.reports=.*at least two"):
-    report_compare.run(_config("compare", reports=str(tmp_path / "a.json")), str(tmp_path))
+  with pytest.raises(schema.ConfigError, match="config.reports=.*at least two"):
+    eval_compare.run(_config("compare", reports=str(tmp_path / "a.json")), str(tmp_path))
   (tmp_path / "t.json").write_text(json.dumps({"job": "eval_tokenizer"}))
-  with pytest.raises(config_schema.ConfigError, match="not an eval_generated report"):
-    report_compare.run(_config("compare", reports=f"{tmp_path / 't.json'},{tmp_path / 't.json'}"),
+  with pytest.raises(schema.ConfigError, match="not an eval_generated report"):
+    eval_compare.run(_config("compare", reports=f"{tmp_path / 't.json'},{tmp_path / 't.json'}"),
                        str(tmp_path))

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from phenaki_jax import losses, perceptual
+from phenaki_jax import losses
+from phenaki_jax.pretrained import perceptual
 from phenaki_jax.eval import fvd, recon
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from phenaki_jax import config_schema
-from phenaki_jax.eval import run
+from phenaki_jax.config import schema
+from phenaki_jax.eval import eval_tokenizer as run
 from phenaki_jax.train import train_cvivit
 from tests.helpers import REPO, load_config
 
@@ -134,5 +134,5 @@ def test_unknown_key_is_named(tokenizer_dir):
   config = _eval_config(tokenizer_dir)
   with config.unlocked():
     config.protocol.fvd_frames = 9
-  with pytest.raises(config_schema.ConfigError, match="config.protocol.fvd_frames"):
+  with pytest.raises(schema.ConfigError, match="config.protocol.fvd_frames"):
     run.run(config, "/nonexistent/never/created")

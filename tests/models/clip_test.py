@@ -16,9 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from phenaki_jax.models import clip
-from phenaki_jax.models import clip_tokenizer
-from phenaki_jax.models import clip_weights
+from phenaki_jax.pretrained import clip
+from phenaki_jax.pretrained import clip_tokenizer
+from phenaki_jax.pretrained import clip_weights
 
 # A tiny ViT CLIP; 16-wide heads, so the configs are passed explicitly (the
 # loader's inference assumes 64-wide heads, tested separately).

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from phenaki_jax import config_schema
+from phenaki_jax.config import schema
 from phenaki_jax import sharding
 from phenaki_jax.models import maskgit
 from phenaki_jax.sampling import parallel_decode
@@ -175,7 +175,7 @@ def test_sharded_equals_unsharded(setup):
   # 8 simulated devices as (data, fsdp, tensor) = (2, 2, 2); 'vocab' on tensor
   # too, which the padded embedding rows make possible.
   model, variables, params, apply = setup
-  rules = config_schema.TOKENIZER_RULES + (("vocab", "tensor"),)
+  rules = schema.TOKENIZER_RULES + (("vocab", "tensor"),)
   mesh = sharding.make_mesh((2, 2, 2))
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(variables), mesh, rules)
   sharded = jax.device_put(params, shardings["params"])

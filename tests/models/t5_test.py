@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from phenaki_jax.models import t5
-from phenaki_jax.models import t5_weights
-from phenaki_jax.models import text_tokenizers
+from phenaki_jax.text import t5_weights
+from phenaki_jax.text import text_tokenizers
 
 TINY = dict(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_heads=4,
             num_layers=2, relative_attention_num_buckets=32,

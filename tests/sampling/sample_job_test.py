@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phenaki_jax import config_schema
+from phenaki_jax.config import schema
 from phenaki_jax.data import video_io
 from phenaki_jax.eval import shapes_score
 from phenaki_jax.generator import SamplingOptions
-from phenaki_jax.sampling import run as sample_run
+from phenaki_jax.sampling import sample as sample_job
 from phenaki_jax.train import train_maskgit
 from tests.helpers import REPO, load_config
 
@@ -98,7 +98,7 @@ def test_generate_makes_clips_and_images_of_the_tokenizer_frame_count(generator)
 
 def test_sample_job_writes_valid_mp4_png_and_json(trained, tmp_path):
   config = _sample_config(trained[1], **{"output.formats": "mp4,gif", "samples_per_prompt": 2})
-  report = sample_run.run(config, str(tmp_path))
+  report = sample_job.run(config, str(tmp_path))
   assert len(report["samples"]) == 4  # 2 prompts × 2, in batches of 2
   assert [r["files"] for r in report["samples"]] == [[f"000{i}.mp4", f"000{i}.gif"]
                                                      for i in range(4)]
@@ -128,7 +128,7 @@ def test_sample_job_writes_valid_mp4_png_and_json(trained, tmp_path):
 def test_sample_job_same_seed_same_files(trained, tmp_path):
   outs = []
   for name in ("a", "b"):
-    report = sample_run.run(_sample_config(trained[1]), str(tmp_path / name))
+    report = sample_job.run(_sample_config(trained[1]), str(tmp_path / name))
     outs.append([video_io.read_video(str(tmp_path / name / r["files"][0]), fps=None)
                  for r in report["samples"]])
   for x, y in zip(*outs):
@@ -145,13 +145,13 @@ def test_sample_job_same_seed_same_files(trained, tmp_path):
 ])
 def test_bad_sample_config_fails_naming_the_key(trained, tmp_path, key, value, message):
   config = _sample_config(trained[1], **{key: value})
-  with pytest.raises(config_schema.ConfigError, match=message):
-    sample_run.run(config, str(tmp_path))
+  with pytest.raises(schema.ConfigError, match=message):
+    sample_job.run(config, str(tmp_path))
 
 
 def test_missing_generator_checkpoint_says_how_to_train_one(tmp_path):
   with pytest.raises(FileNotFoundError, match="configs/maskgit.py"):
-    sample_run.run(_sample_config(str(tmp_path / "nothing")), str(tmp_path / "out"))
+    sample_job.run(_sample_config(str(tmp_path / "nothing")), str(tmp_path / "out"))
 
 
 def test_command_line_with_prompts(trained, tmp_path):
@@ -191,7 +191,7 @@ class _FakeGenerator:
 def test_tokenizer_ceiling_scores_the_reconstructions_of_the_prompts_clips():
   prompts = ["a large red circle moves right", "a small blue square moves up",
              "the green triangle moves left", "a dog runs on a beach"]
-  perfect = sample_run.tokenizer_ceiling(_FakeGenerator(lambda x: x), prompts, 11, 64, 3)
+  perfect = sample_job.tokenizer_ceiling(_FakeGenerator(lambda x: x), prompts, 11, 64, 3)
   # The story prompt names no size and the last is not a shapes prompt: two clips.
   assert perfect == {"colour": 1.0, "shape": 1.0, "size": 1.0, "motion": 1.0, "all": 1.0,
                      "num_clips": 2.0}
@@ -204,8 +204,8 @@ def test_tokenizer_ceiling_scores_the_reconstructions_of_the_prompts_clips():
       out[b, t, ys.min():ys.max() + 1, xs.min():xs.max() + 1] = colour
     return out
 
-  squared = sample_run.tokenizer_ceiling(_FakeGenerator(fill_bounding_boxes), prompts, 11, 64, 3)
+  squared = sample_job.tokenizer_ceiling(_FakeGenerator(fill_bounding_boxes), prompts, 11, 64, 3)
   # The circle is lost, the square stays one.
   assert squared == {"colour": 1.0, "shape": 0.5, "size": 1.0, "motion": 1.0, "all": 0.5,
                      "num_clips": 2.0}
-  assert sample_run.tokenizer_ceiling(_FakeGenerator(lambda x: x), prompts[2:], 11, 64, 3) is None
+  assert sample_job.tokenizer_ceiling(_FakeGenerator(lambda x: x), prompts[2:], 11, 64, 3) is None

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from phenaki_jax import config_schema
+from phenaki_jax.config import schema
 from phenaki_jax.data import video_io
 from phenaki_jax.generator import SamplingOptions
-from phenaki_jax.sampling import run as sample_run
+from phenaki_jax.sampling import sample as sample_job
 from phenaki_jax.sampling import story
 from tests.helpers import REPO, load_config
 
@@ -136,12 +136,12 @@ def test_bad_story_settings_fail_before_loading(trained, tmp_path):
   config = load_config("sample", "tiny")
   config.generator.workdir = trained[1]
   config.storyboard = str(tmp_path / "missing.yaml")
-  with pytest.raises(config_schema.ConfigError, match="config.storyboard"):
-    sample_run.run(config, str(tmp_path / "a"))
+  with pytest.raises(schema.ConfigError, match="config.storyboard"):
+    sample_job.run(config, str(tmp_path / "a"))
   (tmp_path / "bad.yaml").write_text("segments:\n  - {prompt: x, frames: 3}\n")
   config.storyboard = str(tmp_path / "bad.yaml")
-  with pytest.raises(config_schema.ConfigError, match="config.storyboard: .*frames"):
-    sample_run.run(config, str(tmp_path / "b"))
+  with pytest.raises(schema.ConfigError, match="config.storyboard: .*frames"):
+    sample_job.run(config, str(tmp_path / "b"))
 
 
 # --- Experimental switches: long-term memory and seam blending (off by default).
@@ -245,11 +245,11 @@ def test_story_job_takes_the_switches_from_the_sampling_keys(memory_trained, tmp
   config.sampling.memory_guidance_scale = 1.5
   config.sampling.seam_blending = True
   config.output.formats = "mp4"
-  report = sample_run.run(config, str(tmp_path / "story"))
+  report = sample_job.run(config, str(tmp_path / "story"))
   assert report["num_frames"] == 9
   assert report["sampling"]["memory_guidance_scale"] == 1.5
   assert all(s["seam_blending"] and s["memory_guidance_scale"] == 1.5
              for s in report["segments"])
-  defaults = config_schema.sample_defaults()
+  defaults = schema.sample_defaults()
   assert (defaults.sampling.memory_guidance_scale, defaults.sampling.seam_blending) == (0.0,
                                                                                          False)

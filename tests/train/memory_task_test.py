@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from phenaki_jax import config_schema
+from phenaki_jax.config import schema
 from phenaki_jax.data import pipeline, synthetic
 from phenaki_jax.train import memory_task, train_maskgit
 from tests.helpers import load_config
@@ -117,7 +117,7 @@ def test_story_clips_with_memory_hold_their_object_rendered_apart():
 
 
 def test_story_batches_carry_memory_frames_augmented_like_their_clip():
-  config = config_schema.complete(load_config("maskgit", "tiny"))
+  config = schema.complete(load_config("maskgit", "tiny"))
   it = iter(pipeline.make_train_dataset(config.input, seed=0, keep_caption=True,
                                         story_memory_frames=1))
   kinds = set()
@@ -140,7 +140,7 @@ def test_story_batches_carry_memory_frames_augmented_like_their_clip():
 # --- The loss: unchanged with memory off, memory through compute_losses when on.
 
 def _setup(memory_token_frames):
-  config = config_schema.complete(load_config("maskgit", "tiny"))
+  config = schema.complete(load_config("maskgit", "tiny"))
   config.model.memory_token_frames = memory_token_frames
   generator = train_maskgit.build_generator(config)
   text = train_maskgit.build_text_encoder(config.text)

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phenaki_jax import config_schema, losses, optimizers, perceptual, sharding
+from phenaki_jax.config import schema
+from phenaki_jax import losses, optimizers, sharding
+from phenaki_jax.pretrained import perceptual
 from phenaki_jax.models import discriminator
 from phenaki_jax.train import train_cvivit
 from tests.helpers import load_config
@@ -55,7 +57,7 @@ def test_lecam_is_zero_when_logits_sit_beyond_the_moving_averages():
 
 
 def test_perceptual_terms_vanish_for_a_perfect_reconstruction_and_not_otherwise():
-  config = config_schema.complete(load_config("cvivit", "tiny"))
+  config = schema.complete(load_config("cvivit", "tiny"))
   frozen = train_cvivit.load_frozen_networks(config)
   video, rng = _video(1), jax.random.key(0)
   lpips = lambda r: float(train_cvivit.lpips_term(video, r, config.loss, frozen, rng))
@@ -130,7 +132,7 @@ def test_discriminator_scores_clips_and_images_with_the_same_weights():
 # --- Where gradients flow inside the train step.
 
 def _step_setup(**loss_overrides):
-  config = config_schema.complete(load_config("cvivit", "tiny"))
+  config = schema.complete(load_config("cvivit", "tiny"))
   config.gan.start_step = 0
   config.loss.lpips_weight = 0.0  # these two are tested above; keep the step small
   config.loss.video_perceptual_weight = 0.0
@@ -190,7 +192,7 @@ def test_discriminator_loss_has_no_gradient_into_the_tokenizer(two_adversarial_w
 
 
 def test_gan_phases_follow_the_start_step_and_lazy_r1():
-  config = config_schema.complete(load_config("cvivit", ""))
+  config = schema.complete(load_config("cvivit", ""))
   config.gan.start_step, config.gan.r1_every = 10, 4
   phases = [train_cvivit.gan_phase(config, s) for s in range(8, 17)]
   # R1 on the GAN's first step, then on every 4th after it.
@@ -202,7 +204,7 @@ def test_gan_phases_follow_the_start_step_and_lazy_r1():
 
 
 def test_before_the_start_step_the_discriminator_is_untouched():
-  config = config_schema.complete(load_config("cvivit", "tiny"))
+  config = schema.complete(load_config("cvivit", "tiny"))
   config.loss.lpips_weight = config.loss.video_perceptual_weight = 0.0
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
@@ -221,7 +223,7 @@ def test_before_the_start_step_the_discriminator_is_untouched():
 
 
 def test_before_the_perceptual_start_step_lpips_and_i3d_are_left_out():
-  config = config_schema.complete(load_config("cvivit", "tiny"))
+  config = schema.complete(load_config("cvivit", "tiny"))
   config.loss.adversarial_weight = 0.0
   config.loss.max_gradient_ratio = 0.0  # the total then differs by exactly the weighted terms
   config.loss.perceptual_start_step = 3
@@ -252,7 +254,7 @@ def test_before_the_perceptual_start_step_lpips_and_i3d_are_left_out():
 # --- Gradient balancing (loss.max_gradient_ratio).
 
 def _balance_setup(ratio):
-  config = config_schema.complete(load_config("cvivit", "tiny"))
+  config = schema.complete(load_config("cvivit", "tiny"))
   config.loss.max_gradient_ratio = ratio
   model = train_cvivit.build_model(config)
   video = _video(3, (2, 5, 16, 16, 3))
@@ -302,7 +304,7 @@ def test_balancing_caps_each_terms_pixel_gradient_at_the_ratio_times_l2s():
   np.testing.assert_allclose(float(total), expected, rtol=1e-5)
   # ... and its parameter gradient is that of the plain objective with those
   # weights (the linear surrogate carries the same gradient in one backward).
-  plain = config_schema.complete(load_config("cvivit", "tiny")).loss
+  plain = schema.complete(load_config("cvivit", "tiny")).loss
   plain.max_gradient_ratio = 0.0
   plain.lpips_weight = float(parts["train/lpips_weight"])
   plain.video_perceptual_weight = float(parts["train/video_perceptual_weight"])
@@ -318,7 +320,7 @@ def test_a_loose_cap_leaves_the_weights_and_the_gradient_as_given():
   assert float(parts["train/lpips_weight"]) == pytest.approx(config.loss.lpips_weight)
   assert float(parts["train/gan/generator_loss_weight"]) == pytest.approx(
       config.loss.adversarial_weight)
-  unbalanced = config_schema.complete(load_config("cvivit", "tiny")).loss
+  unbalanced = schema.complete(load_config("cvivit", "tiny")).loss
   unbalanced.max_gradient_ratio = 0.0
   _, plain_grads = _loss_and_grads(run, params, unbalanced)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
@@ -345,7 +347,7 @@ def test_bad_objective_values_fail_naming_the_key(key, value, message, tmp_path)
   for p in parents:
     node = node[p]
   node[leaf] = value
-  with pytest.raises(config_schema.ConfigError, match=message):
+  with pytest.raises(schema.ConfigError, match=message):
     train_cvivit.train_and_evaluate(config, str(tmp_path))
 
 
@@ -353,11 +355,11 @@ def test_i3d_logits_on_short_clips_fail_naming_the_frame_count(tmp_path):
   config = load_config("cvivit", "tiny")
   config.loss.video_perceptual_endpoint = "Logits"
   config.loss.video_perceptual_resolution = 224
-  with pytest.raises(config_schema.ConfigError, match="config.input.num_frames=5"):
+  with pytest.raises(schema.ConfigError, match="config.input.num_frames=5"):
     train_cvivit.train_and_evaluate(config, str(tmp_path))
   # Or the term is skipped on such clips, by config.
   config.loss.video_perceptual_min_frames = 9
-  config_schema.validate_cvivit(config_schema.complete(config), 8)
+  schema.validate_cvivit(schema.complete(config), 8)
 
 
 @pytest.mark.slow

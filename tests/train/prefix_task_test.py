@@ -82,10 +82,10 @@ def test_story_clips_change_motion_after_their_context_and_follow_the_new_captio
 
 
 def test_the_measured_share_of_story_batches():
-  from phenaki_jax import config_schema
+  from phenaki_jax.config import schema
   from phenaki_jax.data import pipeline
   from tests.helpers import load_config
-  config = config_schema.complete(load_config("maskgit", "tiny"))
+  config = schema.complete(load_config("maskgit", "tiny"))
   it = iter(pipeline.make_train_dataset(config.input, seed=0, keep_caption=True))
   kinds = []
   for _ in range(200):

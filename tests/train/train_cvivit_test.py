@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from phenaki_jax import config_schema, metrics
+from phenaki_jax.config import schema
+from phenaki_jax import metrics
 from phenaki_jax.train import train_cvivit
 from tests.helpers import REPO, load_config
 
@@ -59,7 +60,7 @@ def test_unknown_key_is_named():
   config = load_config("cvivit", "tiny")
   with config.unlocked():
     config.input.video_ratoi = 0.5
-  with pytest.raises(config_schema.ConfigError, match="config.input.video_ratoi"):
+  with pytest.raises(schema.ConfigError, match="config.input.video_ratoi"):
     train_cvivit.train_and_evaluate(config, "/nonexistent/never/created")
 
 
@@ -75,7 +76,7 @@ def test_impossible_values_fail_naming_the_key(key, value, message, tmp_path):
   config = load_config("cvivit", "tiny")
   section, leaf = key.split(".")
   config[section][leaf] = value
-  with pytest.raises(config_schema.ConfigError, match=message):
+  with pytest.raises(schema.ConfigError, match=message):
     train_cvivit.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints")
 

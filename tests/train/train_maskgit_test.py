@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phenaki_jax import config_schema, metrics, optimizers, sharding
+from phenaki_jax.config import schema
+from phenaki_jax import metrics, optimizers, sharding
 from phenaki_jax.sampling import mask_schedule
 from phenaki_jax.tokenizer import Tokenizer
 from phenaki_jax.train import train_cvivit, train_maskgit
@@ -97,7 +98,7 @@ class LossSetup:
   """The tiny generator and byte encoder with random params, and the jitted loss."""
 
   def __init__(self):
-    self.config = config = config_schema.complete(load_config("maskgit", "tiny"))
+    self.config = config = schema.complete(load_config("maskgit", "tiny"))
     self.generator = train_maskgit.build_generator(config)
     self.text = train_maskgit.build_text_encoder(config.text)
     self.max_length = config.text.max_length
@@ -313,7 +314,7 @@ def test_sharded_step_skips_nonfinite_and_matches_unsharded_loss(setup):
 def test_tokenizer_mismatch_names_what_differs(tokenizer_dir, tmp_path, key, value, message):
   config = _tiny(tokenizer_dir)
   _set(config, key, value)
-  with pytest.raises(config_schema.ConfigError, match=message):
+  with pytest.raises(schema.ConfigError, match=message):
     train_maskgit.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
   assert not (tmp_path / train_maskgit.TOKENIZER_RECORD).exists()
@@ -321,7 +322,7 @@ def test_tokenizer_mismatch_names_what_differs(tokenizer_dir, tmp_path, key, val
 
 def test_missing_tokenizer_is_named(tmp_path):
   config = _tiny(str(tmp_path / "no_tokenizer"))
-  with pytest.raises(config_schema.ConfigError,
+  with pytest.raises(schema.ConfigError,
                      match="config.tokenizer.workdir=.*no C-ViViT checkpoint"):
     train_maskgit.train_and_evaluate(config, str(tmp_path / "run"))
 
@@ -348,7 +349,7 @@ def test_bad_values_fail_before_anything_loads_naming_the_key(tmp_path, key, val
   _set(config, key, value)
   if key == "text.t5_path":
     config.text.encoder = "t5"
-  with pytest.raises(config_schema.ConfigError, match=message):
+  with pytest.raises(schema.ConfigError, match=message):
     train_maskgit.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
@@ -357,7 +358,7 @@ def test_unknown_key_is_named(tmp_path):
   config = _tiny(str(tmp_path))
   with config.unlocked():
     config.text.max_lenght = 3
-  with pytest.raises(config_schema.ConfigError, match="config.text.max_lenght"):
+  with pytest.raises(schema.ConfigError, match="config.text.max_lenght"):
     train_maskgit.train_and_evaluate(config, str(tmp_path / "run"))
 
 
@@ -457,5 +458,5 @@ def test_memory_settings_are_checked_naming_the_key(tmp_path):
                               ("memory.drop_rate", 1.5, r"config.memory.drop_rate=1.5")):
     config = _tiny(str(tmp_path / "no_tokenizer"))
     _set(config, key, value)
-    with pytest.raises(config_schema.ConfigError, match=message):
+    with pytest.raises(schema.ConfigError, match=message):
       train_maskgit.train_and_evaluate(config, str(tmp_path / "run"))

@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from phenaki_jax import config_schema, metrics
+from phenaki_jax.config import schema
+from phenaki_jax import metrics
 from phenaki_jax.data import pipeline, prepare
 from phenaki_jax.train import train_cvivit
 from tests.helpers import REPO, load_config
@@ -43,7 +44,7 @@ def test_broken_files_reported_and_good_ones_all_prepared(prepared):
 
 
 def test_mix_holds_on_real_shards(prepared):
-  config = config_schema.complete(_shard_config(prepared[0]))
+  config = schema.complete(_shard_config(prepared[0]))
   it = iter(pipeline.make_train_dataset(config.input, seed=0))
   videos = images = 0
   while videos + images < 1000:

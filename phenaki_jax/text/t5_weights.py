@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from phenaki_jax.models import t5
-from phenaki_jax.models import text_tokenizers
+from phenaki_jax.text import text_tokenizers
 
 PathLike = str | os.PathLike[str]
 Params = dict[str, Any]

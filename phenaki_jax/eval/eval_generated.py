@@ -38,8 +38,10 @@ import tqdm
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from phenaki_jax import config_schema, perceptual, sharding
-from phenaki_jax.config_schema import ConfigError
+from phenaki_jax.config import schema
+from phenaki_jax.pretrained import perceptual
+from phenaki_jax import sharding
+from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import pipeline, synthetic, video_io
 from phenaki_jax.eval import fvd as fvd_lib
 from phenaki_jax.eval import report as report_lib
@@ -290,9 +292,9 @@ class CheckpointSet(VideoSet):
   def __init__(self, config: ml_collections.ConfigDict, count: int):
     super().__init__()
     from phenaki_jax.generator import Generator  # pylint: disable=g-import-not-at-top
-    from phenaki_jax.sampling import run as sample_run  # pylint: disable=g-import-not-at-top
+    from phenaki_jax.sampling import sample as sample_job  # pylint: disable=g-import-not-at-top
     self.config = config
-    self.options = sample_run.sampling_options(config)
+    self.options = sample_job.sampling_options(config)
     prompts = [p.strip() for p in config.prompts.split(";") if p.strip()]
     if config.prompts_file:
       with open(config.prompts_file, encoding="utf-8") as f:
@@ -442,7 +444,7 @@ def _peek(items: Iterable[Item], key: str, what: str) -> tuple[Item, Iterator[It
 # --- Checks (before anything loads or compiles).
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  req = config_schema._require  # pylint: disable=protected-access
+  req = schema._require  # pylint: disable=protected-access
   req(bool(config.generated), "generated", config.generated,
       "is required: a folder of generated mp4/GIF files or a MaskGIT workdir, e.g. "
       "--config.generated=runs/samples")
@@ -454,10 +456,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     req(_is_shards(ref) or os.path.isdir(ref), "reference", ref,
         "no such folder, shard file or glob (or use 'shapes' / 'tfds:NAME')")
   for key in ("captions", "prompts_file", "clip.path", "clip.merges_path"):
-    value = config_schema._flat_keys(config)[key]  # pylint: disable=protected-access
+    value = schema._flat_keys(config)[key]  # pylint: disable=protected-access
     req(not value or os.path.exists(value), key, value, "no such file")
   p = config.protocol
-  config_schema._positive_ints(config, [  # pylint: disable=protected-access
+  schema._positive_ints(config, [  # pylint: disable=protected-access
       "protocol.num_clips", "protocol.frame_stride", "protocol.clips_per_video",
       "protocol.repeats", "protocol.batch_size", "batch_size", "clip.batch_size"])
   if p.fvd:
@@ -737,7 +739,7 @@ def load_clip_scorer(config: ml_collections.ConfigDict) -> ClipScorer | None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates the generated set; writes report.json and report.png; returns the report."""
   start = time.perf_counter()
-  config = config_schema.complete(config)
+  config = schema.complete(config)
   validate(config)
 
   # The sets, each checked non-empty before any network compiles.

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from phenaki_jax.models import clip
+from phenaki_jax.pretrained import clip
 
 PathLike = str | os.PathLike[str]
 Params = dict[str, Any]

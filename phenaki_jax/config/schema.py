@@ -758,7 +758,7 @@ DEFAULTS["eval_tokenizer"] = eval_tokenizer_defaults
 
 
 def _check_protocol(config: ml_collections.ConfigDict) -> None:
-  from phenaki_jax import perceptual  # pylint: disable=g-import-not-at-top
+  from phenaki_jax.pretrained import perceptual  # pylint: disable=g-import-not-at-top
   p = config.protocol
   _positive_ints(config, ["protocol.num_clips", "protocol.batch_size"])
   _require(p.lpips_net in perceptual.LPIPS_NETS, "protocol.lpips_net", p.lpips_net,
@@ -799,10 +799,10 @@ def validate_eval_tokenizer(config: ml_collections.ConfigDict) -> None:
 
 # ---------------------------------------------------------------------------
 # Evaluating generated video, and comparing reports (configs/eval.py:generated,
-# :compare). The checks are in phenaki_jax/eval/generated.py and report_compare.py.
+# :compare). The checks are in phenaki_jax/eval/eval_generated.py and report_compare.py.
 
 def eval_generated_defaults() -> ml_collections.ConfigDict:
-  """Defaults of the generated-video evaluation (phenaki_jax/eval/generated.py)."""
+  """Defaults of the generated-video evaluation (phenaki_jax/eval/eval_generated.py)."""
   c = ml_collections.ConfigDict()
   c.job = "eval_generated"
   c.name = ""  # the label in report.json and comparisons; '' : the generated path's name
@@ -867,7 +867,7 @@ DEFAULTS["eval_generated"] = eval_generated_defaults
 
 
 def eval_compare_defaults() -> ml_collections.ConfigDict:
-  """Defaults of the report comparison (phenaki_jax/eval/report_compare.py)."""
+  """Defaults of the report comparison (phenaki_jax/eval/eval_compare.py)."""
   c = ml_collections.ConfigDict()
   c.job = "eval_compare"
   c.reports = ""  # required: report.json paths, comma-separated
@@ -882,7 +882,7 @@ DEFAULTS["eval_compare"] = eval_compare_defaults
 # The sampling job (configs/sample.py).
 
 def sample_defaults() -> ml_collections.ConfigDict:
-  """Defaults of the sampling job (phenaki_jax/sampling/run.py)."""
+  """Defaults of the sampling job (phenaki_jax/sampling/sample.py)."""
   c = ml_collections.ConfigDict()
   c.job = "sample"
   c.seed = 0  # batch i samples with seed + i

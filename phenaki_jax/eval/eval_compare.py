@@ -19,8 +19,8 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from phenaki_jax import config_schema
-from phenaki_jax.config_schema import ConfigError
+from phenaki_jax.config import schema
+from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.eval import report as report_lib
 
 # Rows first in this order, then any other metric alphabetically.
@@ -97,7 +97,7 @@ def table(names: list[str], reports: list[dict[str, Any]], differences: list[str
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  config = config_schema.complete(config)
+  config = schema.complete(config)
   paths = validate(config)
   reports = [_load(p) for p in paths]
   names = ([n.strip() for n in config.names.split(",")] if config.names

@@ -25,8 +25,9 @@ import tqdm
 from absl import logging
 from PIL import Image, ImageDraw, ImageFont
 
-from phenaki_jax import config_schema, metrics
-from phenaki_jax.config_schema import ConfigError
+from phenaki_jax.config import schema
+from phenaki_jax import metrics
+from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import video_io
 from phenaki_jax.eval import shapes_score
 from phenaki_jax.generator import Generator, SamplingOptions
@@ -121,8 +122,8 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Samples every prompt, writes the files; returns the report (as in samples.json)."""
   start = time.perf_counter()
-  config = config_schema.complete(config)
-  config_schema.validate_sample(config)
+  config = schema.complete(config)
+  schema.validate_sample(config)
   options = sampling_options(config)
   story_mode = bool(config.story or config.storyboard)
   segments = read_story(config) if story_mode else []

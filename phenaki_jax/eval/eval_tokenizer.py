@@ -19,8 +19,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from phenaki_jax import checkpointing, config_schema, metrics
-from phenaki_jax.config_schema import ConfigError
+from phenaki_jax import checkpointing, metrics
+from phenaki_jax.config import schema
+from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import pipeline
 from phenaki_jax.eval import recon
 from phenaki_jax.tokenizer import Tokenizer
@@ -150,8 +151,8 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
 def evaluate_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the tokenizer evaluation; returns the report (plus 'json_path', 'png_path')."""
   start = time.perf_counter()
-  config = config_schema.complete(config)
-  config_schema.validate_eval_tokenizer(config)
+  config = schema.complete(config)
+  schema.validate_eval_tokenizer(config)
   tok = load_tokenizer(config.tokenizer)
   logging.info("evaluating tokenizer %s step %d", config.tokenizer.workdir, tok.step)
   input_cfg = resolve_input(config.input, tok.config)
