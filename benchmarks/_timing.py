@@ -152,12 +152,12 @@ def frozen_networks(config: ml_collections.ConfigDict, weights: str = "auto") ->
   where the weight files are installed, else random (with a warning).
   """
   from phenaki_jax.pretrained import perceptual  # pylint: disable=g-import-not-at-top
-  from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
+  from phenaki_jax.train import cvivit_objective  # pylint: disable=g-import-not-at-top
   if weights not in ("auto", "packaged", "random"):
     raise ValueError(f"frozen weights {weights!r}: expected auto, packaged or random")
   if weights != "random":
     try:
-      return train_cvivit.load_frozen_networks(config), "packaged"
+      return cvivit_objective.load_frozen_networks(config), "packaged"
     except perceptual.PretrainedWeightsError as e:
       if weights == "packaged":
         raise
@@ -172,6 +172,9 @@ def cvivit_step(config: ml_collections.ConfigDict, *, at_step: int = 0, seed: in
   frozen_weights: see frozen_networks (only matters with perceptual terms on).
   """
   from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
+  from phenaki_jax.train import cvivit_objective  # pylint: disable=g-import-not-at-top
+  from phenaki_jax import sharding  # pylint: disable=g-import-not-at-top
+  from phenaki_jax import train_state  # pylint: disable=g-import-not-at-top
   config = schema.complete(config)
   schema.validate_cvivit(config, jax.device_count(), jax.process_count())
   rules = config.logical_axis_rules
@@ -180,17 +183,17 @@ def cvivit_step(config: ml_collections.ConfigDict, *, at_step: int = 0, seed: in
   replicated = sharding.replicated(mesh)
   i = config.input
   with sharding.use_mesh(mesh, rules):
-    model = train_cvivit.build_model(config)
+    model = train_state.build_cvivit(config)
     tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-    abstract, shardings, init_fn = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
+    abstract, shardings, init_fn = train_state.cvivit_abstract_state(config, model, tx, mesh)
     state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
-    phase = train_cvivit.gan_phase(config, at_step)
-    perceptual = train_cvivit.perceptual_on(config, at_step)
+    phase = cvivit_objective.gan_phase(config, at_step)
+    perceptual = cvivit_objective.perceptual_on(config, at_step)
     frozen, weights_used = frozen_networks(config, frozen_weights) if perceptual else ({}, "none")
     frozen = jax.device_put(frozen, replicated)
     fn = jax.jit(train_cvivit.make_train_step(model, tx, config),
                  in_shardings=(shardings, batch_sharding, replicated),
-                 out_shardings=(shardings, replicated), donate_argnums=(0,),
+                 out_shardings=(shardings, replicated, replicated), donate_argnums=(0,),
                  static_argnums=(3, 4))
   rng = np.random.default_rng(seed)
   frames = rng.integers(0, 256, (i.batch_size, i.num_frames, i.resolution, i.resolution, 3),
@@ -222,7 +225,10 @@ def maskgit_step(config: ml_collections.ConfigDict, tok_config: ml_collections.C
   weights) and the config's text encoder, as the default run does.
   """
   from phenaki_jax.models import t5  # pylint: disable=g-import-not-at-top
-  from phenaki_jax.train import train_cvivit, train_maskgit  # pylint: disable=g-import-not-at-top
+  from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
+  from phenaki_jax import sharding  # pylint: disable=g-import-not-at-top
+  from phenaki_jax.text import encoder as text_encoder  # pylint: disable=g-import-not-at-top
+  from phenaki_jax import train_state  # pylint: disable=g-import-not-at-top
   config = schema.complete(config)
   tok_config = schema.complete(tok_config)
   if not config.tokenizer.workdir:
@@ -235,17 +241,17 @@ def maskgit_step(config: ml_collections.ConfigDict, tok_config: ml_collections.C
   i, m = config.input, config.model
   b, length = i.batch_size, config.text.max_length
   rng = np.random.default_rng(seed)
-  text = train_maskgit.build_text_encoder(config.text)
+  text = text_encoder.build_text_encoder(config.text)
   if input_mode == "codes":
     # A frozen encoder of this width whose outputs are cached in the batch: it never runs.
     module = t5.T5EncoderConfig(vocab_size=384, d_model=text_width, d_kv=64, d_ff=4 * text_width,
                                 num_heads=max(1, text_width // 64), num_layers=1).make_module()
     text = dataclasses.replace(text, module=module, trainable=False, pretrained=None)
   with sharding.use_mesh(mesh, rules):
-    tokenizer = train_cvivit.build_model(tok_config)
-    generator = train_maskgit.build_generator(config)
+    tokenizer = train_state.build_cvivit(tok_config)
+    generator = train_state.build_maskgit(config)
     tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-    abstract, shardings, init_fn = train_maskgit.abstract_state_and_shardings(
+    abstract, shardings, init_fn = train_state.maskgit_abstract_state(
         config, generator, text, tx, mesh)
     state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
     if input_mode == "codes":
@@ -256,11 +262,11 @@ def maskgit_step(config: ml_collections.ConfigDict, tok_config: ml_collections.C
           (1, i.num_frames, i.resolution, i.resolution, 3)))["params"])(jax.random.key(1))
       tok_params = jax.device_get(__import__("flax").linen.unbox(tok_params))
       _, frozen_shardings = train_maskgit.frozen_input_specs(tok_params, text, config, mesh)
-      frozen = train_maskgit.place({"tokenizer": tok_params, "text_encoder": {}},
+      frozen = sharding.place({"tokenizer": tok_params, "text_encoder": {}},
                                    frozen_shardings)
     fn = jax.jit(train_maskgit.make_train_step(generator, text, tokenizer, tx, config),
                  in_shardings=(shardings, batch_sharding, frozen_shardings),
-                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+                 out_shardings=(shardings, replicated, replicated), donate_argnums=(0,))
   t, h, w = tuple(m.token_grid)
   if input_mode == "codes":
     host = {"codes": rng.integers(0, m.codebook_size, (b, t, h, w), dtype=np.int32),
@@ -270,7 +276,7 @@ def maskgit_step(config: ml_collections.ConfigDict, tok_config: ml_collections.C
     host = {"frames": rng.integers(0, 256, (b, i.num_frames, i.resolution, i.resolution, 3),
                                    dtype=np.uint8),
             "caption": np.asarray(["a large red circle moves right"] * b)}
-    host = train_maskgit.tokenize_captions(host, text.tokenizer, length)
+    host = text_encoder.tokenize_captions(host, text.tokenizer, length)
   batch = sharding.host_to_global(host, batch_sharding)
   flops, formula = perf.maskgit_train_flops(m, batch=b, text_len=length, text_width=text.width)
   if input_mode != "codes":

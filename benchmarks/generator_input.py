@@ -43,7 +43,9 @@ def main(_):
   from phenaki_jax import optimizers, sharding
   from phenaki_jax.models import t5
   from phenaki_jax.text import text_tokenizers
-  from phenaki_jax.train import train_cvivit, train_maskgit
+  from phenaki_jax.train import train_maskgit
+  from phenaki_jax.text import encoder as text_encoder  # pylint: disable=g-import-not-at-top
+  from phenaki_jax import train_state  # pylint: disable=g-import-not-at-top
   from tests.helpers import load_config  # pylint: disable=g-import-not-at-top
 
   config = schema.complete(load_config("maskgit", _VARIANT.value))
@@ -56,7 +58,7 @@ def main(_):
   captions = ["a large red circle moves right"] * i.batch_size
 
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    tokenizer = train_cvivit.build_model(tok_config)
+    tokenizer = train_state.build_cvivit(tok_config)
     tok_params = jax.jit(lambda r: tokenizer.init(
         r, jnp.zeros((1, i.num_frames, i.resolution, i.resolution, 3)))["params"])(
             jax.random.key(1))
@@ -65,11 +67,11 @@ def main(_):
     codes = np.asarray(jax.jit(lambda p, v: tokenizer.apply(
         {"params": p}, v, method=tokenizer.encode)[1]["codes"])(
             tok_params, jnp.asarray(frames, jnp.float32) / 127.5 - 1))
-    generator = train_maskgit.build_generator(config)
+    generator = train_state.build_maskgit(config)
 
     def time_setting(text, frozen_text, batch):
       tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-      _, shardings, init = train_maskgit.abstract_state_and_shardings(
+      _, shardings, init = train_state.maskgit_abstract_state(
           config, generator, text, tx, mesh)
       state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
       step = jax.jit(train_maskgit.make_train_step(generator, text, tokenizer, tx, config),
@@ -78,14 +80,14 @@ def main(_):
       times = []
       for n in range(_STEPS.value + 2):
         start = time.perf_counter()
-        state, metrics = step(state, batch, frozen)
+        state, metrics, _ = step(state, batch, frozen)
         jax.block_until_ready(metrics)
         if n >= 2:
           times.append(time.perf_counter() - start)
       return statistics.median(times)
 
     results = {}
-    byte = train_maskgit.build_text_encoder(config.text)
+    byte = text_encoder.build_text_encoder(config.text)
     ids, mask = byte.tokenizer.encode_batch(captions, config.text.max_length)
     text_in = {"text_ids": ids, "text_mask": mask}
     results["on_the_fly/byte"] = time_setting(byte, {}, {"frames": frames, **text_in})
@@ -98,7 +100,7 @@ def main(_):
           jax.random.key(2))
       params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
                             is_leaf=lambda x: hasattr(x, "unbox"))
-      frozen_t5 = train_maskgit.TextEncoder(text_tokenizers.ByteTokenizer(), module,
+      frozen_t5 = text_encoder.TextEncoder(text_tokenizers.ByteTokenizer(), module,
                                             trainable=False, pretrained=params)
       ids = np.minimum(ids, sizes.vocab_size - 1)
       t5_in = {"text_ids": ids, "text_mask": mask}

@@ -63,12 +63,13 @@ def main(_):
   from phenaki_jax.config import schema  # pylint: disable=g-import-not-at-top
   from phenaki_jax import generator, perf
   from phenaki_jax.sampling import parallel_decode  # pylint: disable=g-import-not-at-top
-  from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
+  from phenaki_jax.text import encoder as text_encoder  # pylint: disable=g-import-not-at-top
+  from phenaki_jax import train_state  # pylint: disable=g-import-not-at-top
   from tests.helpers import load_config  # pylint: disable=g-import-not-at-top
 
   config = schema.complete(_CONFIG.value or load_config("maskgit"))
-  model = train_maskgit.build_generator(config)
-  text = train_maskgit.build_text_encoder(config.text)
+  model = train_state.build_maskgit(config)
+  text = text_encoder.build_text_encoder(config.text)
   length = config.text.max_length
   grid = tuple(config.model.token_grid)
   n_tokens = int(np.prod(grid))
@@ -95,10 +96,11 @@ def main(_):
   if "guided+decode" in kinds:
     if _TOK_CONFIG.value is None:
       raise app.UsageError("--kinds=guided+decode needs --tokenizer_config")
-    from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
+    from phenaki_jax.text import encoder as text_encoder  # pylint: disable=g-import-not-at-top
+    from phenaki_jax import train_state  # pylint: disable=g-import-not-at-top
     tok_config = schema.complete(_TOK_CONFIG.value)
     ti = tok_config.input
-    tok_model = train_cvivit.build_model(tok_config)
+    tok_model = train_state.build_cvivit(tok_config)
     clip = jnp.zeros((1, ti.num_frames, ti.resolution, ti.resolution, 3))
     tok_params = init(lambda r: nn.unbox(tok_model.init(r, clip)["params"]), jax.random.key(2))
     decode = jax.jit(lambda p, c: tok_model.apply({"params": p}, c, method=tok_model.decode))
@@ -121,7 +123,7 @@ def main(_):
 
   @functools.partial(jax.jit, static_argnames=("max_steps",))
   def unguided(params, frozen_text, text_ids, text_mask, rng, start, num_steps, *, max_steps):
-    context, mask = train_maskgit.encode_text(text, params, frozen_text,
+    context, mask = text_encoder.encode_text(text, params, frozen_text,
                                               {"text_ids": text_ids, "text_mask": text_mask})
     fn = parallel_decode.flat_logits_fn(
         lambda t: model.apply({"params": params["generator"]}, t, context, mask), grid)

@@ -40,13 +40,15 @@ def time_step(config, num_frames: int, phase: str) -> float:
   import numpy as np
   from phenaki_jax import optimizers, sharding
   from phenaki_jax.train import train_cvivit
+  from phenaki_jax.train import cvivit_objective  # pylint: disable=g-import-not-at-top
+  from phenaki_jax import train_state  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    model = train_cvivit.build_model(config)
+    model = train_state.build_cvivit(config)
     tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-    _, shardings, init = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
+    _, shardings, init = train_state.cvivit_abstract_state(config, model, tx, mesh)
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-    frozen = train_cvivit.load_frozen_networks(config)
+    frozen = cvivit_objective.load_frozen_networks(config)
     step = jax.jit(train_cvivit.make_train_step(model, tx, config), donate_argnums=(0,),
                    static_argnames=("phase",))
     i = config.input
@@ -56,7 +58,7 @@ def time_step(config, num_frames: int, phase: str) -> float:
     times = []
     for n in range(_STEPS.value + 2):
       start = time.perf_counter()
-      state, metrics = step(state, batch, frozen, phase=phase)
+      state, metrics, _ = step(state, batch, frozen, phase=phase)
       jax.block_until_ready(metrics)
       if n >= 2:
         times.append(time.perf_counter() - start)
@@ -65,7 +67,7 @@ def time_step(config, num_frames: int, phase: str) -> float:
 
 def main(_):
   from phenaki_jax.config import schema
-  from phenaki_jax.train import train_cvivit
+  from phenaki_jax import train_state  # pylint: disable=g-import-not-at-top
   from tests.helpers import load_config  # pylint: disable=g-import-not-at-top
   results = {}
   for name, overrides in TERMS.items():
@@ -74,7 +76,7 @@ def main(_):
     for k, v in overrides.items():
       config.loss[k] = v
     def timed(num_frames):
-      if not train_cvivit.uses_gan(config):
+      if not train_state.uses_gan(config):
         return time_step(config, num_frames, "off")
       # Lazy R1 runs on one step in gan.r1_every.
       k = config.gan.r1_every if config.gan.r1_weight > 0 else 1

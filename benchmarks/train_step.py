@@ -83,7 +83,8 @@ def dry_run(job, config, tok_config) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from phenaki_jax.config import schema  # pylint: disable=g-import-not-at-top
   from phenaki_jax import sharding
-  from phenaki_jax.train import train_cvivit, train_maskgit  # pylint: disable=g-import-not-at-top
+  from phenaki_jax.train import cvivit_objective  # pylint: disable=g-import-not-at-top
+  from phenaki_jax import train_state  # pylint: disable=g-import-not-at-top
   c = step_config(config)
   i, m = c.input, c.model
   out = {"dry_run": True, "job": job, "batch": i.batch_size, "model_dtype": m.dtype,
@@ -92,19 +93,19 @@ def dry_run(job, config, tok_config) -> dict:
   with sharding.use_mesh(mesh, c.logical_axis_rules):
     if job == "cvivit":
       schema.validate_cvivit(c, jax.device_count(), jax.process_count())
-      model = train_cvivit.build_model(c)
+      model = train_state.build_cvivit(c)
       shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(
           (1, i.num_frames, i.resolution, i.resolution, 3), jnp.float32))
       out.update(clip=f"{i.num_frames}x{i.resolution}x{i.resolution}",
-                 gan_phase=train_cvivit.gan_phase(c, _AT_STEP.value),
-                 perceptual=train_cvivit.perceptual_on(c, _AT_STEP.value))
+                 gan_phase=cvivit_objective.gan_phase(c, _AT_STEP.value),
+                 perceptual=cvivit_objective.perceptual_on(c, _AT_STEP.value))
     else:
       if not c.tokenizer.workdir:
         c.tokenizer.workdir = "(random weights)"
       schema.validate_maskgit(c, jax.device_count(), jax.process_count())
       schema.validate_cvivit(step_config(tok_config), jax.device_count(),
                                     jax.process_count())
-      model = train_maskgit.build_generator(c)
+      model = train_state.build_maskgit(c)
       grid, length = tuple(m.token_grid), c.text.max_length
       shapes = jax.eval_shape(model.init, jax.random.key(0),
                               jax.ShapeDtypeStruct((1,) + grid, jnp.int32),

@@ -124,8 +124,19 @@ class Checkpointer:
       items["config"] = ocp.args.JsonSave(config.to_dict())
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None, *,
+              partial: bool = False) -> Any:
+    """Step's state laid out as `abstract_state` says (and the data position, if given).
+
+    `partial`: `abstract_state` is a dict naming only some of the state's
+    fields (e.g. {'ema_params': ...}); only those are read.
+    """
+    if partial:
+      restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+      items = {"state": ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args,
+                                               partial_restore=True)}
+    else:
+      items = {"state": ocp.args.StandardRestore(abstract_state)}
     other_count = None
     if data_iterator is not None:
       other_count = self._data_saved_by_other_process_count(step)
@@ -196,7 +207,8 @@ class Checkpointer:
     return shapes_by_path(getattr(meta, "item_metadata", meta))
 
   def check_fits(self, step: int, abstract_state: Any,
-                 config: ml_collections.ConfigDict | None = None) -> None:
+                 config: ml_collections.ConfigDict | None = None, *, partial: bool = False
+                 ) -> None:
     """Raises CheckpointMismatchError naming the first array whose shape differs.
 
     Unreadable metadata is left to restore (that is damage, not a mismatch).
@@ -208,7 +220,7 @@ class Checkpointer:
     target = shapes_by_path(abstract_state)
     differ = [k for k in target if k in saved and saved[k] != target[k]]
     missing = [k for k in target if k not in saved]
-    unexpected = [k for k in saved if k not in target]
+    unexpected = [] if partial else [k for k in saved if k not in target]
     if not (differ or missing or unexpected):
       return
     # Parameters first: they say what changed in the model.
@@ -253,7 +265,7 @@ class Checkpointer:
     return target
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any | None = None,
-                     config: ml_collections.ConfigDict | None = None
+                     config: ml_collections.ConfigDict | None = None, *, partial: bool = False
                      ) -> tuple[Any, int] | None:
     """Newest checkpoint that restores, or None when there are none at all.
 
@@ -262,15 +274,16 @@ class Checkpointer:
     step whose arrays do not fit `abstract_state` raises
     CheckpointMismatchError naming the first differing array and, given
     `config`, the config keys that changed: older steps would not fit either.
+    `partial` as in restore.
     """
     steps = self.all_steps()
     if not steps:
       return None
-    self.check_fits(steps[-1], abstract_state, config)
+    self.check_fits(steps[-1], abstract_state, config, partial=partial)
     failures = []
     for step in reversed(steps):
       try:
-        state = self.restore(step, abstract_state, data_iterator)
+        state = self.restore(step, abstract_state, data_iterator, partial=partial)
       except Exception as e:  # pylint: disable=broad-except
         failures.append((step, e))
         logging.warning("checkpoint step %d in %s does not restore (%s: %s); trying an older one",

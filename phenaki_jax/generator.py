@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Sequence
 
@@ -24,10 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from phenaki_jax import checkpointing, metrics, optimizers, sharding
+from phenaki_jax import checkpointing, metrics, sharding, train_state
+from phenaki_jax import tokenizer as tokenizer_lib
 from phenaki_jax.config import schema
 from phenaki_jax.models import cvivit, maskgit
 from phenaki_jax.sampling import parallel_decode
+from phenaki_jax.text.encoder import TextEncoder, build_text_encoder, encode_text
 from phenaki_jax.tokenizer import Tokenizer
 
 
@@ -65,6 +66,14 @@ class SamplingOptions:
   seam_blending: bool = False
   guidance_schedule: str = "constant"
 
+  @classmethod
+  def from_config(cls, sampling_cfg: ml_collections.ConfigDict,
+                  where: str = "sampling.") -> "SamplingOptions":
+    """config.sampling's options, checked (errors name config.`where`KEY)."""
+    options = cls(**{f.name: sampling_cfg[f.name] for f in dataclasses.fields(cls)})
+    options.check(where)
+    return options
+
   def check(self, where: str = "") -> None:
     def bad(key, why):
       raise schema.ConfigError(f"config.{where}{key}={getattr(self, key)!r}: {why}")
@@ -92,7 +101,7 @@ class SamplingOptions:
 class Generator:
   """A trained MaskGIT generator, its text encoder and its frozen tokenizer, on one device."""
   model: maskgit.MaskGitTransformer
-  text: Any  # train_maskgit.TextEncoder
+  text: TextEncoder
   params: Any  # {'generator': ..., 'text_encoder': ... when it trained}
   frozen_text_params: Any
   tokenizer: Tokenizer
@@ -108,8 +117,6 @@ class Generator:
     The tokenizer is the one recorded in WORKDIR/tokenizer.json (workdir and
     step), unless `tokenizer_workdir` points elsewhere (its newest step).
     """
-    # Imported here: the trainer module pulls in the input pipeline.
-    from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
     steps = checkpointing.finalized_steps(workdir)
     if not steps:
       raise FileNotFoundError(
@@ -122,25 +129,22 @@ class Generator:
     config = schema.complete(ml_collections.ConfigDict(
         ckpt.restore_config(step if step is not None else steps[-1])))
 
-    tok, tok_dir = _load_recorded_tokenizer(workdir, tokenizer_workdir)
-    train_maskgit.check_tokenizer_match(config, tok.config, f"{tok_dir} (step {tok.step})")
-    text = train_maskgit.build_text_encoder(config.text)
-    model = train_maskgit.build_generator(config)
-    tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
+    tok, tok_dir = tokenizer_lib.load_recorded(workdir, tokenizer_workdir)
+    tokenizer_lib.check_tokenizer_match(config, tok.config, f"{tok_dir} (step {tok.step})")
+    text = build_text_encoder(config.text)
+    model = train_state.build_maskgit(config)
     mesh = sharding.make_mesh((1, 1, 1), jax.local_devices()[:1])
+    field = "ema_params" if use_ema else "params"
     with sharding.use_mesh(mesh, config.logical_axis_rules):
-      abstract, shardings, _ = train_maskgit.abstract_state_and_shardings(
-          config, model, text, tx, mesh)
-    target = checkpointing.abstract_with_shardings(abstract, shardings)
+      target = {field: train_state.maskgit_abstract_params(config, model, text, mesh)}
     if step is None:
-      state, step = ckpt.restore_latest(target)
+      restored, step = ckpt.restore_latest(target, partial=True)
     else:
-      state = ckpt.restore(step, target)
+      restored = ckpt.restore(step, target, partial=True)
     ckpt.close()
     frozen_text = {} if text.trainable else jax.device_put(text.pretrained)
-    return cls(model=model, text=text, params=state.ema_params if use_ema else state.params,
-               frozen_text_params=frozen_text, tokenizer=tok, config=config, step=int(step),
-               tokenizer_workdir=tok_dir)
+    return cls(model=model, text=text, params=restored[field], frozen_text_params=frozen_text,
+               tokenizer=tok, config=config, step=int(step), tokenizer_workdir=tok_dir)
 
   def __post_init__(self):
     self._sample = jax.jit(functools.partial(_sample_tokens, self.model, self.text),
@@ -238,28 +242,7 @@ class Generator:
     return self.decode(tokens)
 
 
-def _load_recorded_tokenizer(workdir: str, tokenizer_workdir: str | None
-                             ) -> tuple[Tokenizer, str]:
-  """(tokenizer, its workdir): the one the generator trained on, or the one given."""
-  from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
-  if tokenizer_workdir:
-    return Tokenizer.load(tokenizer_workdir), tokenizer_workdir
-  path = os.path.join(workdir, train_maskgit.TOKENIZER_RECORD)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: it names the tokenizer this generator trained "
-                            "on; pass tokenizer_workdir (config.generator.tokenizer_workdir)")
-  with open(path) as f:
-    record = json.load(f)
-  steps = checkpointing.finalized_steps(record["workdir"])
-  if record["step"] not in steps:
-    raise FileNotFoundError(
-        f"the generator in {workdir} trained on tokenizer step {record['step']} of "
-        f"{record['workdir']} (recorded in {path}), which that workdir no longer has (it has "
-        f"{steps}); its tokens would decode wrongly with another step")
-  return Tokenizer.load(record["workdir"], step=record["step"]), record["workdir"]
-
-
-def _sample_tokens(model: maskgit.MaskGitTransformer, text: Any, params: Any,
+def _sample_tokens(model: maskgit.MaskGitTransformer, text: TextEncoder, params: Any,
                    frozen_text_params: Any, text_ids: jax.Array, text_mask: jax.Array,
                    rng: jax.Array, start: jax.Array, num_steps: jax.Array,
                    guidance_scale: jax.Array, temperature: jax.Array,
@@ -274,9 +257,8 @@ def _sample_tokens(model: maskgit.MaskGitTransformer, text: Any, params: Any,
   third pass with text and memory joins the batch (parallel_decode.
   guide_with_memory). `seam_frames` (B,): prefix token frames to blend.
   """
-  from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
-  context, mask = train_maskgit.encode_text(text, params, frozen_text_params,
-                                            {"text_ids": text_ids, "text_mask": text_mask})
+  context, mask = encode_text(text, params, frozen_text_params,
+                              {"text_ids": text_ids, "text_mask": text_mask})
   b = start.shape[0]
   grid = start.shape[1:]
   # Passes in one batch: (text), (nothing) and, with memory, (text + memory).

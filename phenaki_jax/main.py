@@ -8,6 +8,7 @@ videos/images into ArrayRecord shards.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
@@ -25,35 +26,27 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and out
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+# Job name (config.job) -> the module whose run(config, workdir) does it. Imported
+# only when dispatched: a job's dependencies (trainers, TF for CLU, PyAV) load
+# only for the job that needs them.
+JOBS = {
+    "cvivit": "phenaki_jax.train.train_cvivit",
+    "maskgit": "phenaki_jax.train.train_maskgit",
+    "sample": "phenaki_jax.sampling.sample",
+    "pretokenize": "phenaki_jax.data.pretokenize",
+    "prepare": "phenaki_jax.data.prepare",
+    "eval_tokenizer": "phenaki_jax.eval.eval_tokenizer",  # configs/eval.py
+    "eval_generated": "phenaki_jax.eval.eval_generated",  # configs/eval.py:generated
+    "eval_compare": "phenaki_jax.eval.eval_compare",  # configs/eval.py:compare
+}
+
+
 def run_job(config, workdir: str):
   job = config.get("job")
-  if job == "cvivit":
-    from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
-    return train_cvivit.train_and_evaluate(config, workdir)
-  if job == "maskgit":
-    from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
-    return train_maskgit.train_and_evaluate(config, workdir)
-  if job == "sample":
-    from phenaki_jax.sampling import sample as sample_job  # pylint: disable=g-import-not-at-top
-    return sample_job.run(config, workdir)
-  if job == "pretokenize":
-    from phenaki_jax.data import pretokenize  # pylint: disable=g-import-not-at-top
-    return pretokenize.run(config, workdir)
-  if job == "prepare":
-    from phenaki_jax.data import prepare  # pylint: disable=g-import-not-at-top
-    return prepare.run(config, workdir)
-  if job == "eval_generated":  # configs/eval.py:generated
-    from phenaki_jax.eval import eval_generated  # pylint: disable=g-import-not-at-top
-    return eval_generated.run(config, workdir)
-  if job == "eval_compare":  # configs/eval.py:compare
-    from phenaki_jax.eval import eval_compare  # pylint: disable=g-import-not-at-top
-    return eval_compare.run(config, workdir)
-  if isinstance(job, str) and job.startswith("eval_"):  # configs/eval.py
-    from phenaki_jax.eval import eval_tokenizer  # pylint: disable=g-import-not-at-top
-    return eval_tokenizer.run(config, workdir)
-  raise ValueError(f"config.job={job!r}: unknown job; expected 'cvivit', 'maskgit', "
-                   "'sample', 'eval_tokenizer', 'eval_generated', 'eval_compare', 'pretokenize' or "
-                   "'prepare'")
+  if job not in JOBS:
+    raise ValueError(f"config.job={job!r}: unknown job; expected one of {sorted(JOBS)}")
+  module = importlib.import_module(JOBS[job])
+  return module.run(config, workdir)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -73,7 +66,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     hint = re.search(r"Did you mean[^?]*\?", text)
     print(f"error: unknown config key in {where}: the config has no such key"
           f"{' (' + hint.group(0) + ')' if hint else ''}; every key is listed in "
-          "phenaki_jax/config/schema.py", file=sys.stderr)
+          "phenaki_jax/config/", file=sys.stderr)
     sys.exit(2)
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)

@@ -91,11 +91,14 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from phenaki_jax import checkpointing, optimizers, sharding  # noqa: E402
-from phenaki_jax.config import schema
+from phenaki_jax import checkpointing, optimizers, sharding, train_state  # noqa: E402
+from phenaki_jax import tokenizer as tokenizer_lib  # noqa: E402
+from phenaki_jax.config import schema  # noqa: E402
 from phenaki_jax.config.schema import ConfigError  # noqa: E402
 from phenaki_jax.models import t5  # noqa: E402
-from phenaki_jax.text import t5_weights, text_tokenizers
+from phenaki_jax.text import t5_weights, text_tokenizers  # noqa: E402
+from phenaki_jax.text.encoder import TextEncoder, build_text_encoder  # noqa: E402
+from phenaki_jax.train import cvivit_objective, train_cvivit, train_maskgit  # noqa: E402
 
 GIB = 1024 ** 3
 CPU_ESTIMATE_NOTE = (
@@ -278,19 +281,17 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int, mesh_flag: bo
 
 def _tokenizer_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """(jitted step, abstract args, static args, description, params, abstract state)."""
-  from phenaki_jax.train import train_cvivit
   rules = config.logical_axis_rules
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = sharding.replicated(mesh)
-  model = train_cvivit.build_model(config)
+  model = train_state.build_cvivit(config)
   tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-  abstract_state, state_shardings, _ = train_cvivit.abstract_state_and_shardings(
-      config, model, tx, mesh)
+  abstract_state, state_shardings, _ = train_state.cvivit_abstract_state(config, model, tx, mesh)
   # The pretrained LPIPS / I3D weights ship in their pip packages: read on the
   # host for their shapes only, never put on a device.
   frozen, _ = _replicated_abstract(
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                   train_cvivit.load_frozen_networks(config)), mesh)
+                   cvivit_objective.load_frozen_networks(config)), mesh)
   i = config.input
   batch = {"frames": jax.ShapeDtypeStruct(
       (i.batch_size, i.num_frames, i.resolution, i.resolution, 3), jnp.uint8,
@@ -298,12 +299,12 @@ def _tokenizer_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   # The largest of the statically compiled variants: R1 (a double backward
   # through the discriminator) with the perceptual networks on, on a video batch.
   phase = "off"
-  if train_cvivit.uses_gan(config):
+  if train_state.uses_gan(config):
     phase = "r1" if config.gan.r1_weight > 0 else "on"
   perceptual = config.loss.lpips_weight > 0 or config.loss.video_perceptual_weight > 0
   step = jax.jit(train_cvivit.make_train_step(model, tx, config),
                  in_shardings=(state_shardings, batch_sharding, replicated),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+                 out_shardings=(state_shardings, replicated, replicated), donate_argnums=(0,),
                  static_argnums=(3, 4))
   description = (f"tokenizer update, GAN phase '{phase}' with perceptual "
                  f"{'on' if perceptual else 'off'} on a video batch (the largest compiled "
@@ -350,9 +351,8 @@ def tokenizer_config_for(config: ml_collections.ConfigDict, config_arg: str = ""
 
 def _text_encoder(config: ml_collections.ConfigDict, t5_preset: str):
   """The text encoder's module without its weights; and a note on its size."""
-  from phenaki_jax.train import train_maskgit
   if config.text.encoder == "byte":
-    return train_maskgit.build_text_encoder(config.text), None
+    return build_text_encoder(config.text), None
   path = config.text.t5_path
   hf_config = os.path.join(path, "config.json") if path and os.path.isdir(path) else ""
   if hf_config and os.path.exists(hf_config):
@@ -363,8 +363,7 @@ def _text_encoder(config: ml_collections.ConfigDict, t5_preset: str):
     except ValueError as e:
       raise PreflightError(f"--t5={t5_preset}: {e}") from None
   module = sizes.make_module(dtype=jnp.dtype(config.text.dtype))
-  text = train_maskgit.TextEncoder(text_tokenizers.ByteTokenizer(), module,
-                                   trainable=not config.text.frozen)
+  text = TextEncoder(text_tokenizers.ByteTokenizer(), module, trainable=not config.text.frozen)
   note = (f"T5 encoder sizes from {where} (d_model {sizes.d_model}, {sizes.num_layers} layers)"
           f", {'frozen' if config.text.frozen else 'trained'}")
   return text, note
@@ -373,25 +372,24 @@ def _text_encoder(config: ml_collections.ConfigDict, t5_preset: str):
 def _generator_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                     config_arg: str, tokenizer_config: ml_collections.ConfigDict | None,
                     t5_preset: str):
-  from phenaki_jax.train import train_cvivit, train_maskgit
   notes = []
   if tokenizer_config is None:
     tok_config, source = tokenizer_config_for(config, config_arg)
   else:
     tok_config, source = schema.complete(tokenizer_config), "the given tokenizer config"
   notes.append(f"frozen tokenizer shapes from {source}")
-  train_maskgit.check_tokenizer_match(config, tok_config, source)
+  tokenizer_lib.check_tokenizer_match(config, tok_config, source)
   text, text_note = _text_encoder(config, t5_preset)
   if text_note:
     notes.append(text_note)
   rules = config.logical_axis_rules
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = sharding.replicated(mesh)
-  generator = train_maskgit.build_generator(config)
+  generator = train_state.build_maskgit(config)
   tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-  abstract_state, state_shardings, _ = train_maskgit.abstract_state_and_shardings(
+  abstract_state, state_shardings, _ = train_state.maskgit_abstract_state(
       config, generator, text, tx, mesh)
-  tok_model = train_cvivit.build_model(tok_config)
+  tok_model = train_state.build_cvivit(tok_config)
   ti = tok_config.input
   tok_params = sharding.strip_boxes(jax.eval_shape(
       tok_model.init, jax.random.key(0),
@@ -417,7 +415,7 @@ def _generator_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     kind = "a video batch encoded by the frozen tokenizer inside the step"
   step = jax.jit(train_maskgit.make_train_step(generator, text, tok_model, tx, config),
                  in_shardings=(state_shardings, batch_sharding, frozen_shardings),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                 out_shardings=(state_shardings, replicated, replicated), donate_argnums=(0,))
   params = {name: _count(tree) for name, tree in abstract_state.params.items()}
   params["frozen tokenizer"] = _count(tok_params)
   if text_shapes:

@@ -114,3 +114,11 @@ def host_to_global(local_batch: Any, sharding: NamedSharding) -> Any:
   """Process-local numpy batch -> global jax.Arrays laid out by `sharding`."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       local_batch)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Host (numpy) values -> global arrays with `shardings`; works on several processes."""
+  def one(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  return jax.tree.map(one, tree, shardings)

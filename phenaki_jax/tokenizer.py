@@ -1,29 +1,49 @@
-"""Python API of a trained C-ViViT: load a checkpoint, encode and decode clips.
+"""Python API of a trained C-ViViT: the one way to load a tokenizer, encode and decode clips.
 
   from phenaki_jax.tokenizer import Tokenizer
   tok = Tokenizer.load("runs/cvivit")          # newest good checkpoint, EMA weights
   codes = tok.encode(frames)                   # uint8 (B, T, H, W, 3) -> int32 (B, 1+k, h, w)
   video = tok.decode(codes)                    # -> float32 (B, 1+k·t_p, H, W, 3) in [-1, 1]
+
+Loading restores the weights only (orbax partial restore: no optimizer, no
+discriminator). Every job that needs a tokenizer comes here: the generator's
+trainer and its Generator (through the record a generator run keeps of the
+tokenizer step it trained on, TOKENIZER_RECORD), evaluation and pre-tokenising
+(load_from_config).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
-from phenaki_jax import checkpointing, optimizers, sharding
+from phenaki_jax import checkpointing, sharding, train_state
 from phenaki_jax.config import schema
+from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.models import cvivit
+
+# Where a generator run records the tokenizer checkpoint it trains on.
+TOKENIZER_RECORD = "tokenizer.json"
+
+
+def reconstruct_fn(model: cvivit.CViViT) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
+  """(params, frames in [-1, 1]) -> (reconstruction clipped to [-1, 1], codes)."""
+  def reconstruct(params: Any, video: jax.Array):
+    recon, aux = model.apply({"params": params}, video)
+    return jnp.clip(recon, -1.0, 1.0), aux["codes"]
+  return reconstruct
 
 
 @dataclasses.dataclass
 class Tokenizer:
-  """A C-ViViT with its parameters, on the default device."""
+  """A C-ViViT with its parameters, on this process's first device."""
   model: cvivit.CViViT
   params: Any
   config: ml_collections.ConfigDict
@@ -31,7 +51,7 @@ class Tokenizer:
 
   @classmethod
   def load(cls, workdir: str, step: int | None = None, use_ema: bool = True) -> "Tokenizer":
-    """Restores params from `workdir/checkpoints` (the newest good step by default).
+    """Restores the weights from `workdir/checkpoints` (the newest good step by default).
 
     `use_ema` takes the exponential moving average of the weights, which
     evaluation uses too; False takes the last step's raw weights.
@@ -43,32 +63,31 @@ class Tokenizer:
       raise FileNotFoundError(f"no C-ViViT checkpoint in {workdir}/checkpoints")
     config_step = step if step is not None else steps[-1]
     config = schema.complete(ml_collections.ConfigDict(ckpt.restore_config(config_step)))
-    # Imported here: the trainer module pulls in the input pipeline.
-    from phenaki_jax.train import train_cvivit  # pylint: disable=g-import-not-at-top
-    model = train_cvivit.build_model(config)
-    tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
+    model = train_state.build_cvivit(config)
     # This process's own first device: on a multi-host job jax.devices()[0]
     # belongs to process 0.
     mesh = sharding.make_mesh((1, 1, 1), jax.local_devices()[:1])
+    field = "ema_params" if use_ema else "params"
     with sharding.use_mesh(mesh, config.logical_axis_rules):
-      abstract, shardings, _ = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
-    target = checkpointing.abstract_with_shardings(abstract, shardings)
+      target = {field: train_state.cvivit_abstract_params(config, model, mesh)}
     if step is None:
-      state, step = ckpt.restore_latest(target)
+      restored, step = ckpt.restore_latest(target, partial=True)
     else:
-      state = ckpt.restore(step, target)
+      restored = ckpt.restore(step, target, partial=True)
     ckpt.close()
-    return cls(model=model, params=state.ema_params if use_ema else state.params, config=config,
-               step=int(step))
+    return cls(model=model, params=restored[field], config=config, step=int(step))
 
   def __post_init__(self):
     self._encode = jax.jit(lambda p, v: self.model.apply({"params": p}, v,
                                                          method=self.model.encode)[1]["codes"])
     self._decode = jax.jit(lambda p, c: self.model.apply({"params": p}, c,
                                                          method=self.model.decode))
+    self._reconstruct = jax.jit(reconstruct_fn(self.model))
 
   @staticmethod
   def _as_float(frames: Any) -> jax.Array:
+    if isinstance(frames, jax.Array) and jnp.issubdtype(frames.dtype, jnp.floating):
+      return frames  # already on device (e.g. an evaluator's batch): no host round trip
     frames = np.asarray(frames)
     if frames.dtype == np.uint8:
       return jnp.asarray(frames, jnp.float32) / 127.5 - 1.0
@@ -84,3 +103,140 @@ class Tokenizer:
 
   def reconstruct(self, frames: Any) -> jax.Array:
     return self.decode(self.encode(frames))
+
+  def reconstruct_with_codes(self, frames: Any) -> tuple[jax.Array, jax.Array]:
+    """Frames -> (reconstruction in [-1, 1], codes), one jitted pass through the whole model."""
+    return self._reconstruct(self.params, self._as_float(frames))
+
+
+def load_from_config(tok_cfg: ml_collections.ConfigDict) -> Tokenizer:
+  """The checkpoint config.tokenizer names (workdir, step, use_ema), or errors naming the key."""
+  steps = checkpointing.finalized_steps(tok_cfg.workdir)
+  if not steps:
+    raise ConfigError(
+        f"config.tokenizer.workdir={tok_cfg.workdir!r}: no C-ViViT checkpoint in "
+        f"{os.path.join(tok_cfg.workdir, 'checkpoints')}; train one first: python -m "
+        f"phenaki_jax.main --config=configs/cvivit.py --workdir={tok_cfg.workdir}")
+  if tok_cfg.step >= 0 and tok_cfg.step not in steps:
+    raise ConfigError(f"config.tokenizer.step={tok_cfg.step}: {tok_cfg.workdir} has checkpoint "
+                      f"steps {steps}")
+  step = None if tok_cfg.step < 0 else tok_cfg.step
+  return Tokenizer.load(tok_cfg.workdir, step=step, use_ema=tok_cfg.use_ema)
+
+
+# --- The tokenizer a generator trains on (recorded in its workdir).
+
+def absolute(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
+
+
+def read_record(workdir: str) -> dict | None:
+  path = os.path.join(workdir, TOKENIZER_RECORD)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def tokenizer_step_to_load(config: ml_collections.ConfigDict, workdir: str) -> int | None:
+  """config.tokenizer.step; else the step this workdir trained on before; else None (newest).
+
+  Pinning the step keeps a resumed run on the tokens it started with even if
+  the tokenizer trained on (and saved newer checkpoints) in between.
+  """
+  tok_dir = config.tokenizer.workdir
+  steps = checkpointing.finalized_steps(tok_dir)
+  if not steps:
+    raise ConfigError(
+        f"config.tokenizer.workdir={tok_dir!r}: no C-ViViT checkpoint in {tok_dir}/checkpoints; "
+        f"train one first: python -m phenaki_jax.main --config=configs/cvivit.py "
+        f"--workdir={tok_dir}")
+  if config.tokenizer.step >= 0:
+    if config.tokenizer.step not in steps:
+      raise ConfigError(f"config.tokenizer.step={config.tokenizer.step}: {tok_dir} has "
+                        f"checkpoint steps {steps}")
+    return config.tokenizer.step
+  record = read_record(workdir)
+  if record is None or record.get("workdir") != absolute(tok_dir):
+    return None
+  if record["step"] not in steps:
+    raise ConfigError(
+        f"this run trained on tokenizer step {record['step']} (recorded in "
+        f"{os.path.join(workdir, TOKENIZER_RECORD)}), which {tok_dir} no longer has (it has "
+        f"{steps}); set config.tokenizer.step to go on with another one (its tokens differ)")
+  return int(record["step"])
+
+
+def load_for_generator(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
+  """The frozen C-ViViT, its step chosen by tokenizer_step_to_load."""
+  tok = Tokenizer.load(config.tokenizer.workdir, step=tokenizer_step_to_load(config, workdir))
+  logging.info("frozen tokenizer: %s step %d", config.tokenizer.workdir, tok.step)
+  return tok
+
+
+def load_recorded(generator_workdir: str, tokenizer_workdir: str | None = None
+                  ) -> tuple[Tokenizer, str]:
+  """(tokenizer, its workdir): the one a generator trained on, or `tokenizer_workdir`'s newest."""
+  if tokenizer_workdir:
+    return Tokenizer.load(tokenizer_workdir), tokenizer_workdir
+  path = os.path.join(generator_workdir, TOKENIZER_RECORD)
+  record = read_record(generator_workdir)
+  if record is None:
+    raise FileNotFoundError(f"{path} is missing: it names the tokenizer this generator trained "
+                            "on; pass tokenizer_workdir (config.generator.tokenizer_workdir)")
+  steps = checkpointing.finalized_steps(record["workdir"])
+  if record["step"] not in steps:
+    raise FileNotFoundError(
+        f"the generator in {generator_workdir} trained on tokenizer step {record['step']} of "
+        f"{record['workdir']} (recorded in {path}), which that workdir no longer has (it has "
+        f"{steps}); its tokens would decode wrongly with another step")
+  return Tokenizer.load(record["workdir"], step=record["step"]), record["workdir"]
+
+
+def write_record(config: ml_collections.ConfigDict, workdir: str, tok: Tokenizer) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, TOKENIZER_RECORD), "w") as f:
+      json.dump({"workdir": absolute(config.tokenizer.workdir), "step": int(tok.step),
+                 "codebook_size": int(tok.config.model.codebook_size)}, f, indent=2)
+
+
+def token_grid_for(tok_config: ml_collections.ConfigDict, num_frames: int,
+                   resolution: int) -> tuple[int, int, int]:
+  """(token frames, h, w) the tokenizer makes of a num_frames × resolution² clip."""
+  m = tok_config.model
+  return (cvivit.num_token_frames(num_frames, m.temporal_patch_size),
+          resolution // m.patch_size, resolution // m.patch_size)
+
+
+def check_tokenizer_match(config: ml_collections.ConfigDict, tok_config: ml_collections.ConfigDict,
+                          where: str) -> None:
+  """The generator's vocabulary and token grid must be what the tokenizer produces."""
+  tm, errors = tok_config.model, []
+  if config.model.codebook_size != tm.codebook_size:
+    errors.append(f"config.model.codebook_size={config.model.codebook_size} but the tokenizer "
+                  f"has {tm.codebook_size} codes (its model.codebook_size): set "
+                  f"config.model.codebook_size={tm.codebook_size} (the CPU default changed "
+                  "from 1,024 to 256 codes on 2026-11-30)")
+  if config.input.resolution != tok_config.input.resolution:
+    errors.append(f"config.input.resolution={config.input.resolution} but the tokenizer was "
+                  f"built for {tok_config.input.resolution}px frames (its input.resolution)")
+  elif (config.input.num_frames - 1) % tm.temporal_patch_size:
+    errors.append(f"config.input.num_frames={config.input.num_frames}: the tokenizer takes "
+                  f"1 + k·{tm.temporal_patch_size} frames (its model.temporal_patch_size)")
+  else:
+    grid = token_grid_for(tok_config, config.input.num_frames, config.input.resolution)
+    if tuple(config.model.token_grid) != grid:
+      errors.append(
+          f"config.model.token_grid={tuple(config.model.token_grid)} but the tokenizer (patch "
+          f"{tm.patch_size}, temporal patch {tm.temporal_patch_size}) turns "
+          f"config.input.num_frames={config.input.num_frames} frames of "
+          f"config.input.resolution={config.input.resolution} into a "
+          f"{grid[0]}x{grid[1]}x{grid[2]} token grid: set config.model.token_grid={grid}")
+  story = config.input.get("story_ratio", 0.0) > 0 and config.input.data == "shapes"
+  if story and any((k - 1) % tm.temporal_patch_size for k in config.input.story_context_frames):
+    errors.append(f"config.input.story_context_frames={tuple(config.input.story_context_frames)}"
+                  f": each must be 1 + m·{tm.temporal_patch_size} frames (the tokenizer's "
+                  "model.temporal_patch_size) to tokenise to whole token frames")
+  if errors:
+    raise ConfigError(f"the generator config does not match the tokenizer in {where}: "
+                      + "; ".join(errors))

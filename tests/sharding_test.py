@@ -9,6 +9,8 @@ import pytest
 from phenaki_jax.config import schema
 from phenaki_jax import optimizers, sharding
 from phenaki_jax.train import train_cvivit
+from phenaki_jax.train import cvivit_objective
+from phenaki_jax import train_state
 from tests.helpers import load_config
 
 
@@ -31,9 +33,9 @@ def _run(mesh_shape, num_devices):
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:num_devices])
   rules = config.logical_axis_rules
   with sharding.use_mesh(mesh, rules):
-    model = train_cvivit.build_model(config)
+    model = train_state.build_cvivit(config)
     tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-    _, shardings, init_fn = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
+    _, shardings, init_fn = train_state.cvivit_abstract_state(config, model, tx, mesh)
     state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(0))
     batch_sharding = sharding.batch_sharding(mesh, rules)
     batch = sharding.host_to_global(_batch(config), batch_sharding)
@@ -41,14 +43,14 @@ def _run(mesh_shape, num_devices):
     def loss_and_grads(params, batch):
       video = batch["frames"].astype(jnp.float32) / 127.5 - 1
       return jax.value_and_grad(
-          lambda p: train_cvivit.compute_losses(model, p, video, config.loss), has_aux=True)(params)
+          lambda p: cvivit_objective.compute_losses(model, p, video, config.loss), has_aux=True)(params)
 
     fn = jax.jit(loss_and_grads, in_shardings=(shardings.params, batch_sharding))
     hlo = fn.lower(state.params, batch).as_text()
-    (loss, parts), grads = fn(state.params, batch)
+    (loss, (parts, _)), grads = fn(state.params, batch)
     step = jax.jit(train_cvivit.make_train_step(model, tx, config),
                    in_shardings=(shardings, batch_sharding), donate_argnums=(0,))
-    new_state, _ = step(state, batch)
+    new_state, _, _ = step(state, batch)
     return {
         "loss": float(loss),
         "usage": float(parts["train/vq/usage"]),

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from phenaki_jax.data import synthetic
+from phenaki_jax.data import sources, synthetic, token_shards
 
 # Eval clips come from a different seed of the same generator: same
 # distribution, different examples.
@@ -42,10 +42,9 @@ def make_sources(input_cfg: ml_collections.ConfigDict, seed: int,
     image = _shard_source(input_cfg.image_shards, "image", input_cfg) if want_image else None
   elif input_cfg.data == "tokens":
     # Codes written by configs/pretokenize.py; the trainer checks them against its tokenizer.
-    from phenaki_jax.data import pretokenize  # pylint: disable=g-import-not-at-top
-    video = (pretokenize.TokenShardSource(input_cfg.token_shards, "video", text_max_length)
+    video = (token_shards.TokenShardSource(input_cfg.token_shards, "video", text_max_length)
              if want_video else None)
-    image = (pretokenize.TokenShardSource(input_cfg.token_shards, "image", text_max_length)
+    image = (token_shards.TokenShardSource(input_cfg.token_shards, "image", text_max_length)
              if want_image else None)
   elif input_cfg.data == "tfds":
     video = _tfds_source(input_cfg.tfds_video, "video", input_cfg) if want_video else None
@@ -58,7 +57,6 @@ def make_sources(input_cfg: ml_collections.ConfigDict, seed: int,
 
 def _shard_source(paths: str, kind: str, input_cfg: ml_collections.ConfigDict) -> Any:
   """Prepared shards (a prepare output dir, a shard dir, a glob, or a comma list)."""
-  from phenaki_jax.data import sources  # pylint: disable=g-import-not-at-top
   spec = [p for p in paths.split(",") if p] if "," in paths else paths
   source = sources.ClipShardSource(spec, kind=kind)
   _check_clip_shape(source, kind, input_cfg, where=f"{kind} shards {source.paths[0]}")
@@ -66,7 +64,6 @@ def _shard_source(paths: str, kind: str, input_cfg: ml_collections.ConfigDict) -
 
 
 def _tfds_source(name: str, kind: str, input_cfg: ml_collections.ConfigDict) -> Any:
-  from phenaki_jax.data import sources  # pylint: disable=g-import-not-at-top
   source = sources.TfdsClipSource(
       name, split=input_cfg.tfds_split, data_dir=input_cfg.tfds_data_dir or None,
       frames_key=input_cfg.tfds_frames_key, caption_key=input_cfg.tfds_caption_key)

@@ -32,130 +32,27 @@ import datetime
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import ml_dtypes
-import msgpack
 import numpy as np
 import tqdm
 from absl import logging
 
 from phenaki_jax.config import schema
 from phenaki_jax.config.schema import ConfigError
-from phenaki_jax.data import pipeline, prepare, sources
-from phenaki_jax.data.shard_records import DamagedRecordError, ShardRecords, unpack_record
-
-RECORD_FORMAT = "phenaki_jax/tokens"
-RECORD_VERSION = 1
-METADATA = "metadata.json"
-SPLITS = ("video", "image", "eval")
-
-
-# --- The record format.
-
-def encode_token_record(codes: np.ndarray, *, kind: str, caption: str,
-                        text_embedding: np.ndarray | None = None) -> bytes:
-  """One example's codes (t, h, w) and, optionally, its caption's embeddings (n, D)."""
-  codes = np.asarray(codes)
-  if codes.ndim != 3:
-    raise ValueError(f"codes must be (token frames, h, w); got {codes.shape}")
-  dtype = "int16" if codes.max(initial=0) < 2 ** 15 and codes.min(initial=0) >= 0 else "int32"
-  record = {"fmt": RECORD_FORMAT, "version": RECORD_VERSION, "kind": kind,
-            "caption": str(caption), "shape": list(codes.shape), "codes_dtype": dtype,
-            "codes": np.ascontiguousarray(codes.astype(dtype)).tobytes()}
-  if text_embedding is not None:
-    emb = np.asarray(text_embedding).astype(ml_dtypes.bfloat16)
-    record.update(text_embedding=emb.tobytes(), text_length=int(emb.shape[0]),
-                  text_width=int(emb.shape[1]))
-  return msgpack.packb(record, use_bin_type=True)
-
-
-def decode_token_record(data: bytes) -> dict[str, Any]:
-  """Inverse of `encode_token_record`.
-
-  Raises DamagedRecordError for bytes that do not parse (the reader skips
-  those), ValueError for a record of another format or a newer version.
-  """
-  record = unpack_record(data, RECORD_FORMAT, RECORD_VERSION, "token record",
-                         hint=" (was this folder written by configs/pretokenize.py?)")
-  try:
-    record["codes"] = np.frombuffer(record["codes"], record["codes_dtype"]).reshape(
-        record["shape"]).astype(np.int32)
-    if "text_embedding" in record:
-      record["text_embedding"] = np.frombuffer(
-          record["text_embedding"], ml_dtypes.bfloat16).reshape(record["text_length"],
-                                                                record["text_width"])
-  except (KeyError, TypeError, ValueError) as e:
-    raise DamagedRecordError(f"codes or embedding do not decode ({type(e).__name__}: {e})") from e
-  return record
-
-
-class TokenShardSource:
-  """Random access to token records: {'codes', 'caption'} (+ 'text_embeddings', 'text_mask').
-
-  Cached embeddings come back padded to `max_length` rows (bfloat16) with a
-  bool mask of the real ones, the shapes the trainer's text encoder would
-  produce. Picklable for grain's workers.
-  """
-
-  def __init__(self, directory: str, split: str, max_length: int):
-    self.directory, self.split, self.max_length = directory, split, int(max_length)
-    paths = sorted(os.path.join(directory, split, f)
-                   for f in os.listdir(os.path.join(directory, split))
-                   if f.endswith(sources.SHARD_SUFFIX))
-    if not paths:
-      raise FileNotFoundError(f"no {split} token shards in {os.path.join(directory, split)}")
-    # Unreadable shard files are left out and damaged records skipped, each
-    # reported (phenaki_jax/data/shard_records.py).
-    self.records = ShardRecords(paths, self._example, "token")
-
-  def __len__(self) -> int:
-    return len(self.records)
-
-  def _example(self, data: bytes) -> dict[str, Any]:
-    record = decode_token_record(data)
-    out = {"codes": record["codes"], "caption": record["caption"]}
-    if "text_embedding" in record:
-      emb = record["text_embedding"][:self.max_length]
-      padded = np.zeros((self.max_length, emb.shape[1]), ml_dtypes.bfloat16)
-      padded[:len(emb)] = emb
-      out["text_embeddings"] = padded
-      out["text_mask"] = np.arange(self.max_length) < len(emb)
-    return out
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self.records[index]
-
-  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    return self.records.__getitems__(indices)
-
-  def __repr__(self) -> str:
-    return (f"TokenShardSource({self.directory!r}, {self.split!r}, "
-            f"{len(self.records.paths)} shards)")
-
-
-def read_metadata(directory: str) -> dict[str, Any]:
-  path = os.path.join(directory, METADATA)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: {directory} is not a finished "
-                            "configs/pretokenize.py output")
-  with open(path) as f:
-    meta = json.load(f)
-  if not meta.get("complete"):
-    raise ValueError(f"{directory}: pretokenize did not finish (metadata.json says incomplete); "
-                     "run it again")
-  return meta
-
+from phenaki_jax import tokenizer as tokenizer_lib
+from phenaki_jax.data import pipeline, shard_writer, token_shards
+from phenaki_jax.text.encoder import build_text_encoder
 
 # --- The job.
 
 def _encode_split(name: str, source: Any, count: int, tok: Any, text_fn: Any, batch_size: int,
                   out_dir: str, records_per_shard: int) -> dict[str, Any]:
   """Encodes `count` examples of `source` into out_dir/name/; returns its summary."""
-  writer = prepare.ShardWriter(os.path.join(out_dir, name), "tokens", records_per_shard,
+  writer = shard_writer.ShardWriter(os.path.join(out_dir, name), "tokens", records_per_shard,
                                "group_size:1,zstd:3")
   grid = None
   start = time.perf_counter()
@@ -174,7 +71,7 @@ def _encode_split(name: str, source: Any, count: int, tok: Any, text_fn: Any, ba
         emb, lengths = text_fn(captions + [captions[-1]] * (batch_size - n))
         embeddings = [emb[i, :lengths[i]] for i in range(n)]
       for c, caption, e in zip(codes, captions, embeddings):
-        writer.write(encode_token_record(c, kind="image" if name == "image" else "video",
+        writer.write(token_shards.encode_token_record(c, kind="image" if name == "image" else "video",
                                          caption=caption, text_embedding=e))
       bar.update(n)
   writer.close()
@@ -185,11 +82,10 @@ def _encode_split(name: str, source: Any, count: int, tok: Any, text_fn: Any, ba
 
 def make_text_fn(text_cfg: ml_collections.ConfigDict) -> tuple[Any, dict[str, Any]]:
   """(captions -> (embeddings (B, L, D), lengths (B,)) or None, description for metadata)."""
-  from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
   if text_cfg.encoder != "t5" or not text_cfg.frozen:
     return None, {"encoder": text_cfg.encoder, "cached": False,
                   "why": "a trainable text encoder cannot be cached; records keep captions"}
-  text = train_maskgit.build_text_encoder(text_cfg)
+  text = build_text_encoder(text_cfg)
   params = jax.device_put(text.pretrained)
   apply = jax.jit(lambda p, ids, mask: text.module.apply({"params": p}, ids, mask)[0])
 
@@ -205,13 +101,12 @@ def make_text_fn(text_cfg: ml_collections.ConfigDict) -> tuple[Any, dict[str, An
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Writes the token shards and metadata.json into `workdir`; returns the metadata."""
-  from phenaki_jax.eval import eval_tokenizer  # pylint: disable=g-import-not-at-top
   config = schema.complete(config)
   schema.validate_pretokenize(config)
-  if os.path.exists(os.path.join(workdir, METADATA)):
-    raise ConfigError(f"--workdir={workdir} already holds pretokenized data ({METADATA}); "
+  if os.path.exists(os.path.join(workdir, token_shards.METADATA)):
+    raise ConfigError(f"--workdir={workdir} already holds pretokenized data ({token_shards.METADATA}); "
                       "choose an empty folder")
-  tok = eval_tokenizer.load_tokenizer(config.tokenizer)
+  tok = tokenizer_lib.load_from_config(config.tokenizer)
   input_cfg = ml_collections.ConfigDict(config.input.to_dict())
   if input_cfg.resolution != tok.config.input.resolution:
     raise ConfigError(f"config.input.resolution={input_cfg.resolution}: the tokenizer in "
@@ -243,7 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     splits["eval"] = _encode_split("eval", held_out, config.num_eval_examples, **args)
 
   meta = {
-      "format": RECORD_FORMAT, "version": RECORD_VERSION,
+      "format": token_shards.RECORD_FORMAT, "version": token_shards.RECORD_VERSION,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "tokenizer": {"workdir": os.path.abspath(config.tokenizer.workdir), "step": int(tok.step),
                     "codebook_size": int(tok.config.model.codebook_size)},
@@ -253,10 +148,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "splits": splits,
       "complete": True,
   }
-  tmp = os.path.join(workdir, METADATA + ".tmp")
+  tmp = os.path.join(workdir, token_shards.METADATA + ".tmp")
   with open(tmp, "w") as f:
     json.dump(meta, f, indent=2)
     f.write("\n")
-  os.replace(tmp, os.path.join(workdir, METADATA))  # written last: the folder is complete
+  os.replace(tmp, os.path.join(workdir, token_shards.METADATA))  # written last: the folder is complete
   logging.info("pretokenized %s into %s", {k: v["records"] for k, v in splits.items()}, workdir)
   return meta

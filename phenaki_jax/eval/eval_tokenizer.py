@@ -11,20 +11,19 @@ import datetime
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from phenaki_jax import checkpointing, metrics
+from phenaki_jax import metrics
 from phenaki_jax.config import schema
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import pipeline
 from phenaki_jax.eval import recon
-from phenaki_jax.tokenizer import Tokenizer
+from phenaki_jax import tokenizer as tokenizer_lib
 
 # input.* keys of the eval config that fall back to the tokenizer's training
 # value when left at these sentinels.
@@ -38,35 +37,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if job == "eval_tokenizer":
     return evaluate_tokenizer(config, workdir)
   raise ConfigError(f"config.job={job!r}: unknown evaluation job; expected 'eval_tokenizer'")
-
-
-# --- The checkpoint.
-
-def load_tokenizer(tok_cfg: ml_collections.ConfigDict) -> Tokenizer:
-  """The checkpoint tok_cfg names, or errors that name the key and the steps."""
-  steps = checkpointing.finalized_steps(tok_cfg.workdir)
-  if not steps:
-    raise ConfigError(
-        f"config.tokenizer.workdir={tok_cfg.workdir!r}: no C-ViViT checkpoint in "
-        f"{os.path.join(tok_cfg.workdir, 'checkpoints')}; train one first: python -m "
-        f"phenaki_jax.main --config=configs/cvivit.py --workdir={tok_cfg.workdir}")
-  if tok_cfg.step >= 0 and tok_cfg.step not in steps:
-    raise ConfigError(f"config.tokenizer.step={tok_cfg.step}: {tok_cfg.workdir} has checkpoint "
-                      f"steps {steps}")
-  step = None if tok_cfg.step < 0 else tok_cfg.step
-  return Tokenizer.load(tok_cfg.workdir, step=step, use_ema=tok_cfg.use_ema)
-
-
-def make_reconstruct_fn(tok: Tokenizer) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-  """frames in [-1, 1] -> (reconstruction in [-1, 1], codes), one jitted call."""
-  model = tok.model
-
-  @jax.jit
-  def apply(params, video):
-    reconstruction, aux = model.apply({"params": params}, video)
-    return jnp.clip(reconstruction, -1.0, 1.0), aux["codes"]
-
-  return lambda frames: apply(tok.params, frames)
 
 
 # --- The held-out clips.
@@ -153,14 +123,14 @@ def evaluate_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = time.perf_counter()
   config = schema.complete(config)
   schema.validate_eval_tokenizer(config)
-  tok = load_tokenizer(config.tokenizer)
+  tok = tokenizer_lib.load_from_config(config.tokenizer)
   logging.info("evaluating tokenizer %s step %d", config.tokenizer.workdir, tok.step)
   input_cfg = resolve_input(config.input, tok.config)
   source = describe_source(input_cfg, tok.config, config.seed)
   clips = held_out_clips(input_cfg, seed=config.seed, count=config.protocol.num_clips)
   evaluator = recon.ReconstructionEvaluator(
       clips, config.protocol, codebook_size=tok.config.model.codebook_size, source=source)
-  result = evaluator(make_reconstruct_fn(tok))
+  result = evaluator(tok.reconstruct_with_codes)
 
   tokenizer_info = {"workdir": os.path.abspath(config.tokenizer.workdir), "step": int(tok.step),
                     "weights": "ema" if config.tokenizer.use_ema else "raw",

@@ -23,6 +23,7 @@ import numpy as np
 
 from phenaki_jax.data import synthetic
 from phenaki_jax.eval import token_stats
+from phenaki_jax.text.encoder import encode_text
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "size": synthetic.SIZES,
@@ -57,7 +58,6 @@ def measure(gen, *, num_clips: int = 48, mask_ratios: Sequence[float] = (0.5, 0.
   `gen` is a phenaki_jax.generator.Generator. "none" is NLL(no text) −
   NLL(true): how much the text as a whole is worth.
   """
-  from phenaki_jax.train import train_maskgit  # pylint: disable=g-import-not-at-top
   specs, clips = held_out_clips(num_clips, gen.num_frames, int(gen.config.input.resolution), seed)
   tokens = np.asarray(gen.tokenizer.encode(clips))
   flat = tokens.reshape(num_clips, -1)
@@ -70,7 +70,7 @@ def measure(gen, *, num_clips: int = 48, mask_ratios: Sequence[float] = (0.5, 0.
 
   @jax.jit
   def nll(ids, text_mask, inputs):
-    context, mask = train_maskgit.encode_text(
+    context, mask = encode_text(
         gen.text, gen.params, gen.frozen_text_params, {"text_ids": ids, "text_mask": text_mask})
     logits = gen.model.apply({"params": gen.params["generator"]}, inputs, context, mask)
     logp = jax.nn.log_softmax(logits.reshape(num_clips, flat.shape[1], -1))

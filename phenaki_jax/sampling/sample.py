@@ -50,18 +50,6 @@ def read_prompts(config: ml_collections.ConfigDict) -> list[str]:
   return prompts
 
 
-def sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions:
-  s = config.sampling
-  options = SamplingOptions(num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                            temperature=s.temperature, choice_temperature=s.choice_temperature,
-                            top_k=s.top_k, max_steps=s.max_steps,
-                            memory_guidance_scale=s.memory_guidance_scale,
-                            seam_blending=s.seam_blending,
-                            guidance_schedule=s.guidance_schedule)
-  options.check("sampling.")
-  return options
-
-
 def labelled_strips(videos: Sequence[np.ndarray], labels: Sequence[str],
                     max_frames: int = 11, upscale: int = 1) -> np.ndarray:
   """One row per video (up to max_frames evenly spaced frames) under its label."""
@@ -124,7 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = time.perf_counter()
   config = schema.complete(config)
   schema.validate_sample(config)
-  options = sampling_options(config)
+  options = SamplingOptions.from_config(config.sampling)
   story_mode = bool(config.story or config.storyboard)
   segments = read_story(config) if story_mode else []
   prompts = [] if story_mode else read_prompts(config)

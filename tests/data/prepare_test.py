@@ -17,7 +17,7 @@ import grain
 import numpy as np
 import pytest
 
-from phenaki_jax.data import prepare
+from phenaki_jax.data import prepare, shard_writer
 from phenaki_jax.data import sources
 from phenaki_jax.data import video_io
 
@@ -203,14 +203,14 @@ def test_shard_write_is_atomic(clean_run, tmp_path, monkeypatch):
   class Crash(Exception):
     pass
 
-  original = prepare.ShardWriter.write
+  original = shard_writer.ShardWriter.write
 
   def crash_on_second_record(self, record):
     if self._count == 1:
       raise Crash()
     original(self, record)
 
-  monkeypatch.setattr(prepare.ShardWriter, "write", crash_on_second_record)
+  monkeypatch.setattr(shard_writer.ShardWriter, "write", crash_on_second_record)
   with pytest.raises(Crash):
     prepare.run(_config(), out)
   # Unit 0 crashed inside its first shard: only a .tmp, no final name.

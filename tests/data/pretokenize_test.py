@@ -9,6 +9,8 @@ from phenaki_jax.config import schema
 from phenaki_jax.data import pipeline, pretokenize, synthetic
 from phenaki_jax.tokenizer import Tokenizer
 from phenaki_jax.train import train_cvivit, train_maskgit
+from phenaki_jax.text import encoder as text_encoder
+from phenaki_jax.data import token_shards
 from tests.helpers import load_config, write_tiny_t5x
 
 
@@ -48,7 +50,7 @@ def test_records_hold_exactly_the_tokenizer_codes_of_the_source_clips(tokenizer_
   config = schema.complete(load_config("pretokenize", "tiny"))
   video, image = pipeline.make_sources(config.input, config.seed)
   for split, source, n in (("video", video, 16), ("image", image, 8)):
-    records = pretokenize.TokenShardSource(tokens_dir, split, max_length=40)
+    records = token_shards.TokenShardSource(tokens_dir, split, max_length=40)
     assert len(records) == n
     frames = np.stack([source[i]["frames"] for i in range(n)])
     want = np.asarray(tok.encode(frames))
@@ -62,7 +64,7 @@ def test_records_hold_exactly_the_tokenizer_codes_of_the_source_clips(tokenizer_
   assert meta["splits"]["image"]["token_grid"] == [1, 4, 4]
   # Held-out clips come from the eval stream, as the on-the-fly trainer draws them.
   held_out, _ = pipeline.eval_clips(config.input, seed=0, count=4)
-  eval_records = pretokenize.TokenShardSource(tokens_dir, "eval", 40)
+  eval_records = token_shards.TokenShardSource(tokens_dir, "eval", 40)
   np.testing.assert_array_equal(np.stack([eval_records[i]["codes"] for i in range(4)]),
                                 np.asarray(tok.encode(held_out)))
 
@@ -115,8 +117,8 @@ def test_frozen_t5_embeddings_are_cached_and_used_instead_of_the_encoder(tokeniz
   text_cfg = schema.complete(load_config("maskgit", "tiny")).text
   text_cfg.encoder, text_cfg.t5_path = "t5", t5_path
   text_cfg.max_length = 40
-  text = train_maskgit.build_text_encoder(text_cfg)
-  records = pretokenize.TokenShardSource(out, "video", max_length=40)
+  text = text_encoder.build_text_encoder(text_cfg)
+  records = token_shards.TokenShardSource(out, "video", max_length=40)
   ids, mask = text.tokenizer.encode_batch([records[i]["caption"] for i in range(4)], 40)
   want = np.asarray(text.module.apply({"params": text.pretrained}, ids, mask)[0])
   for i in range(4):

@@ -9,8 +9,9 @@ import pytest
 from array_record.python import array_record_module
 
 from phenaki_jax.config import schema
-from phenaki_jax.data import pipeline, pretokenize, sources
+from phenaki_jax.data import pipeline, sources
 from phenaki_jax.data.shard_records import UnreadableShardsError
+from phenaki_jax.data import token_shards
 from tests.helpers import load_config
 
 _FRAMES, _RES = 5, 16
@@ -155,13 +156,13 @@ def test_training_stream_over_a_damaged_shard_keeps_full_batches(shard_dir):
 def test_damaged_token_record_is_skipped(tmp_path, caplog):
   folder = tmp_path / "video"
   folder.mkdir()
-  records = [pretokenize.encode_token_record(np.full((2, 2, 2), i), kind="video",
+  records = [token_shards.encode_token_record(np.full((2, 2, 2), i), kind="video",
                                              caption=f"caption-{i:03d}") for i in range(4)]
   path = str(folder / f"tokens-00000{sources.SHARD_SUFFIX}")
   _write(path, records)
   _damage(path, b"caption-001")
   with caplog.at_level(logging.WARNING):
-    source = pretokenize.TokenShardSource(str(tmp_path), "video", max_length=8)
+    source = token_shards.TokenShardSource(str(tmp_path), "video", max_length=8)
     codes = [int(source[i]["codes"][0, 0, 0]) for i in range(4)]
   assert codes == [0, 2, 2, 3]
   assert "damaged token record 1 of" in caplog.text and os.path.basename(path) in caplog.text

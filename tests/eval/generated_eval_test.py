@@ -20,6 +20,7 @@ from phenaki_jax.pretrained import perceptual
 from phenaki_jax.data import synthetic, video_io
 from phenaki_jax.eval import fvd as fvd_lib
 from phenaki_jax.eval import eval_generated, eval_compare
+from phenaki_jax.eval import video_sets
 from tests.helpers import REPO, load_config
 
 MEDIA = REPO / "tests" / "data" / "media"
@@ -92,10 +93,10 @@ def _i3d_features(extractor, clips):
 
 
 def test_fvd_of_a_set_against_itself_is_zero_and_grows_with_noise():
-  p = eval_generated.Protocol.from_config(_config(**{"protocol.resolution": 32}).protocol)
+  p = video_sets.Protocol.from_config(_config(**{"protocol.resolution": 32}).protocol)
   clips = []
   for name in MP4S:  # 2 non-overlapping 9-frame clips of each real video
-    clips += eval_generated.cut_clips(video_io.read_video(str(MEDIA / "videos" / name), fps=None),
+    clips += video_sets.cut_clips(video_io.read_video(str(MEDIA / "videos" / name), fps=None),
                                  p, 2)
   clips = np.stack(clips)
   assert clips.shape == (4, 9, 32, 32, 3)
@@ -113,11 +114,11 @@ def test_fvd_of_a_set_against_itself_is_zero_and_grows_with_noise():
 def test_fvd_repeats_disjoint_and_bootstrap():
   rng = np.random.default_rng(0)
   gen, ref = rng.normal(size=(40, 8)), rng.normal(size=(40, 8)) + 0.5
-  p = eval_generated.Protocol.from_config(_config(**{"protocol.repeats": 2}).protocol)
+  p = video_sets.Protocol.from_config(_config(**{"protocol.repeats": 2}).protocol)
   runs, n = eval_generated.fvd_runs(gen, ref, p)
   assert n == 20 and runs == [fvd_lib.fvd_from_features(gen[:20], ref[:20]),
                               fvd_lib.fvd_from_features(gen[20:], ref[20:])]
-  p = eval_generated.Protocol.from_config(
+  p = video_sets.Protocol.from_config(
       _config(**{"protocol.repeats": 3, "protocol.repeat_mode": "bootstrap"}).protocol)
   runs_a, n = eval_generated.fvd_runs(gen, ref, p)
   assert n == 40 and len(runs_a) == 3 and len(set(runs_a)) == 3
@@ -306,7 +307,7 @@ def test_bad_input_fails_naming_the_key_before_any_network(overrides, message, t
                                                            monkeypatch):
   def no_network(*args, **kwargs):
     raise AssertionError("a network was loaded or compiled")
-  monkeypatch.setattr(generated, "I3DLogits", no_network)
+  monkeypatch.setattr(eval_generated, "I3DLogits", no_network)
   monkeypatch.setattr(perceptual, "i3d_variables", no_network)
   (tmp_path / "empty").mkdir()
   bad = tmp_path / "bad"

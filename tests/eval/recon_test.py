@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-from phenaki_jax import losses
 from phenaki_jax.pretrained import perceptual
 from phenaki_jax.eval import fvd, recon
 
@@ -59,14 +58,10 @@ def test_ssim_is_one_on_identical_images_and_falls_with_noise():
     recon.ssim(a[:, :8, :8], a[:, :8, :8])
 
 
-def test_psnr_known_value_and_agrees_with_the_trainer():
+def test_psnr_known_value():
   a = np.zeros((2, 3, 4, 4, 3), np.float32)
   b = a + 0.1  # mse 0.01 on range 1 -> 20 dB
   np.testing.assert_allclose(np.asarray(recon.psnr(a, b)), [20.0, 20.0], rtol=1e-5)
-  x, y = _images(6, n=4), _images(7, n=4)
-  # The trainer's eval/psnr: [-1, 1], range 2, mean over examples.
-  np.testing.assert_allclose(float(np.mean(recon.psnr(x, y))),
-                             float(losses.psnr(x * 2 - 1, y * 2 - 1)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("net,size", [("alexnet", 32), ("vgg16", 16)])

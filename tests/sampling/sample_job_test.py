@@ -14,7 +14,7 @@ from phenaki_jax.data import video_io
 from phenaki_jax.eval import shapes_score
 from phenaki_jax.generator import SamplingOptions
 from phenaki_jax.sampling import sample as sample_job
-from phenaki_jax.train import train_maskgit
+from phenaki_jax.text import encoder as text_encoder
 from tests.helpers import REPO, load_config
 
 PROMPTS = ["a large red circle moves right", "a small blue square moves up"]
@@ -59,7 +59,7 @@ def test_guidance_scale_one_is_the_conditional_model(generator):
                          choice_temperature=0.0)
   guided = generator.sample_tokens(PROMPTS, seed=0, options=opts)
   ids, mask = generator.encode_prompts(PROMPTS)
-  context, cmask = train_maskgit.encode_text(generator.text, generator.params, {},
+  context, cmask = text_encoder.encode_text(generator.text, generator.params, {},
                                              {"text_ids": jnp.asarray(ids),
                                               "text_mask": jnp.asarray(mask)})
   grid = generator.token_grid

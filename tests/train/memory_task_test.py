@@ -9,7 +9,10 @@ import optax
 
 from phenaki_jax.config import schema
 from phenaki_jax.data import pipeline, synthetic
-from phenaki_jax.train import memory_task, train_maskgit
+from phenaki_jax.train import maskgit_objective
+from phenaki_jax.text import encoder as text_encoder
+from phenaki_jax.train import loop as train_loop
+from phenaki_jax import train_state
 from tests.helpers import load_config
 
 T, H, W, V = 3, 4, 4, 64
@@ -19,14 +22,14 @@ M = 1  # memory token frames
 
 def _tokens(n, real_frames=T, seed=0):
   codes = jax.random.randint(jax.random.key(seed), (n, real_frames, H, W), 0, V)
-  return train_maskgit.pad_token_grid(codes, T, MASK)
+  return maskgit_objective.pad_token_grid(codes, T, MASK)
 
 
 def _memory(n, drop_rate, real_frames=T, given=None, step=3):
   tokens, region = _tokens(n, real_frames)
   # The rng as compute_losses derives it from the step's.
-  rng = jax.random.fold_in(train_maskgit.step_rng(0, step), 3)
-  out = jax.jit(lambda r: memory_task.memory_inputs(
+  rng = jax.random.fold_in(train_loop.step_rng(0, step), 3)
+  out = jax.jit(lambda r: maskgit_objective.memory_inputs(
       r, tokens, region, memory_token_frames=M, drop_rate=drop_rate, given=given))(rng)
   return (np.asarray(tokens), np.asarray(region)) + tuple(
       None if x is None else np.asarray(x) for x in out)
@@ -66,10 +69,10 @@ def test_a_given_memory_is_used_as_is_and_hides_nothing():
 
 def _inputs(n, prefix_probability, own):
   tokens, region = _tokens(n)
-  fn = jax.jit(lambda r, o: train_maskgit.training_inputs(
+  fn = jax.jit(lambda r, o: maskgit_objective.training_inputs(
       r, tokens, region, schedule="cosine", mask_id=MASK, codebook_size=V,
       prefix_probability=prefix_probability, memory_frames=o))
-  inputs, masked, prefix = fn(train_maskgit.step_rng(0, 5), own)
+  inputs, masked, prefix = fn(train_loop.step_rng(0, 5), own)
   return np.asarray(tokens), np.asarray(inputs), np.asarray(masked), np.asarray(prefix)
 
 
@@ -142,9 +145,9 @@ def test_story_batches_carry_memory_frames_augmented_like_their_clip():
 def _setup(memory_token_frames):
   config = schema.complete(load_config("maskgit", "tiny"))
   config.model.memory_token_frames = memory_token_frames
-  generator = train_maskgit.build_generator(config)
-  text = train_maskgit.build_text_encoder(config.text)
-  init = train_maskgit.make_init_fn(generator, text, optax.sgd(0.1), config)
+  generator = train_state.build_maskgit(config)
+  text = text_encoder.build_text_encoder(config.text)
+  init = train_state.maskgit_init_fn(generator, text, optax.sgd(0.1), config)
   params = jax.jit(lambda r: nn.unbox(init(r)).params)(jax.random.key(0))
   rng = np.random.default_rng(1)
   ids, mask = text.tokenizer.encode_batch(["a red circle moves left"] * 8, 40)
@@ -156,22 +159,22 @@ def _setup(memory_token_frames):
 
 def test_with_memory_off_the_loss_is_the_recipe_of_before():
   generator, text, params, batch = _setup(0)
-  rng = train_maskgit.step_rng(0, 4)
+  rng = train_loop.step_rng(0, 4)
   kw = dict(text_drop_rate=0.3, label_smoothing=0.1, schedule="cosine", prefix_probability=0.5)
-  loss, parts = jax.jit(lambda p: train_maskgit.compute_losses(
+  loss, parts = jax.jit(lambda p: maskgit_objective.compute_losses(
       generator, text, p, {}, batch, batch["codes"], rng, **kw))(params)
   assert "train/memory_fraction" not in parts
 
   def before(p):  # the steps of compute_losses before the memory existed
-    tokens, region = train_maskgit.pad_token_grid(batch["codes"], T, MASK, batch["token_frames"])
-    inputs, masked, _ = train_maskgit.training_inputs(
+    tokens, region = maskgit_objective.pad_token_grid(batch["codes"], T, MASK, batch["token_frames"])
+    inputs, masked, _ = maskgit_objective.training_inputs(
         rng, tokens, region, schedule="cosine", mask_id=MASK, codebook_size=V,
         prefix_probability=0.5)
-    context, context_mask = train_maskgit.encode_text(text, p, {}, batch)
-    dropped = train_maskgit.text_drop_mask(train_maskgit.split_step_rng(rng)[1], 8, 0.3)
+    context, context_mask = text_encoder.encode_text(text, p, {}, batch)
+    dropped = maskgit_objective.text_drop_mask(maskgit_objective.split_step_rng(rng)[1], 8, 0.3)
     logits = generator.apply({"params": p["generator"]}, inputs, context,
                              context_mask & ~dropped[:, None])
-    ce, _ = train_maskgit.token_cross_entropy(logits, jnp.where(region, tokens, 0), 0.1)
+    ce, _ = maskgit_objective.token_cross_entropy(logits, jnp.where(region, tokens, 0), 0.1)
     weight = masked.astype(jnp.float32)
     return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
@@ -181,10 +184,10 @@ def test_with_memory_off_the_loss_is_the_recipe_of_before():
 def test_with_memory_on_the_loss_sees_the_memory_and_reports_its_rate():
   generator, text, params, batch = _setup(1)
   assert "memory" in params["generator"]
-  rng = train_maskgit.step_rng(0, 4)
+  rng = train_loop.step_rng(0, 4)
 
   def loss(p, b, rate):
-    return train_maskgit.compute_losses(generator, text, p, {}, b, b["codes"], rng,
+    return maskgit_objective.compute_losses(generator, text, p, {}, b, b["codes"], rng,
                                         text_drop_rate=0.0, label_smoothing=0.0,
                                         schedule="cosine", memory_drop_rate=rate)
   loss = jax.jit(loss)

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from phenaki_jax.config import schema
-from phenaki_jax import losses, optimizers, sharding
+from phenaki_jax import optimizers, sharding
 from phenaki_jax.pretrained import perceptual
 from phenaki_jax.models import discriminator
 from phenaki_jax.train import train_cvivit
+from phenaki_jax.train import cvivit_objective
+from phenaki_jax import train_state
 from tests.helpers import load_config
 
 
@@ -25,56 +27,56 @@ def _video(seed, shape=(2, 5, 16, 16, 3)):
 def test_adversarial_losses_match_their_definitions():
   real = jnp.array([2.0, 0.5, -1.0])
   fake = jnp.array([-2.0, 0.0, 1.5])
-  np.testing.assert_allclose(losses.discriminator_loss(real, fake, "hinge"),
+  np.testing.assert_allclose(cvivit_objective.discriminator_loss(real, fake, "hinge"),
                              np.mean([0, 0.5, 2.0]) + np.mean([0, 1.0, 2.5]), rtol=1e-6)
-  np.testing.assert_allclose(losses.generator_adversarial_loss(fake, "hinge"), -np.mean(fake))
+  np.testing.assert_allclose(cvivit_objective.generator_adversarial_loss(fake, "hinge"), -np.mean(fake))
   sp = lambda x: np.log1p(np.exp(x))
-  np.testing.assert_allclose(losses.discriminator_loss(real, fake, "non_saturating"),
+  np.testing.assert_allclose(cvivit_objective.discriminator_loss(real, fake, "non_saturating"),
                              np.mean(sp(-np.asarray(real))) + np.mean(sp(np.asarray(fake))),
                              rtol=1e-6)
-  np.testing.assert_allclose(losses.generator_adversarial_loss(fake, "non_saturating"),
+  np.testing.assert_allclose(cvivit_objective.generator_adversarial_loss(fake, "non_saturating"),
                              np.mean(sp(-np.asarray(fake))), rtol=1e-6)
   with pytest.raises(ValueError, match="wasserstein"):
-    losses.discriminator_loss(real, fake, "wasserstein")
+    cvivit_objective.discriminator_loss(real, fake, "wasserstein")
 
 
 def test_r1_penalty_of_a_linear_critic_is_its_squared_weight_norm():
   w = jnp.arange(12, dtype=jnp.float32).reshape(1, 2, 2, 3) / 10
   critic = lambda x: jnp.sum(x * w, axis=(1, 2, 3)) + jnp.sum(x**2, axis=(1, 2, 3)) * 0
   x = _video(0, (4, 2, 2, 3))
-  r1, logits = losses.r1_penalty(critic, x)
+  r1, logits = cvivit_objective.r1_penalty(critic, x)
   np.testing.assert_allclose(r1, float(jnp.sum(w**2)), rtol=1e-6)
   np.testing.assert_allclose(logits, critic(x), rtol=1e-6)
   # Per example, not of the batch sum: a quadratic critic's gradient is 2x.
-  r1_sq, _ = losses.r1_penalty(lambda x: jnp.sum(x**2, axis=(1, 2, 3)), x)
+  r1_sq, _ = cvivit_objective.r1_penalty(lambda x: jnp.sum(x**2, axis=(1, 2, 3)), x)
   np.testing.assert_allclose(r1_sq, float(jnp.mean(jnp.sum((2 * x)**2, axis=(1, 2, 3)))), rtol=1e-5)
 
 
 def test_lecam_is_zero_when_logits_sit_beyond_the_moving_averages():
-  assert float(losses.lecam_regularizer(jnp.array([-1.0]), jnp.array([1.0]), 0.5, -0.5)) == 0
+  assert float(cvivit_objective.lecam_regularizer(jnp.array([-1.0]), jnp.array([1.0]), 0.5, -0.5)) == 0
   np.testing.assert_allclose(
-      losses.lecam_regularizer(jnp.array([1.0]), jnp.array([-1.0]), 0.0, 0.0), 2.0)
+      cvivit_objective.lecam_regularizer(jnp.array([1.0]), jnp.array([-1.0]), 0.0, 0.0), 2.0)
 
 
 def test_perceptual_terms_vanish_for_a_perfect_reconstruction_and_not_otherwise():
   config = schema.complete(load_config("cvivit", "tiny"))
-  frozen = train_cvivit.load_frozen_networks(config)
+  frozen = cvivit_objective.load_frozen_networks(config)
   video, rng = _video(1), jax.random.key(0)
-  lpips = lambda r: float(train_cvivit.lpips_term(video, r, config.loss, frozen, rng))
-  i3d = lambda r: float(train_cvivit.video_perceptual_term(video, r, config.loss, frozen))
+  lpips = lambda r: float(cvivit_objective.lpips_term(video, r, config.loss, frozen, rng))
+  i3d = lambda r: float(cvivit_objective.video_perceptual_term(video, r, config.loss, frozen))
   assert abs(lpips(video)) < 1e-6 and abs(i3d(video)) < 1e-6
   assert lpips(0.5 * video) > 1e-3 and i3d(0.5 * video) > 1e-3
   # Images (1-frame clips) skip the video term, keep LPIPS.
-  assert train_cvivit.video_perceptual_applies(video, config.loss)
-  assert not train_cvivit.video_perceptual_applies(video[:, :1], config.loss)
-  assert float(train_cvivit.lpips_term(video[:, :1], 0.5 * video[:, :1], config.loss, frozen,
+  assert cvivit_objective.video_perceptual_applies(video, config.loss)
+  assert not cvivit_objective.video_perceptual_applies(video[:, :1], config.loss)
+  assert float(cvivit_objective.lpips_term(video[:, :1], 0.5 * video[:, :1], config.loss, frozen,
                                        rng)) > 1e-3
 
 
 def test_lpips_frames_are_the_same_frames_of_input_and_reconstruction():
   video = _video(2, (3, 7, 4, 4, 3))
-  a = train_cvivit._random_frames(video, 2, jax.random.key(5))
-  b = train_cvivit._random_frames(video, 2, jax.random.key(5))
+  a = cvivit_objective._random_frames(video, 2, jax.random.key(5))
+  b = cvivit_objective._random_frames(video, 2, jax.random.key(5))
   np.testing.assert_array_equal(a, b)
   assert a.shape == (6, 4, 4, 3)
   # Two distinct frames of each clip.
@@ -82,7 +84,7 @@ def test_lpips_frames_are_the_same_frames_of_input_and_reconstruction():
     idx = [int(np.argmax([np.allclose(a[2 * clip + j], video[clip, t]) for t in range(7)]))
            for j in range(2)]
     assert idx[0] != idx[1]
-  assert train_cvivit._random_frames(video, 0, jax.random.key(0)).shape == (21, 4, 4, 3)
+  assert cvivit_objective._random_frames(video, 0, jax.random.key(0)).shape == (21, 4, 4, 3)
 
 
 def test_video_perceptual_gradient_reaches_the_prediction_not_the_target():
@@ -141,17 +143,17 @@ def _step_setup(**loss_overrides):
     config.loss[k] = v
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    model = train_cvivit.build_model(config)
+    model = train_state.build_cvivit(config)
     tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-    _, shardings, init = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
+    _, shardings, init = train_state.cvivit_abstract_state(config, model, tx, mesh)
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     step = jax.jit(train_cvivit.make_train_step(model, tx, config), static_argnames=("phase",))
     frames = np.random.default_rng(0).integers(0, 256, (8, 5, 16, 16, 3), dtype=np.uint8)
     # Two steps: the learning rate warms up from 0, so the first moves nothing
     # but the optimizer's moments and the discriminator.
     state = jax.device_get(state)
-    new_state, _ = step(state, {"frames": frames}, {}, phase="r1")
-    new_state, parts = step(new_state, {"frames": frames[::-1]}, {}, phase="r1")
+    new_state, _, _ = step(state, {"frames": frames}, {}, phase="r1")
+    new_state, parts, _ = step(new_state, {"frames": frames[::-1]}, {}, phase="r1")
   return config, model, state, jax.device_get(new_state), jax.device_get(parts)
 
 
@@ -176,8 +178,8 @@ def test_generator_step_does_not_update_the_discriminator(two_adversarial_weight
 
 def test_discriminator_loss_has_no_gradient_into_the_tokenizer(two_adversarial_weights):
   config, model, state, _, _ = two_adversarial_weights[0]
-  disc, _ = train_cvivit.build_discriminator(config)
-  loss_fn = train_cvivit.discriminator_loss_fn(disc, config.gan)
+  disc, _ = train_state.build_discriminator(config)
+  loss_fn = cvivit_objective.discriminator_loss_fn(disc, config.gan)
   video = _video(7, (2, 5, 16, 16, 3))
 
   def through_tokenizer(params):
@@ -194,13 +196,13 @@ def test_discriminator_loss_has_no_gradient_into_the_tokenizer(two_adversarial_w
 def test_gan_phases_follow_the_start_step_and_lazy_r1():
   config = schema.complete(load_config("cvivit", ""))
   config.gan.start_step, config.gan.r1_every = 10, 4
-  phases = [train_cvivit.gan_phase(config, s) for s in range(8, 17)]
+  phases = [cvivit_objective.gan_phase(config, s) for s in range(8, 17)]
   # R1 on the GAN's first step, then on every 4th after it.
   assert phases == ["off", "off", "r1", "on", "on", "on", "r1", "on", "on"]
   config.gan.r1_weight = 0.0
-  assert train_cvivit.gan_phase(config, 12) == "on"
+  assert cvivit_objective.gan_phase(config, 12) == "on"
   config.loss.adversarial_weight = 0.0
-  assert train_cvivit.gan_phase(config, 12) == "off"
+  assert cvivit_objective.gan_phase(config, 12) == "off"
 
 
 def test_before_the_start_step_the_discriminator_is_untouched():
@@ -208,12 +210,12 @@ def test_before_the_start_step_the_discriminator_is_untouched():
   config.loss.lpips_weight = config.loss.video_perceptual_weight = 0.0
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    model = train_cvivit.build_model(config)
+    model = train_state.build_cvivit(config)
     tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-    _, shardings, init = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
+    _, shardings, init = train_state.cvivit_abstract_state(config, model, tx, mesh)
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     frames = np.random.default_rng(0).integers(0, 256, (8, 5, 16, 16, 3), dtype=np.uint8)
-    new_state, parts = jax.jit(train_cvivit.make_train_step(model, tx, config),
+    new_state, parts, _ = jax.jit(train_cvivit.make_train_step(model, tx, config),
                                static_argnames=("phase",))(state, {"frames": frames}, {},
                                                            phase="off")
   assert float(parts["train/gan/active"]) == 0.0
@@ -227,19 +229,19 @@ def test_before_the_perceptual_start_step_lpips_and_i3d_are_left_out():
   config.loss.adversarial_weight = 0.0
   config.loss.max_gradient_ratio = 0.0  # the total then differs by exactly the weighted terms
   config.loss.perceptual_start_step = 3
-  assert [train_cvivit.perceptual_on(config, s) for s in range(5)] == [False] * 3 + [True] * 2
+  assert [cvivit_objective.perceptual_on(config, s) for s in range(5)] == [False] * 3 + [True] * 2
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    model = train_cvivit.build_model(config)
+    model = train_state.build_cvivit(config)
     tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-    _, shardings, init = train_cvivit.abstract_state_and_shardings(config, model, tx, mesh)
+    _, shardings, init = train_state.cvivit_abstract_state(config, model, tx, mesh)
     state = jax.device_get(jax.jit(init, out_shardings=shardings)(jax.random.key(0)))
     step = jax.jit(train_cvivit.make_train_step(model, tx, config),
                    static_argnames=("phase", "perceptual"))
-    frozen = train_cvivit.load_frozen_networks(config)
+    frozen = cvivit_objective.load_frozen_networks(config)
     frames = np.random.default_rng(0).integers(0, 256, (8, 5, 16, 16, 3), dtype=np.uint8)
-    _, off = step(state, {"frames": frames}, frozen, perceptual=False)
-    _, on = step(state, {"frames": frames}, frozen, perceptual=True)
+    _, off, _ = step(state, {"frames": frames}, frozen, perceptual=False)
+    _, on, _ = step(state, {"frames": frames}, frozen, perceptual=True)
   assert "train/lpips" not in off and "train/video_perceptual" not in off
   assert float(on["train/lpips"]) > 0 and float(on["train/video_perceptual"]) > 0
   # The same reconstruction terms; the total differs by exactly the perceptual terms.
@@ -256,17 +258,17 @@ def test_before_the_perceptual_start_step_lpips_and_i3d_are_left_out():
 def _balance_setup(ratio):
   config = schema.complete(load_config("cvivit", "tiny"))
   config.loss.max_gradient_ratio = ratio
-  model = train_cvivit.build_model(config)
+  model = train_state.build_cvivit(config)
   video = _video(3, (2, 5, 16, 16, 3))
   params = model.init(jax.random.key(0), video)["params"]
-  disc, _ = train_cvivit.build_discriminator(config)
+  disc, _ = train_state.build_discriminator(config)
   disc_params = disc.init(jax.random.key(1), video)["params"]
-  adversarial = lambda r: losses.generator_adversarial_loss(
+  adversarial = lambda r: cvivit_objective.generator_adversarial_loss(
       disc.apply({"params": disc_params}, r), config.gan.loss)
-  frozen = train_cvivit.load_frozen_networks(config)
+  frozen = cvivit_objective.load_frozen_networks(config)
   def run(p, loss_cfg):
-    return train_cvivit.compute_losses(model, p, video, loss_cfg, frozen=frozen,
-                                       rng=jax.random.key(2), adversarial=adversarial)
+    return cvivit_objective.compute_losses(model, p, video, loss_cfg, frozen=frozen,
+                                           rng=jax.random.key(2), adversarial=adversarial)
   return config, model, params, video, run
 
 
@@ -281,9 +283,9 @@ def _pixel_grad_norm(fn, recon):
 def test_balancing_caps_each_terms_pixel_gradient_at_the_ratio_times_l2s():
   ratio = 1e-3
   config, model, params, video, run = _balance_setup(ratio)
-  (total, parts), grads = _loss_and_grads(run, params, config.loss)
-  recon = parts["recon"]
-  l2_norm = _pixel_grad_norm(lambda r: losses.l2_loss(video, r), recon)
+  (total, (parts, outputs)), grads = _loss_and_grads(run, params, config.loss)
+  recon = outputs["recon"]
+  l2_norm = _pixel_grad_norm(lambda r: cvivit_objective.l2_loss(video, r), recon)
   names = ("lpips", "video_perceptual", "gan/generator_loss")
   weights = dict(zip(names, (config.loss.lpips_weight, config.loss.video_perceptual_weight,
                              config.loss.adversarial_weight)))
@@ -292,8 +294,8 @@ def test_balancing_caps_each_terms_pixel_gradient_at_the_ratio_times_l2s():
     # A tight cap binds on every term.
     assert 0 < effective < weights[name], name
   # The capped pixel gradient of each term is exactly ratio x L2's.
-  lpips_fn = lambda r: train_cvivit.lpips_term(video, r, config.loss,
-                                               train_cvivit.load_frozen_networks(config),
+  lpips_fn = lambda r: cvivit_objective.lpips_term(video, r, config.loss,
+                                               cvivit_objective.load_frozen_networks(config),
                                                jax.random.key(2))
   np.testing.assert_allclose(
       float(parts["train/lpips_weight"]) * _pixel_grad_norm(lpips_fn, recon), ratio * l2_norm,
@@ -316,7 +318,7 @@ def test_balancing_caps_each_terms_pixel_gradient_at_the_ratio_times_l2s():
 
 def test_a_loose_cap_leaves_the_weights_and_the_gradient_as_given():
   config, _, params, _, run = _balance_setup(1e9)
-  (_, parts), grads = _loss_and_grads(run, params, config.loss)
+  (_, (parts, _)), grads = _loss_and_grads(run, params, config.loss)
   assert float(parts["train/lpips_weight"]) == pytest.approx(config.loss.lpips_weight)
   assert float(parts["train/gan/generator_loss_weight"]) == pytest.approx(
       config.loss.adversarial_weight)

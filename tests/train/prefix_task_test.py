@@ -4,7 +4,8 @@ import math
 import jax
 import numpy as np
 
-from phenaki_jax.train import train_maskgit
+from phenaki_jax.train import maskgit_objective
+from phenaki_jax.train import loop as train_loop
 
 T, H, W, V = 3, 4, 4, 64
 MASK = V
@@ -12,11 +13,11 @@ MASK = V
 
 def _inputs(n, prob, corrupt=0.0, real_frames=T, seed=0):
   codes = jax.random.randint(jax.random.key(seed), (n, real_frames, H, W), 0, V)
-  tokens, region = train_maskgit.pad_token_grid(codes, T, MASK)
-  fn = jax.jit(lambda r: train_maskgit.training_inputs(
+  tokens, region = maskgit_objective.pad_token_grid(codes, T, MASK)
+  fn = jax.jit(lambda r: maskgit_objective.training_inputs(
       r, tokens, region, schedule="cosine", mask_id=MASK, codebook_size=V,
       prefix_probability=prob, prefix_corrupt_fraction=corrupt))
-  inputs, masked, prefix = fn(train_maskgit.step_rng(0, 3))
+  inputs, masked, prefix = fn(train_loop.step_rng(0, 3))
   return np.asarray(tokens), np.asarray(inputs), np.asarray(masked), np.asarray(prefix)
 
 

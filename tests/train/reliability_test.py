@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phenaki_jax import losses, metrics
-from phenaki_jax.train import train_cvivit
+from phenaki_jax import metrics
+from phenaki_jax.train import cvivit_objective, maskgit_objective, train_cvivit
+from phenaki_jax.train import loop as train_loop
 from tests.helpers import REPO, load_config
 
 
@@ -24,9 +25,9 @@ def _tiny(**top):
 
 
 def test_nonfinite_steps_are_skipped_and_training_goes_on(tmp_path, monkeypatch):
-  real_l2 = losses.l2_loss
+  real_l2 = cvivit_objective.l2_loss
   # Poison every image batch (1-frame clips): one step in five.
-  monkeypatch.setattr(losses, "l2_loss",
+  monkeypatch.setattr(cvivit_objective, "l2_loss",
                       lambda t, p: real_l2(t, p) * (jnp.nan if t.shape[1] == 1 else 1.0))
   out = train_cvivit.train_and_evaluate(_tiny(total_steps=10, checkpoint_every_steps=5),
                                         str(tmp_path))
@@ -41,9 +42,9 @@ def test_nonfinite_steps_are_skipped_and_training_goes_on(tmp_path, monkeypatch)
 
 
 def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path, monkeypatch):
-  monkeypatch.setattr(losses, "l2_loss", lambda t, p: jnp.mean(p) * jnp.nan)
+  monkeypatch.setattr(cvivit_objective, "l2_loss", lambda t, p: jnp.mean(p) * jnp.nan)
   config = _tiny(total_steps=20, checkpoint_every_steps=3, max_consecutive_nonfinite=3)
-  with pytest.raises(train_cvivit.NonFiniteTrainingError, match="3 consecutive steps"):
+  with pytest.raises(train_loop.NonFiniteTrainingError, match="3 consecutive steps"):
     train_cvivit.train_and_evaluate(config, str(tmp_path))
   # Nothing was checkpointed: the streak is checked before every save.
   assert not os.listdir(tmp_path / "checkpoints")
@@ -229,7 +230,7 @@ def test_generator_sigterm_saves_exits_zero_and_resumes_without_losing_steps(tmp
 def test_generator_skips_nonfinite_steps_and_stops_after_a_streak(tmp_path, monkeypatch):
   from phenaki_jax.train import train_maskgit
   tok = _tiny_tokenizer(tmp_path / "tok")
-  real = train_maskgit.compute_losses
+  real = maskgit_objective.compute_losses
 
   def poisoned(*args, always=False, **kwargs):
     loss, parts = real(*args, **kwargs)
@@ -239,7 +240,7 @@ def test_generator_skips_nonfinite_steps_and_stops_after_a_streak(tmp_path, monk
       parts = {**parts, "train/loss": parts["train/loss"] * jnp.nan}
     return loss, parts
 
-  monkeypatch.setattr(train_maskgit, "compute_losses", poisoned)
+  monkeypatch.setattr(maskgit_objective, "compute_losses", poisoned)
   config = load_config("maskgit", "tiny")
   config.tokenizer.workdir = tok
   config.total_steps, config.eval_every_steps, config.checkpoint_every_steps = 10, 0, 5
@@ -250,10 +251,10 @@ def test_generator_skips_nonfinite_steps_and_stops_after_a_streak(tmp_path, monk
   assert skipped == image_steps and skipped, (skipped, image_steps)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(out["state"].params)))
 
-  monkeypatch.setattr(train_maskgit, "compute_losses",
+  monkeypatch.setattr(maskgit_objective, "compute_losses",
                       lambda *a, **k: poisoned(*a, always=True, **k))
   config.max_consecutive_nonfinite = 3
-  with pytest.raises(train_maskgit.NonFiniteTrainingError, match="3 consecutive steps"):
+  with pytest.raises(train_loop.NonFiniteTrainingError, match="3 consecutive steps"):
     train_maskgit.train_and_evaluate(config, str(tmp_path / "gen2"))
   assert not os.listdir(tmp_path / "gen2" / "checkpoints")
 

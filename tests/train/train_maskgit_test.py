@@ -16,6 +16,11 @@ from phenaki_jax import metrics, optimizers, sharding
 from phenaki_jax.sampling import mask_schedule
 from phenaki_jax.tokenizer import Tokenizer
 from phenaki_jax.train import train_cvivit, train_maskgit
+from phenaki_jax.train import maskgit_objective
+from phenaki_jax.text import encoder as text_encoder
+from phenaki_jax import tokenizer as tokenizer_lib
+from phenaki_jax.train import loop as train_loop
+from phenaki_jax import train_state
 from tests.helpers import load_config, write_tiny_t5x
 
 GRID = (3, 4, 4)  # configs/maskgit.py:tiny
@@ -99,8 +104,8 @@ class LossSetup:
 
   def __init__(self):
     self.config = config = schema.complete(load_config("maskgit", "tiny"))
-    self.generator = train_maskgit.build_generator(config)
-    self.text = train_maskgit.build_text_encoder(config.text)
+    self.generator = train_state.build_maskgit(config)
+    self.text = text_encoder.build_text_encoder(config.text)
     self.max_length = config.text.max_length
     ones = jnp.ones((1, self.max_length), jnp.int32)
     self.params = {
@@ -110,7 +115,7 @@ class LossSetup:
     }
 
     def loss(params, batch, rng, drop_rate):
-      return train_maskgit.compute_losses(
+      return maskgit_objective.compute_losses(
           self.generator, self.text, params, {}, batch, batch["codes"], rng,
           text_drop_rate=drop_rate, label_smoothing=0.1, schedule="cosine")
 
@@ -142,7 +147,7 @@ def big_batch(setup):
   """2,000 examples through the real loss function, once."""
   n = 2000
   batch = setup.batch(_codes(np.random.default_rng(0), n), _captions(n))
-  rng = train_maskgit.step_rng(0, 7)
+  rng = train_loop.step_rng(0, 7)
   _, parts = setup.loss(setup.params, batch, rng, 0.1)
   return n, batch, rng, jax.device_get(parts)
 
@@ -161,18 +166,18 @@ def test_text_drop_rate_over_2000_examples_in_one_step(big_batch):
 
 def test_text_drop_rate_over_steps_as_the_trainer_draws_it():
   # 250 steps × 8 examples, each step's rng derived as the train step does.
-  draw = jax.jit(jax.vmap(lambda s: train_maskgit.text_drop_mask(
-      train_maskgit.split_step_rng(train_maskgit.step_rng(0, s))[1], 8, 0.1)))
+  draw = jax.jit(jax.vmap(lambda s: maskgit_objective.text_drop_mask(
+      maskgit_objective.split_step_rng(train_loop.step_rng(0, s))[1], 8, 0.1)))
   drops = np.asarray(draw(jnp.arange(250)))
   assert _binomial_ok(int(drops.sum()), drops.size, 0.1), drops.sum()
   # Fresh draws per step, not one pattern repeated.
   assert len({tuple(row) for row in drops}) > 10
-  assert not np.asarray(jax.jit(jax.vmap(lambda s: train_maskgit.text_drop_mask(
-      train_maskgit.step_rng(0, s), 8, 0.0)))(jnp.arange(250))).any()
+  assert not np.asarray(jax.jit(jax.vmap(lambda s: maskgit_objective.text_drop_mask(
+      train_loop.step_rng(0, s), 8, 0.0)))(jnp.arange(250))).any()
 
 
 def test_zero_drop_rate_drops_nothing_and_dropped_text_is_the_empty_text(setup):
-  step = train_maskgit.step_rng(0, 5)
+  step = train_loop.step_rng(0, 5)
   codes = _codes(np.random.default_rng(1), 8)
   batch = setup.batch(codes, _captions(8), token_frames=FULL)
   other = setup.batch(codes, _captions(9)[1:], token_frames=FULL)
@@ -198,21 +203,21 @@ def test_realised_mask_ratio_follows_cos_of_uniform_r(big_batch):
   # E[cos(π r / 2)] = 2/π for r ~ U(0, 1); sd 0.31 per example.
   assert abs(float(parts["train/mask_ratio"]) - 2 / math.pi) < 4 * 0.308 / math.sqrt(n)
   # Per example, as compute_losses masks: P(γ > 1/2) = P(r < 2/3) = 2/3, ≥ 1 token masked.
-  tokens, region = train_maskgit.pad_token_grid(batch["codes"], GRID[0], V)
-  masked = mask_schedule.sample_mask(train_maskgit.split_step_rng(rng)[0], tokens.shape,
+  tokens, region = maskgit_objective.pad_token_grid(batch["codes"], GRID[0], V)
+  masked = mask_schedule.sample_mask(maskgit_objective.split_step_rng(rng)[0], tokens.shape,
                                      "cosine", loss_region=region)
   ratio = np.asarray(masked).reshape(n, -1).mean(axis=1)
   assert ratio.min() > 0
   assert _binomial_ok(int((ratio > 0.5).sum()), n, 2 / 3), (ratio > 0.5).sum()
   # Every bucket of r is reported.
-  assert all(parts[f"bucket_stats/{b}/count"] > 0 for b in train_maskgit.R_BUCKETS)
+  assert all(parts[f"bucket_stats/{b}/count"] > 0 for b in maskgit_objective.R_BUCKETS)
 
 
 # --- Images: loss on first-frame tokens only.
 
 def test_image_examples_take_the_loss_on_first_frame_tokens_only(setup):
   rng = np.random.default_rng(3)
-  step = train_maskgit.step_rng(0, 11)
+  step = train_loop.step_rng(0, 11)
   captions = _captions(8)
   image = _codes(rng, 8, frames=1)
   as_clip = np.concatenate([image, _codes(rng, 8, frames=2)], axis=1)
@@ -230,8 +235,8 @@ def test_image_examples_take_the_loss_on_first_frame_tokens_only(setup):
   jax.tree.map(np.testing.assert_array_equal, padded[0][1], padded[1][1])
 
   # The masks and inputs: [MASK] beyond the first token frame, never in the loss.
-  tokens, region = train_maskgit.pad_token_grid(jnp.asarray(image), GRID[0], V)
-  masked = np.asarray(mask_schedule.sample_mask(train_maskgit.split_step_rng(step)[0],
+  tokens, region = maskgit_objective.pad_token_grid(jnp.asarray(image), GRID[0], V)
+  masked = np.asarray(mask_schedule.sample_mask(maskgit_objective.split_step_rng(step)[0],
                                                 tokens.shape, "cosine", loss_region=region))
   assert (np.asarray(tokens)[:, 1:] == V).all()
   assert not masked[:, 1:].any() and masked[:, 0].reshape(8, -1).sum(axis=1).min() >= 1
@@ -256,10 +261,10 @@ def test_sharded_step_skips_nonfinite_and_matches_unsharded_loss(setup):
   rules = config.logical_axis_rules
   with sharding.use_mesh(mesh, rules):
     tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-    _, shardings, _ = train_maskgit.abstract_state_and_shardings(
+    _, shardings, _ = train_state.maskgit_abstract_state(
         config, setup.generator, setup.text, tx, mesh)
     params = jax.device_get(setup.params)
-    state = jax.device_put(train_maskgit.GeneratorState(
+    state = jax.device_put(train_state.GeneratorState(
         step=np.int32(0), params=params, opt_state=jax.device_get(tx.init(params)),
         ema_params=params, nonfinite_streak=np.int32(0)), shardings)
     step = jax.jit(train_maskgit.make_train_step(setup.generator, setup.text, None, tx, config),
@@ -274,23 +279,23 @@ def test_sharded_step_skips_nonfinite_and_matches_unsharded_loss(setup):
     # Copies: on CPU a fetched array can share the buffer that donation reuses.
     host = lambda tree: jax.tree.map(np.array, jax.device_get(tree))
     before = host(state)
-    state, out = step(state, bad, frozen)
+    state, out, streak_bad = step(state, bad, frozen)
     after_bad = host(state)
-    state, out_good = step(state, good, frozen)
+    state, out_good, streak_good = step(state, good, frozen)
     # (The warm-up's first learning rate is 0: a second step moves the params.)
-    state, _ = step(state, good, frozen)
-  assert float(out["train/nonfinite_step_fraction"]) == 1.0 and int(out["nonfinite_streak"]) == 1
+    state, _, _ = step(state, good, frozen)
+  assert float(out["train/nonfinite_step_fraction"]) == 1.0 and int(streak_bad) == 1
   jax.tree.map(np.testing.assert_array_equal, (after_bad.params, after_bad.ema_params,
                                                after_bad.opt_state),
                (before.params, before.ema_params, before.opt_state))
   assert int(after_bad.step) == 1
   assert float(out_good["train/nonfinite_step_fraction"]) == 0.0
-  assert int(out_good["nonfinite_streak"]) == 0 and np.isfinite(float(out_good["train/loss"]))
+  assert int(streak_good) == 0 and np.isfinite(float(out_good["train/loss"]))
   assert not np.array_equal(jax.device_get(state.params["generator"]["to_logits"]["kernel"]),
                             before.params["generator"]["to_logits"]["kernel"])
   # The same loss without a mesh (the skipped step left the params as they were).
-  unsharded = jax.jit(lambda p, b: train_maskgit.compute_losses(
-      setup.generator, setup.text, p, {}, b, b["codes"], train_maskgit.step_rng(config.seed, 1),
+  unsharded = jax.jit(lambda p, b: maskgit_objective.compute_losses(
+      setup.generator, setup.text, p, {}, b, b["codes"], train_loop.step_rng(config.seed, 1),
       text_drop_rate=config.text_drop_rate, label_smoothing=config.loss.label_smoothing,
       schedule=config.mask_schedule, prefix_probability=config.prefix.probability,
       prefix_corrupt_fraction=config.prefix.corrupt_fraction)[0])(setup.params, good)
@@ -317,7 +322,7 @@ def test_tokenizer_mismatch_names_what_differs(tokenizer_dir, tmp_path, key, val
   with pytest.raises(schema.ConfigError, match=message):
     train_maskgit.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
-  assert not (tmp_path / train_maskgit.TOKENIZER_RECORD).exists()
+  assert not (tmp_path / tokenizer_lib.TOKENIZER_RECORD).exists()
 
 
 def test_missing_tokenizer_is_named(tmp_path):
@@ -369,7 +374,7 @@ def test_frozen_t5x_encoder_loads_and_stays_out_of_the_train_state(tmp_path, tok
   path, params = write_tiny_t5x(tmp_path, _captions(200))
   config = _tiny(tokenizer_dir)
   config.text.encoder, config.text.t5_path = "t5", path
-  text = train_maskgit.build_text_encoder(config.text)
+  text = text_encoder.build_text_encoder(config.text)
   assert not text.trainable and text.width == 16
   assert text.tokenizer.encode("a red circle")[-1] == 1  # SentencePiece with EOS
   jax.tree.map(np.testing.assert_array_equal, text.pretrained, params)
@@ -379,9 +384,9 @@ def test_frozen_t5x_encoder_loads_and_stays_out_of_the_train_state(tmp_path, tok
   mesh = sharding.make_mesh((2, 2, 2))
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     frozen, _ = train_maskgit.frozen_inputs(tok, text, config, mesh)
-    generator = train_maskgit.build_generator(config)
+    generator = train_state.build_maskgit(config)
     tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-    abstract, _, _ = train_maskgit.abstract_state_and_shardings(config, generator, text, tx, mesh)
+    abstract, _, _ = train_state.maskgit_abstract_state(config, generator, text, tx, mesh)
   assert set(abstract.params) == {"generator"}
   np.testing.assert_array_equal(frozen["text_encoder"]["token_embedder"]["embedding"],
                                 params["token_embedder"]["embedding"])
@@ -404,7 +409,7 @@ def test_tiny_run_writes_checkpoints_metrics_and_records_the_tokenizer(uninterru
               "train/by_r/00-25/loss", "eval/loss", "eval/ema/loss", "eval/no_text/loss"):
     assert key in keys, key
   assert not any(k.startswith("bucket_stats") for k in keys)
-  record = train_maskgit._recorded_tokenizer(workdir)
+  record = tokenizer_lib.read_record(workdir)
   assert record == {"workdir": os.path.abspath(tokenizer_dir), "step": 1, "codebook_size": 64}
   # The byte encoder trains with the generator; the EMA trails both.
   state = jax.device_get(out["state"])
