@@ -19,10 +19,14 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from phenaki_jax import distributed  # noqa: E402  (defines the multi-process flags)
+from phenaki_jax import console  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (and :variant).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and outputs go.")
+_LIBRARY_LOGS = flags.DEFINE_bool(
+    "library_logs", False, "Also print the libraries' INFO lines (Orbax's checkpoint machinery, "
+    "CLU, grain); by default the console shows this job's own lines and every warning.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -83,6 +87,7 @@ def main(argv):
   except ImportError:
     pass
   logging.set_verbosity(logging.INFO)
+  console.quiet_library_logs(not _LIBRARY_LOGS.value)
   # Before anything touches a device: joining a multi-process job (and
   # --num_cpu_devices) must precede backend initialisation.
   try:

@@ -65,7 +65,9 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
   """TensorBoard + log + metrics.jsonl on process 0; nothing elsewhere."""
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
-  tb = metric_writers.create_default_writer(workdir, asynchronous=False)
+  # TensorBoard without CLU's LoggingWriter: the progress and eval lines
+  # already show the scalars, once.
+  tb = metric_writers.SummaryWriter(workdir)
   return metric_writers.MultiWriter([tb, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
 
 

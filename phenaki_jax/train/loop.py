@@ -195,6 +195,8 @@ class TrainLoop:
       self._hashes.flush()
       self._ckpt.save(step, state, self._train_iter, config, force=preempted)
       self.last_saved = step
+      logging.info("checkpoint step %d: saving to %s%s", step, self._ckpt.directory,
+                   " (in the background)" if config.async_checkpointing else "")
     if preempted:
       self._ckpt.wait()
       logging.warning("preempted (SIGTERM) at step %d: checkpoint committed, exiting; run the "
