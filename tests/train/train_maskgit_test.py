@@ -431,7 +431,7 @@ def test_stop_and_resume_is_exact(uninterrupted, tokenizer_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, (a.params, a.ema_params, a.opt_state),
                (b.params, b.ema_params, b.opt_state))
 
-# --- Long-term memory (model.memory_token_frames; tests/train/memory_task_test.py).
+# --- Long-term memory (model.memory_token_frames; tests/train/maskgit_objective_test.py).
 
 def test_a_memory_generator_trains_checkpoints_and_resumes_exactly(tokenizer_dir, tmp_path):
   def config():

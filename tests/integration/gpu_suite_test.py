@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUITE = os.path.join(REPO, "benchmarks", "gpu_suite.sh")
 NAMES = ["generator_train_step", "sampling", "tokenizer_full", "side_by_side",
          "tokenizer_full_r1"]
