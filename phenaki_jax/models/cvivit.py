@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from phenaki_jax.models.layers import (DenseGeneral, Transformer, check_attention_impl, constrain,
-                                      remat_policy_name, sinusoidal_embedding)
+from phenaki_jax.models.layers import (DenseGeneral, Transformer, TransformerSpec, constrain,
+                                      sinusoidal_embedding)
 from phenaki_jax.models.quantizer import VectorQuantizer
 
 Dtype = Any
@@ -40,21 +40,9 @@ def num_frames_of(token_frames: int, temporal_patch_size: int) -> int:
 
 class _SpaceTimeTransformer(nn.Module):
   """Spatial transformer within token frames plus causal temporal across them."""
-  width: int
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
-  spatial_depth: int
-  temporal_depth: int
+  spatial_spec: TransformerSpec
+  temporal_spec: TransformerSpec
   temporal_first: bool
-  remat: bool = False
-  remat_policy: str = ""
-  scan_layers: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
-  qk_norm: bool = False
-  zero_init_residual: bool = False
 
   def _spatial(self, x: jax.Array) -> jax.Array:
     b, t, h, w, d = x.shape
@@ -70,14 +58,9 @@ class _SpaceTimeTransformer(nn.Module):
     return einops.rearrange(y, "(b h w) t d -> b t h w d", b=b, h=h, w=w)
 
   def setup(self):
-    kw = dict(num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
-              remat=self.remat, remat_policy=self.remat_policy, scan_layers=self.scan_layers,
-              dtype=self.dtype, param_dtype=self.param_dtype,
-              attention_impl=self.attention_impl, qk_norm=self.qk_norm,
-              zero_init_residual=self.zero_init_residual)
-    self.spatial = Transformer(num_layers=self.spatial_depth, causal=False, **kw)
+    self.spatial = Transformer(self.spatial_spec, causal=False)
     # Causal in time: the property the whole tokenizer is built around.
-    self.temporal = Transformer(num_layers=self.temporal_depth, causal=True, **kw)
+    self.temporal = Transformer(self.temporal_spec, causal=True)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.temporal_first:
@@ -94,26 +77,26 @@ class CViViT(nn.Module):
   image_size: int
   patch_size: int
   temporal_patch_size: int
-  width: int
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
-  spatial_depth: int
-  temporal_depth: int
+  # The stacks within a token frame (spatial) and across token frames (temporal,
+  # causal), the same in the encoder and the mirrored decoder. They share the
+  # residual width and the dtypes, which the layers around them use too.
+  spatial_spec: TransformerSpec
+  temporal_spec: TransformerSpec
   codebook_size: int
   code_dim: int
   channels: int = 3
-  remat: bool = False
-  # A layers.REMAT_POLICIES name; '' follows `remat`.
-  remat_policy: str = ""
-  # nn.scan over each stack's blocks (params stacked under 'blocks'; convert
-  # with layers.scan_params / unscan_params): same numbers, one block to compile.
-  scan_layers: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
-  qk_norm: bool = False
-  zero_init_residual: bool = False
+
+  @property
+  def width(self) -> int:
+    return self.spatial_spec.width
+
+  @property
+  def dtype(self) -> Dtype:
+    return self.spatial_spec.dtype
+
+  @property
+  def param_dtype(self) -> Dtype:
+    return self.spatial_spec.param_dtype
 
   @property
   def grid_size(self) -> int:
@@ -123,12 +106,12 @@ class CViViT(nn.Module):
     p, tp, c = self.patch_size, self.temporal_patch_size, self.channels
     dense = lambda features, axes, name: DenseGeneral(
         features, kernel_axes=axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    stack = dict(width=self.width, num_heads=self.num_heads, head_dim=self.head_dim,
-                 mlp_dim=self.mlp_dim, spatial_depth=self.spatial_depth,
-                 temporal_depth=self.temporal_depth, remat=self.remat,
-                 remat_policy=self.remat_policy, scan_layers=self.scan_layers, dtype=self.dtype,
-                 param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                 qk_norm=self.qk_norm, zero_init_residual=self.zero_init_residual)
+    a, b = self.spatial_spec, self.temporal_spec
+    if (a.width, a.dtype, a.param_dtype) != (b.width, b.dtype, b.param_dtype):
+      raise ValueError(f"the spatial and temporal stacks must share width, dtype and param_dtype; "
+                       f"got {(a.width, a.dtype, a.param_dtype)} and "
+                       f"{(b.width, b.dtype, b.param_dtype)}")
+    stack = dict(spatial_spec=a, temporal_spec=b)
     # Encoder.
     self.first_frame_embed = dense(self.width, ("patch", "embed"), "first_frame_embed")
     self.tubelet_embed = dense(self.width, ("patch", "embed"), "tubelet_embed")
@@ -209,20 +192,8 @@ def from_config(model_config: Any, image_size: int) -> CViViT:
       image_size=image_size,
       patch_size=m.patch_size,
       temporal_patch_size=m.temporal_patch_size,
-      width=m.width,
-      num_heads=m.num_heads,
-      head_dim=m.head_dim,
-      mlp_dim=m.mlp_dim,
-      spatial_depth=m.spatial_depth,
-      temporal_depth=m.temporal_depth,
+      spatial_spec=TransformerSpec.from_config(m, depth=m.spatial_depth),
+      temporal_spec=TransformerSpec.from_config(m, depth=m.temporal_depth),
       codebook_size=m.codebook_size,
       code_dim=m.code_dim,
-      remat=m.remat,
-      remat_policy=remat_policy_name(m.remat, m.get("remat_policy", "")),
-      scan_layers=m.get("scan_layers", False),
-      dtype=jnp.dtype(m.dtype),
-      param_dtype=jnp.dtype(m.param_dtype),
-      attention_impl=check_attention_impl(m.attention_impl) or None,
-      qk_norm=m.qk_norm,
-      zero_init_residual=m.zero_init_residual,
   )

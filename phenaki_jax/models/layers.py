@@ -8,6 +8,7 @@ dimension takes the same mesh axis.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -152,6 +153,82 @@ def unscan_params(params: Any) -> Any:
   return out
 
 
+# --- One transformer stack's sizes and how it runs.
+
+@dataclasses.dataclass(frozen=True)
+class TransformerSpec:
+  """The sizes and execution of one transformer stack: what every model here builds a
+  Transformer from, in one typed field.
+
+  Frozen and hashable, so a Linen module takes it as a field (CViViT's spatial and
+  temporal stacks, MaskGIT's stack). Values are checked and put in canonical form
+  on construction: `remat_policy` is a REMAT_POLICIES name, `attention_impl` one
+  of ATTENTION_IMPLS (None -> ''), the dtypes are jnp.dtype objects.
+  `from_config` is the one way a config section becomes a spec.
+  """
+  width: int  # the residual stream
+  num_heads: int
+  head_dim: int  # width of one head
+  mlp_dim: int  # hidden width of the MLPs
+  depth: int  # blocks in the stack
+  # What the backward pass keeps (REMAT_POLICIES); 'none': no remat.
+  remat_policy: str = "none"
+  # nn.scan over the blocks (params stacked under 'blocks'; convert with
+  # scan_params / unscan_params): same numbers, one block to compile.
+  scan_layers: bool = False
+  dtype: Dtype = jnp.float32  # compute dtype
+  param_dtype: Dtype = jnp.float32  # dtype the parameters are created in
+  # See ATTENTION_IMPLS: '' picks, 'xla', or 'cudnn' (falls back to xla).
+  attention_impl: str = ""
+  # LayerNorm on queries and keys per head (see MultiHeadAttention).
+  qk_norm: bool = False
+  # Zero-initialised residual branches: every block starts as the identity,
+  # so the stack starts as the (fast-learning) linear path around it.
+  zero_init_residual: bool = False
+
+  def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r}: expected one of "
+                       f"{sorted(REMAT_POLICIES)}")
+    for name in ("width", "num_heads", "head_dim", "mlp_dim"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)}: must be positive")
+    if self.depth < 0:
+      raise ValueError(f"depth={self.depth}: must be >= 0")
+    # Canonical forms (the dataclass is frozen, hence object.__setattr__).
+    object.__setattr__(self, "attention_impl", check_attention_impl(self.attention_impl))
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+    object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+
+  def replace(self, **changes: Any) -> TransformerSpec:
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_config(cls, model_config: Any, *, depth: int) -> TransformerSpec:
+    """The spec of a `config.model` section's stack of `depth` blocks.
+
+    Reads width, num_heads, head_dim, mlp_dim, remat and remat_policy ('' follows
+    remat), scan_layers, dtype, param_dtype, attention_impl, qk_norm and
+    zero_init_residual; a key a section does not have (the generator has no
+    qk_norm or zero_init_residual) takes the default.
+    """
+    m = model_config
+    return cls(
+        width=m.width,
+        num_heads=m.num_heads,
+        head_dim=m.head_dim,
+        mlp_dim=m.mlp_dim,
+        depth=depth,
+        remat_policy=remat_policy_name(m.remat, m.get("remat_policy", "")),
+        scan_layers=m.get("scan_layers", False),
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        attention_impl=m.attention_impl,
+        qk_norm=m.get("qk_norm", False),
+        zero_init_residual=m.get("zero_init_residual", False),
+    )
+
+
 class DenseGeneral(nn.Module):
   """nn.DenseGeneral whose kernel (and bias) carry logical axis names."""
   features: int | tuple[int, ...]
@@ -272,37 +349,28 @@ class MlpBlock(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-  """Pre-norm block: self-attention, optional cross-attention, MLP."""
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
+  """Pre-norm block: self-attention, optional cross-attention, MLP (sizes from `spec`)."""
+  spec: TransformerSpec
   causal: bool = False
   cross_attention: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
-  qk_norm: bool = False
-  # Zero-initialised residual branches: every block starts as the identity,
-  # so the stack starts as the (fast-learning) linear path around it.
-  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
                context_mask: jax.Array | None = None) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    if self.zero_init_residual:
+    s = self.spec
+    kw = dict(dtype=s.dtype, param_dtype=s.param_dtype)
+    if s.zero_init_residual:
       kw["out_init"] = nn.initializers.zeros
     attn = lambda name, causal: MultiHeadAttention(
-        self.num_heads, self.head_dim, causal=causal, attention_impl=self.attention_impl,
-        qk_norm=self.qk_norm, name=name, **kw)
+        s.num_heads, s.head_dim, causal=causal, attention_impl=s.attention_impl,
+        qk_norm=s.qk_norm, name=name, **kw)
     x = constrain(x, "act_batch", "act_len", "act_embed")
-    norm = lambda name: LayerNorm(name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = lambda name: LayerNorm(name=name, dtype=s.dtype, param_dtype=s.param_dtype)
     x = x + attn("self_attention", self.causal)(norm("pre_attention_norm")(x))
     if self.cross_attention:
       h = norm("pre_cross_attention_norm")(x)
       x = x + attn("cross_attention", False)(h, context, context_mask)
-    norm_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x + MlpBlock(self.mlp_dim, name="mlp", **kw)(LayerNorm(name="pre_mlp_norm", **norm_kw)(x))
+    x = x + MlpBlock(s.mlp_dim, name="mlp", **kw)(norm("pre_mlp_norm")(x))
     return constrain(x, "act_batch", "act_len", "act_embed")
 
 
@@ -315,51 +383,37 @@ class _ScanBlock(TransformerBlock):
 
 
 class Transformer(nn.Module):
-  """A stack of TransformerBlocks, optionally rematerialised per block.
+  """A stack of spec.depth TransformerBlocks, optionally rematerialised per block.
 
-  `scan_layers` runs one block under `nn.scan` with the layers' parameters
+  `spec.scan_layers` runs one block under `nn.scan` with the layers' parameters
   stacked on a leading 'layers' axis (params['blocks']): it compiles one block
-  instead of num_layers, which matters for deep stacks on pods. The numbers
-  are those of the unrolled stack given the same weights (tested).
+  instead of depth, which matters for deep stacks on pods. The numbers are
+  those of the unrolled stack given the same weights (tested).
   """
-  num_layers: int
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
+  spec: TransformerSpec
   causal: bool = False
   cross_attention: bool = False
-  remat: bool = False
-  scan_layers: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
-  qk_norm: bool = False
-  zero_init_residual: bool = False
-  # A REMAT_POLICIES name; '' follows `remat` ('full' if set, else 'none').
-  remat_policy: str = ""
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
                context_mask: jax.Array | None = None) -> jax.Array:
-    fields = dict(num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
-                  causal=self.causal, cross_attention=self.cross_attention,
-                  dtype=self.dtype, param_dtype=self.param_dtype,
-                  attention_impl=self.attention_impl, qk_norm=self.qk_norm,
-                  zero_init_residual=self.zero_init_residual)
-    policy = remat_policy_name(self.remat, self.remat_policy)
-    remat = lambda cls, **kw: cls if policy == "none" else nn.remat(
-        cls, policy=REMAT_POLICIES[policy], **kw)
-    if self.scan_layers:
+    s = self.spec
+    if x.shape[-1] != s.width:
+      raise ValueError(f"a Transformer of width {s.width} got inputs of width {x.shape[-1]}")
+    fields = dict(spec=s, causal=self.causal, cross_attention=self.cross_attention)
+    remat = lambda cls, **kw: cls if s.remat_policy == "none" else nn.remat(
+        cls, policy=REMAT_POLICIES[s.remat_policy], **kw)
+    if s.scan_layers:
       block_cls = remat(_ScanBlock, prevent_cse=False)
       scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
+                        in_axes=(nn.broadcast, nn.broadcast), length=s.depth,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(**fields, name="blocks")(x, context, context_mask)
     else:
       block_cls = remat(TransformerBlock)
-      for i in range(self.num_layers):
+      for i in range(s.depth):
         x = block_cls(**fields, name=f"block_{i}")(x, context, context_mask)
-    return LayerNorm(name="final_norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return LayerNorm(name="final_norm", dtype=s.dtype, param_dtype=s.param_dtype)(x)
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:

@@ -30,8 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from phenaki_jax.models.layers import (DenseGeneral, Transformer, check_attention_impl, constrain,
-                                      remat_policy_name)
+from phenaki_jax.models.layers import DenseGeneral, Transformer, TransformerSpec, constrain
 from phenaki_jax.models.memory import MemoryContext
 
 Dtype = Any
@@ -48,17 +47,10 @@ class MaskGitTransformer(nn.Module):
     max_token_frames: largest T accepted (size of the frame position table).
     grid_height: largest h accepted (row position table).
     grid_width: largest w accepted (column position table).
-    width: width of the residual stream.
-    num_layers: transformer blocks, each with self- and cross-attention.
-    num_heads: attention heads.
-    head_dim: width of one head.
-    mlp_dim: hidden width of the MLPs.
-    remat: rematerialise each block in the backward pass.
-    remat_policy: a layers.REMAT_POLICIES name; '' follows `remat`.
-    scan_layers: one block under nn.scan, parameters stacked on 'layers'.
-    dtype: compute dtype; logits are returned in float32.
-    param_dtype: dtype the parameters are created in.
-    attention_impl: None lets XLA choose; 'cudnn' for the fused GPU kernel.
+    spec: the transformer stack (layers.TransformerSpec): width of the residual
+      stream, spec.depth blocks each with self- and cross-attention, heads,
+      MLP width, remat, scan, dtypes (compute and parameter; logits are
+      returned in float32) and the attention implementation.
     memory_token_frames: token frames of long-term memory in the cross-attention
       context; 0: none (and no memory parameters).
   """
@@ -66,18 +58,20 @@ class MaskGitTransformer(nn.Module):
   max_token_frames: int
   grid_height: int
   grid_width: int
-  width: int
-  num_layers: int
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
-  remat: bool = False
-  remat_policy: str = ""
-  scan_layers: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  spec: TransformerSpec
   memory_token_frames: int = 0
+
+  @property
+  def width(self) -> int:
+    return self.spec.width
+
+  @property
+  def dtype(self) -> Dtype:
+    return self.spec.dtype
+
+  @property
+  def param_dtype(self) -> Dtype:
+    return self.spec.param_dtype
 
   @property
   def mask_id(self) -> int:
@@ -173,13 +167,8 @@ class MaskGitTransformer(nn.Module):
       context_mask = jnp.concatenate([context_mask, mem_mask], axis=1)
     elif memory is not None:
       raise ValueError("memory given, but this generator has memory_token_frames=0")
-    x = Transformer(
-        num_layers=self.num_layers, num_heads=self.num_heads, head_dim=self.head_dim,
-        mlp_dim=self.mlp_dim, causal=False, cross_attention=True, remat=self.remat,
-        remat_policy=self.remat_policy,
-        scan_layers=self.scan_layers,
-        dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-        name="transformer")(x, context, context_mask)
+    x = Transformer(self.spec, causal=False, cross_attention=True, name="transformer")(
+        x, context, context_mask)
 
     logits = DenseGeneral(self.codebook_size, kernel_axes=("embed", "vocab"), dtype=self.dtype,
                           param_dtype=self.param_dtype, name="to_logits")(x)
@@ -191,10 +180,11 @@ def from_config(model_config: Any, *, codebook_size: int, max_token_frames: int,
                 grid_size: int | tuple[int, int]) -> MaskGitTransformer:
   """Builds a MaskGitTransformer from a `config.model` ConfigDict.
 
-  Reads width, num_layers, num_heads, head_dim, mlp_dim, remat, dtype,
-  param_dtype, attention_impl and memory_token_frames; the token-grid sizes
-  come from the tokenizer (its codebook size, image_size // patch_size, and the
-  clip length).
+  The stack comes from TransformerSpec.from_config (width, num_heads, head_dim,
+  mlp_dim, remat, remat_policy, scan_layers, dtype, param_dtype,
+  attention_impl) with depth num_layers; memory_token_frames from the section;
+  the token-grid sizes from the tokenizer (its codebook size,
+  image_size // patch_size, and the clip length).
   """
   m = model_config
   grid_h, grid_w = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
@@ -203,16 +193,6 @@ def from_config(model_config: Any, *, codebook_size: int, max_token_frames: int,
       max_token_frames=max_token_frames,
       grid_height=grid_h,
       grid_width=grid_w,
-      width=m.width,
-      num_layers=m.num_layers,
-      num_heads=m.num_heads,
-      head_dim=m.head_dim,
-      mlp_dim=m.mlp_dim,
-      remat=m.remat,
-      remat_policy=remat_policy_name(m.remat, m.get("remat_policy", "")),
-      scan_layers=m.get("scan_layers", False),
-      dtype=jnp.dtype(m.dtype),
-      param_dtype=jnp.dtype(m.param_dtype),
-      attention_impl=check_attention_impl(m.attention_impl) or None,
+      spec=TransformerSpec.from_config(m, depth=m.num_layers),
       memory_token_frames=m.get("memory_token_frames", 0),
   )

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 
 from phenaki_jax.models import cvivit
+from phenaki_jax.models.layers import TransformerSpec
 from phenaki_jax.models.quantizer import VectorQuantizer, l2_normalize
 
 TP = 2
 
 
 def tiny_model(**overrides) -> cvivit.CViViT:
-  kw = dict(image_size=16, patch_size=4, temporal_patch_size=TP, width=32, num_heads=2,
-            head_dim=16, mlp_dim=64, spatial_depth=1, temporal_depth=2, codebook_size=64,
-            code_dim=8)
+  spec = TransformerSpec(width=32, num_heads=2, head_dim=16, mlp_dim=64, depth=1)
+  kw = dict(image_size=16, patch_size=4, temporal_patch_size=TP, spatial_spec=spec,
+            temporal_spec=spec.replace(depth=2), codebook_size=64, code_dim=8)
   kw.update(overrides)
   return cvivit.CViViT(**kw)
 
@@ -218,17 +219,17 @@ def test_restart_draws_are_proportional_to_the_errors():
 
 
 def test_zero_init_residual_blocks_start_as_identity_and_qk_norm_runs():
-  from phenaki_jax.models.layers import LayerNorm, Transformer
+  from phenaki_jax.models.layers import LayerNorm, Transformer, TransformerSpec
   x = jax.random.normal(jax.random.key(0), (2, 6, 16))
-  kw = dict(num_layers=2, num_heads=2, head_dim=8, mlp_dim=32, causal=True)
-  stack = Transformer(zero_init_residual=True, qk_norm=True, **kw)
+  spec = TransformerSpec(width=16, num_heads=2, head_dim=8, mlp_dim=32, depth=2)
+  stack = Transformer(spec.replace(zero_init_residual=True, qk_norm=True), causal=True)
   params = jax.jit(lambda k: nn.unbox(stack.init(k, x))["params"])(jax.random.key(1))
   assert "query_norm" in params["block_0"]["self_attention"]
   out = jax.jit(stack.apply)({"params": params}, x)
   norm_params = {"params": params["final_norm"]}
   expected = LayerNorm().apply(norm_params, x)
   np.testing.assert_allclose(out, expected, atol=1e-5)  # blocks add exactly zero at init
-  plain = Transformer(**kw)
+  plain = Transformer(spec, causal=True)
   p2 = jax.jit(lambda k: nn.unbox(plain.init(k, x))["params"])(jax.random.key(1))
   assert not np.allclose(jax.jit(plain.apply)({"params": p2}, x),
                          LayerNorm().apply({"params": p2["final_norm"]}, x), atol=1e-3)

@@ -4,6 +4,7 @@ attention implementation ('' / 'xla' / 'cudnn' with its fallback), bf16 compute
 with float32 master weights, scanned vs unrolled layers, remat policies, the
 persistent compilation cache.
 """
+import dataclasses
 import logging
 import os
 import subprocess
@@ -90,19 +91,19 @@ def test_cudnn_reasons_name_the_blocker():
 
 # --- Tiny models.
 
-def tiny_cvivit(**kw):
-  base = dict(image_size=16, patch_size=4, temporal_patch_size=2, width=32, num_heads=2,
-              head_dim=16, mlp_dim=64, spatial_depth=1, temporal_depth=2, codebook_size=64,
-              code_dim=8)
-  base.update(kw)
-  return cvivit.CViViT(**base)
+def tiny_cvivit(**spec_changes):
+  """`spec_changes` (scan_layers, remat_policy, dtype, ...) apply to both stacks."""
+  spec = layers.TransformerSpec(width=32, num_heads=2, head_dim=16, mlp_dim=64, depth=1,
+                                **spec_changes)
+  return cvivit.CViViT(image_size=16, patch_size=4, temporal_patch_size=2, spatial_spec=spec,
+                       temporal_spec=spec.replace(depth=2), codebook_size=64, code_dim=8)
 
 
-def tiny_maskgit(**kw):
-  base = dict(codebook_size=32, max_token_frames=2, grid_height=3, grid_width=3, width=32,
-              num_layers=3, num_heads=2, head_dim=16, mlp_dim=64)
-  base.update(kw)
-  return maskgit.MaskGitTransformer(**base)
+def tiny_maskgit(**spec_changes):
+  spec = layers.TransformerSpec(width=32, num_heads=2, head_dim=16, mlp_dim=64, depth=3,
+                                **spec_changes)
+  return maskgit.MaskGitTransformer(codebook_size=32, max_token_frames=2, grid_height=3,
+                                    grid_width=3, spec=spec)
 
 
 def video(seed=0, frames=5):
@@ -163,11 +164,38 @@ def test_cvivit_scan_layers_from_config():
       remat_policy="dots_saveable", scan_layers=True, dtype="float32", param_dtype="float32",
       attention_impl="xla", qk_norm=False, zero_init_residual=False))
   model = cvivit.from_config(m, 16)
-  assert (model.scan_layers, model.remat_policy, model.attention_impl) == (
-      True, "dots_saveable", "xla")
+  for spec in (model.spatial_spec, model.temporal_spec):
+    assert (spec.depth, spec.scan_layers, spec.remat_policy, spec.attention_impl) == (
+        1, True, "dots_saveable", "xla")
   m.remat_policy = "bogus"
   with pytest.raises(ValueError, match="remat_policy='bogus'"):
     cvivit.from_config(m, 16)
+
+
+def test_transformer_spec_is_frozen_hashable_canonical_and_checked():
+  m = ml_collections.ConfigDict(dict(
+      width=32, num_heads=2, head_dim=16, mlp_dim=64, num_layers=3, remat=True,
+      dtype="bfloat16", param_dtype="float32", attention_impl=""))
+  spec = layers.TransformerSpec.from_config(m, depth=m.num_layers)
+  # A section without qk_norm / zero_init_residual (the generator's) takes the defaults.
+  assert spec == layers.TransformerSpec(width=32, num_heads=2, head_dim=16, mlp_dim=64, depth=3,
+                                        remat_policy="full", dtype=jnp.bfloat16,
+                                        attention_impl=None)
+  assert (spec.dtype, spec.param_dtype, spec.attention_impl) == (
+      jnp.dtype("bfloat16"), jnp.dtype("float32"), "")
+  assert hash(spec) == hash(spec.replace()) and spec.replace(depth=1).depth == 1
+  assert hash(tiny_maskgit()) == hash(tiny_maskgit())  # usable as a static jit argument
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    spec.depth = 4
+  with pytest.raises(ValueError, match="remat_policy='bogus'"):
+    spec.replace(remat_policy="bogus")
+  with pytest.raises(ValueError, match="attention_impl='flash'"):
+    spec.replace(attention_impl="flash")
+  mismatched = cvivit.CViViT(image_size=16, patch_size=4, temporal_patch_size=2,
+                             spatial_spec=spec, temporal_spec=spec.replace(width=16),
+                             codebook_size=64, code_dim=8)
+  with pytest.raises(ValueError, match="must share width"):
+    jax.eval_shape(mismatched.init, jax.random.key(0), jnp.zeros((1, 1, 16, 16, 3)))
 
 
 def test_maskgit_scanned_equals_unrolled_given_the_same_weights():

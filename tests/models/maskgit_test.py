@@ -12,6 +12,7 @@ import pytest
 from phenaki_jax.config import schema
 from phenaki_jax import sharding
 from phenaki_jax.models import maskgit
+from phenaki_jax.models.layers import TransformerSpec
 from phenaki_jax.sampling import parallel_decode
 
 V = 32  # codebook size
@@ -20,8 +21,8 @@ L, D_TEXT = 5, 12
 
 
 def tiny_model(**overrides) -> maskgit.MaskGitTransformer:
-  kw = dict(codebook_size=V, max_token_frames=4, grid_height=H, grid_width=W, width=32,
-            num_layers=1, num_heads=2, head_dim=16, mlp_dim=64)
+  kw = dict(codebook_size=V, max_token_frames=4, grid_height=H, grid_width=W,
+            spec=TransformerSpec(width=32, num_heads=2, head_dim=16, mlp_dim=64, depth=1))
   kw.update(overrides)
   return maskgit.MaskGitTransformer(**kw)
 
@@ -135,7 +136,9 @@ def test_from_config_with_bf16_and_remat():
       width=32, num_layers=1, num_heads=2, head_dim=16, mlp_dim=64, remat=True,
       dtype="bfloat16", param_dtype="float32", attention_impl=""))
   model = maskgit.from_config(cfg, codebook_size=V, max_token_frames=4, grid_size=(H, W))
-  assert (model.grid_height, model.grid_width, model.attention_impl) == (H, W, None)
+  assert (model.grid_height, model.grid_width) == (H, W)
+  assert model.spec == TransformerSpec(width=32, num_heads=2, head_dim=16, mlp_dim=64, depth=1,
+                                       remat_policy="full", dtype=jnp.bfloat16)
   tokens, text, mask = inputs()
   params = jax.eval_shape(model.init, jax.random.key(0), tokens, text, mask)["params"]
   out = jax.eval_shape(lambda p: model.apply(p, tokens, text, mask), {"params": params})
@@ -191,9 +194,9 @@ def test_scanned_layers_compute_what_the_unrolled_stack_computes():
   """Same weights (stacked on a leading axis), same logits; remat changes nothing either."""
   import flax
   from phenaki_jax.models import maskgit as maskgit_lib
-  kw = dict(codebook_size=32, max_token_frames=2, grid_height=2, grid_width=2, width=16,
-            num_layers=3, num_heads=2, head_dim=8, mlp_dim=32)
-  loop = maskgit_lib.MaskGitTransformer(**kw)
+  spec = TransformerSpec(width=16, num_heads=2, head_dim=8, mlp_dim=32, depth=3)
+  kw = dict(codebook_size=32, max_token_frames=2, grid_height=2, grid_width=2)
+  loop = maskgit_lib.MaskGitTransformer(**kw, spec=spec)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 33, (2, 2, 2, 2)), jnp.int32)
   text = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 8)), jnp.float32)
   mask = jnp.asarray([[True] * 5, [True, True, False, False, False]])
@@ -206,7 +209,8 @@ def test_scanned_layers_compute_what_the_unrolled_stack_computes():
   stack["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
   want = loop.apply({"params": params}, tokens, text, mask)
   for remat in (False, True):
-    scanned = maskgit_lib.MaskGitTransformer(**kw, scan_layers=True, remat=remat)
+    scanned = maskgit_lib.MaskGitTransformer(
+        **kw, spec=spec.replace(scan_layers=True, remat_policy="full" if remat else "none"))
     abstract = jax.eval_shape(scanned.init, jax.random.key(0), tokens, text, mask)["params"]
     assert jax.tree.map(lambda x: x.shape, nn.unbox(abstract)) == jax.tree.map(
         lambda x: x.shape, stacked)
