@@ -5,7 +5,8 @@
   python benchmarks/train_step.py --job=cvivit --config=benchmarks/bench_configs.py:gpu,cvivit_full
   python benchmarks/sampling.py --config=benchmarks/bench_configs.py:gpu,maskgit
 
-The argument is SIZES,JOB:
+The argument is SIZES,JOB (the grammar of phenaki_jax/config/args.py; sizes from
+phenaki_jax/config/sizes.py):
 
 SIZES
   reference  the sizes of STACK.md's 'Reference speed of the nearest peer' (the
@@ -43,6 +44,9 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from phenaki_jax.config import args
+from phenaki_jax.config import sizes as size_table
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIZES = ("reference", "tiny", "gpu")
@@ -51,6 +55,8 @@ JOBS = ("cvivit", "cvivit_full", "maskgit")
 # The cached text embeddings the generator cross-attends to (train step, side-by-side).
 TEXT_LEN = {"reference": 16, "gpu": 64, "tiny": 4}
 TEXT_WIDTH = {"reference": 512, "gpu": 512, "tiny": 8}
+# (num_frames, resolution) of the clips each size runs on.
+_CLIPS = {"reference": (11, 64), "tiny": (3, 16), "gpu": (11, 128)}
 
 
 def _load(job: str, variant: str = ""):
@@ -67,14 +73,9 @@ def _cvivit(sizes: str, full: bool):
     cv.input.batch_size = 8
   else:
     cv = _load("cvivit")
-    cv.input.batch_size, cv.input.num_frames, cv.input.resolution = 4, 11, 64
-    m = cv.model
-    m.patch_size, m.temporal_patch_size, m.width, m.num_heads, m.head_dim = 8, 2, 256, 4, 64
-    m.mlp_dim, m.spatial_depth, m.temporal_depth, m.codebook_size = 1024, 2, 2, 8192
-    if sizes == "tiny":
-      cv.input.num_frames, cv.input.resolution, cv.input.batch_size = 3, 16, 2
-      m.width, m.num_heads, m.head_dim, m.mlp_dim, m.codebook_size = 32, 2, 16, 64, 64
-      m.spatial_depth = m.temporal_depth = 1
+    cv.input.batch_size = 4 if sizes == "reference" else 2
+    cv.input.num_frames, cv.input.resolution = _CLIPS[sizes]
+    cv.model.update(size_table.BENCH_TOKENIZER[sizes])
   if full:
     # The paper's objective from step 0 (configs/cvivit.py:paper's loss and GAN).
     paper = _load("cvivit", "paper")
@@ -91,24 +92,16 @@ def _cvivit(sizes: str, full: bool):
 
 def _maskgit(sizes: str):
   mg = _load("maskgit")
-  g = mg.model
+  mg.input.batch_size = {"reference": 4, "tiny": 2, "gpu": 16}[sizes]
+  mg.input.num_frames, mg.input.resolution = _CLIPS[sizes]
+  mg.model.update(size_table.generator_model(
+      size_table.BENCH_TOKENIZER[sizes], _CLIPS[sizes], size_table.BENCH_GENERATOR[sizes]))
   if sizes == "gpu":
-    mg.input.batch_size, mg.input.num_frames, mg.input.resolution = 16, 11, 128
-    g.codebook_size, g.token_grid = 8192, (6, 16, 16)
-    g.width, g.num_layers, g.num_heads, g.head_dim, g.mlp_dim = 1024, 17, 16, 64, 4096
-    g.dtype = "bfloat16"
+    mg.model.dtype = "bfloat16"
     mg.text.dtype = "bfloat16"
-  else:
-    mg.input.batch_size, mg.input.num_frames, mg.input.resolution = 4, 11, 64
-    g.codebook_size, g.token_grid, g.width, g.num_layers = 8192, (6, 8, 8), 256, 4
-    g.num_heads, g.head_dim, g.mlp_dim = 4, 64, 1024
-    if sizes == "tiny":
-      mg.input.num_frames, mg.input.resolution, mg.input.batch_size = 3, 16, 2
-      mg.input.story_context_frames = (1,)
-      g.codebook_size, g.token_grid, g.width, g.num_layers = 64, (2, 2, 2), 32, 1
-      g.num_heads, g.head_dim, g.mlp_dim = 2, 16, 64
-      b = mg.text.byte_encoder
-      b.width, b.num_layers, b.num_heads, b.head_dim, b.mlp_dim = 16, 1, 2, 8, 32
+  if sizes == "tiny":
+    mg.input.story_context_frames = (1,)
+    mg.text.byte_encoder.update(size_table.BENCH_BYTE_ENCODER["tiny"])
   mg.text.max_length = TEXT_LEN[sizes]
   mg.tokenizer.workdir = "(random weights: the benchmark loads no checkpoint)"
   return mg
@@ -123,10 +116,13 @@ def configs(sizes: str):
 
 
 def get_config(arg: str = "reference,cvivit"):
-  sizes, _, job = arg.partition(",")
-  if sizes not in SIZES or job not in JOBS:
+  try:
+    arg = args.parse_arg(arg, "benchmarks/bench_configs.py", sizes=args.OneOf(*SIZES),
+                         job=args.OneOf(*JOBS))
+  except ValueError:
     raise ValueError(f"benchmarks/bench_configs.py:{arg!r}: expected SIZES,JOB with SIZES in "
-                     f"{SIZES} and JOB in {JOBS}")
+                     f"{SIZES} and JOB in {JOBS}") from None
+  sizes, job = arg.sizes, arg.job
   if job == "maskgit":
     return _maskgit(sizes)
   if sizes == "gpu" and job == "cvivit_full":

@@ -10,17 +10,18 @@ Variants: '' (default: 64×64, 11 frames, trains on a 2-core CPU in minutes),
 4 temporal layers per side, width 512, 8,192 codes).
 Append ',l2vq' to any variant for the L2 + L_VQ baseline objective (no GAN,
 no perceptual networks), e.g. --config=configs/cvivit.py:tiny,l2vq.
-Every key and its default is in phenaki_jax/schema.py.
+Every key and its default is in phenaki_jax/config/.
 """
+from phenaki_jax.config import args
 from phenaki_jax.config import schema
+from phenaki_jax.config import sizes
 
 
 def get_config(arg: str = ""):
+  arg = args.parse_arg(arg, "configs/cvivit.py", variant=args.OneOf("default", "tiny", "paper"),
+                       l2vq=False)
   config = schema.cvivit_defaults()
-  variant, *modifiers = (arg or "default").split(",")
-  if variant == "default":
-    pass
-  elif variant == "tiny":
+  if arg.variant == "tiny":
     config.total_steps = 6
     config.log_every_steps = 1
     config.checkpoint_every_steps = 3
@@ -31,13 +32,8 @@ def get_config(arg: str = ""):
     p.fvd = False  # I3D logits need >= 9 frames; these clips have 5
     p.lpips_net = "vgg16"  # AlexNet's stride-4 stem needs more than 16 px
     config.input.batch_size = 8
-    config.input.num_frames = 5
-    config.input.resolution = 16
-    m = config.model
-    m.patch_size, m.temporal_patch_size = 4, 2
-    m.width, m.num_heads, m.head_dim, m.mlp_dim = 32, 2, 16, 64
-    m.spatial_depth = m.temporal_depth = 1
-    m.codebook_size, m.code_dim = 64, 8
+    config.input.num_frames, config.input.resolution = sizes.CLIPS["tiny"]
+    config.model.update(sizes.TOKENIZER["tiny"])
     config.optimizer.warmup_steps = 2
     config.gan.start_step = 2  # the GAN is on for most of the 6 steps
     config.loss.perceptual_start_step = 0
@@ -45,21 +41,16 @@ def get_config(arg: str = ""):
     config.gan.channel_multipliers = (1, 2)
     config.gan.input_patch = 1
     config.gan.r1_every = 1  # every step exercises R1
-  elif variant == "paper":
+  elif arg.variant == "paper":
     config.total_steps = 1_000_000
     config.log_every_steps = 100
     config.checkpoint_every_steps = 2000
     config.eval_every_steps = 5000
     config.eval_protocol.num_clips = 256
     config.input.batch_size = 256
-    config.input.num_frames = 11
-    config.input.resolution = 128
-    m = config.model
-    m.patch_size, m.temporal_patch_size = 8, 2
-    m.width, m.num_heads, m.head_dim, m.mlp_dim = 512, 8, 64, 2048
-    m.spatial_depth = m.temporal_depth = 4
-    m.codebook_size, m.code_dim = 8192, 32
-    m.dtype = "bfloat16"
+    config.input.num_frames, config.input.resolution = sizes.CLIPS["paper"]
+    config.model.update(sizes.TOKENIZER["paper"])
+    config.model.dtype = "bfloat16"
     config.optimizer.learning_rate = 1e-4
     config.optimizer.warmup_steps = 10_000
     config.optimizer.io_lr_multiplier = 1.0  # not yet measured at this scale
@@ -70,17 +61,10 @@ def get_config(arg: str = ""):
     config.gan.base_features, config.gan.channel_multipliers = 64, (1, 2, 4, 8)
     config.gan.input_patch = 1
     config.gan.lecam_weight = 0.001
-  else:
-    raise ValueError(f"configs/cvivit.py: unknown variant {variant!r}; "
-                     "choose one of '', 'tiny', 'paper'")
-  for modifier in modifiers:
-    if modifier == "l2vq":
-      # The baseline objective: L2 + L_VQ only, no GAN or perceptual networks.
-      config.loss.adversarial_weight = 0.0
-      config.loss.lpips_weight = 0.0
-      config.loss.video_perceptual_weight = 0.0
-    else:
-      raise ValueError(f"configs/cvivit.py: unknown modifier {modifier!r} in {arg!r}; "
-                       "the one modifier is 'l2vq' (e.g. 'tiny,l2vq')")
+  if arg.l2vq:
+    # The baseline objective: L2 + L_VQ only, no GAN or perceptual networks.
+    config.loss.adversarial_weight = 0.0
+    config.loss.lpips_weight = 0.0
+    config.loss.video_perceptual_weight = 0.0
   config.lock()
   return config

@@ -27,16 +27,18 @@ with --config.clip.path), 'generated_tiny' (4 clips of 9 frames per set, 2 per
 I3D batch: what the tests run; for a `configs/maskgit.py:tiny` workdir, whose
 clips have 5 frames, add --config.protocol.fvd=False), 'compare' (a table of
 several reports; warns naming each protocol field that differs).
-Every key and its default is in phenaki_jax/schema.py.
+Every key and its default is in phenaki_jax/config/.
 """
+from phenaki_jax.config import args
 from phenaki_jax.config import schema
 
 
-def get_config(variant: str = ""):
-  variant = variant or "tokenizer"
-  if variant == "tokenizer":
+def get_config(arg: str = ""):
+  arg = args.parse_arg(arg, "configs/eval.py", variant=args.OneOf(
+      "tokenizer", "tokenizer_tiny", "generated", "generated_tiny", "compare"))
+  if arg.variant == "tokenizer":
     config = schema.eval_tokenizer_defaults()
-  elif variant == "tokenizer_tiny":
+  elif arg.variant == "tokenizer_tiny":
     config = schema.eval_tokenizer_defaults()
     config.num_grid_clips = 2
     p = config.protocol
@@ -45,18 +47,15 @@ def get_config(variant: str = ""):
     # was not computed. AlexNet's LPIPS is undefined below 31×31; VGG16's works.
     p.fvd = False
     p.lpips_net = "vgg16"
-  elif variant == "generated":
+  elif arg.variant == "generated":
     config = schema.eval_generated_defaults()
-  elif variant == "generated_tiny":
+  elif arg.variant == "generated_tiny":
     config = schema.eval_generated_defaults()
     p = config.protocol
     p.num_clips, p.num_frames, p.batch_size = 4, 9, 2  # FVD from 4 clips: a smoke test only
     config.batch_size = 2
     config.sampling.num_steps, config.sampling.max_steps = 4, 8
-  elif variant == "compare":
-    config = schema.eval_compare_defaults()
   else:
-    raise ValueError(f"configs/eval.py: unknown variant {variant!r}; choose one of "
-                     "'tokenizer', 'tokenizer_tiny', 'generated', 'generated_tiny', 'compare'")
+    config = schema.eval_compare_defaults()
   config.lock()
   return config

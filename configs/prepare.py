@@ -9,27 +9,26 @@ Variants (`configs/prepare.py:VARIANT`):
   tiny    the small test media in tests/data/media, 32x32, in-process; runs
           in seconds from the repository root.
 
-Field meanings: `phenaki_jax.data.prepare.default_config`.
+Field meanings: `phenaki_jax/config/prepare.py`.
 """
 
 import ml_collections
 
-from phenaki_jax.data import prepare
+from phenaki_jax.config import args
+from phenaki_jax.config import schema
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the prepare config, optionally a named variant."""
-  config = prepare.default_config()
-  config.job = "prepare"
-  if arg == "webvid":
+  arg = args.parse_arg(arg, "configs/prepare.py", variant=args.OneOf("default", "webvid", "tiny"))
+  config = schema.prepare_defaults()
+  if arg.variant == "webvid":
     config.manifest_format = "csv"
     config.caption_column = "name"
     config.path_format = "{page_dir}/{videoid}.mp4"
-  elif arg == "tiny":
+  elif arg.variant == "tiny":
     config.manifest = "tests/data/media/manifest.jsonl"
     config.resolution = 32
     config.files_per_unit = 4
     config.num_workers = 1
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r}: use webvid or tiny")
   return config

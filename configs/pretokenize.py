@@ -11,28 +11,26 @@
 Variants: '' (the built-in shapes at the default tokenizer's 64×64, 11 frames:
 20,000 clips + 5,000 images + 64 held-out clips), 'tiny' (the tokenizer of
 `configs/cvivit.py:tiny`; 16 clips + 8 images; what the tests run).
-Every key and its default is in phenaki_jax/schema.py.
+Every key and its default is in phenaki_jax/config/.
 """
+from phenaki_jax.config import args
 from phenaki_jax.config import schema
+from phenaki_jax.config import sizes
 
 
-def get_config(variant: str = ""):
+def get_config(arg: str = ""):
+  arg = args.parse_arg(arg, "configs/pretokenize.py", variant=args.OneOf("default", "tiny"))
   config = schema.pretokenize_defaults()
-  variant = variant or "default"
-  if variant == "default":
+  if arg.variant == "default":
     config.tokenizer.workdir = "runs/cvivit"
     config.num_video_examples = 20_000
     config.num_image_examples = 5_000
-  elif variant == "tiny":
-    config.input.num_frames = 5
-    config.input.resolution = 16
+  elif arg.variant == "tiny":
+    config.input.num_frames, config.input.resolution = sizes.CLIPS["tiny"]
     config.num_video_examples = 16
     config.num_image_examples = 8
     config.num_eval_examples = 4
     config.batch_size = 8
     config.text.max_length = 40
-  else:
-    raise ValueError(f"configs/pretokenize.py: unknown variant {variant!r}; "
-                     "choose one of '', 'tiny'")
   config.lock()
   return config

@@ -17,8 +17,9 @@ Stories: --config.story='first;second' or --config.storyboard=story.yaml, with
 two experimental switches (off by default; measured in benchmarks/RESULTS.md):
 --config.sampling.memory_guidance_scale=1.0 (a generator trained with
 model.memory_token_frames > 0) and --config.sampling.seam_blending=True.
-Every key and its default is in phenaki_jax/schema.py.
+Every key and its default is in phenaki_jax/config/.
 """
+from phenaki_jax.config import args
 from phenaki_jax.config import schema
 
 _DEFAULT_PROMPTS = (
@@ -34,22 +35,20 @@ _DEFAULT_PROMPTS = (
 
 
 def get_config(arg: str = ""):
+  arg = args.parse_arg(arg, "configs/sample.py",
+                       variant=args.OneOf("default", "shapes_eval", "tiny"))
   config = schema.sample_defaults()
-  variant = arg or "default"
-  if variant == "default":
+  if arg.variant == "default":
     config.generator.workdir = "runs/maskgit"  # where README's generator command trains
     config.prompts = ";".join(_DEFAULT_PROMPTS)
-  elif variant == "shapes_eval":
+  elif arg.variant == "shapes_eval":
     config.generator.workdir = "runs/maskgit"
     config.shapes_eval = 60
     config.batch_size = 12
-  elif variant == "tiny":
+  elif arg.variant == "tiny":
     config.prompts = "a large red circle moves right;a small blue square"
     config.batch_size = 2
     config.sampling.num_steps = 4
     config.sampling.max_steps = 8
-  else:
-    raise ValueError(f"configs/sample.py: unknown variant {variant!r}; "
-                     "choose one of '', 'shapes_eval', 'tiny'")
   config.lock()
   return config

@@ -20,12 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# I3D's network downsamples time by 8 and space by 32, then its logits layer
-# average-pools a (2, 7, 7) window: the smallest clip it can classify.
-I3D_MIN_FRAMES_FOR_LOGITS = 9
-I3D_MIN_RESOLUTION_FOR_LOGITS = 193
-I3D_ENDPOINTS = ("Conv3d_2c_3x3", "Mixed_3c", "Mixed_4f", "Mixed_5c", "Logits")
-LPIPS_NETS = ("vgg16", "alexnet")
+# The networks' limits (the smallest clip I3D's logits take, its endpoints, the
+# LPIPS nets) live in config/protocol.py, the bottom layer, which checks configs with them.
+from phenaki_jax.config.protocol import (  # noqa: F401  (re-exported)
+    I3D_ENDPOINTS, I3D_MIN_FRAMES_FOR_LOGITS, I3D_MIN_RESOLUTION_FOR_LOGITS, LPIPS_NETS)
 
 
 class PretrainedWeightsError(RuntimeError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-SCHEDULES = ("cosine", "linear", "square")
+from phenaki_jax.config.sampling import MASK_SCHEDULES as SCHEDULES
 
 
 def mask_ratio(r: jax.Array | float, schedule: str = "cosine") -> jax.Array:
