@@ -93,6 +93,7 @@ import numpy as np  # noqa: E402
 
 from phenaki_jax import checkpointing, optimizers, sharding, train_state  # noqa: E402
 from phenaki_jax import tokenizer as tokenizer_lib  # noqa: E402
+from phenaki_jax.config import mesh as config_mesh  # noqa: E402
 from phenaki_jax.config import schema  # noqa: E402
 from phenaki_jax.config.schema import ConfigError  # noqa: E402
 from phenaki_jax.models import t5  # noqa: E402
@@ -515,7 +516,7 @@ def preflight(config: ml_collections.ConfigDict, *, mesh_shape: Sequence[int] | 
   estimate = not topology and jax.default_backend() == "cpu"
   if estimate:
     notes.append(CPU_ESTIMATE_NOTE)
-  batch_ways = schema._batch_ways(config, tuple(mesh.shape.values()))  # pylint: disable=protected-access
+  batch_ways = config_mesh.batch_ways(config, tuple(mesh.shape.values()))
   return Report(
       config=name, job=config.job, mesh=dict(mesh.shape), target=target, estimate=estimate,
       step=description, global_batch=int(config.input.batch_size),

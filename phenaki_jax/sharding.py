@@ -14,26 +14,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# The mesh's axes and how a config's shape fills its -1, defined with the config's checks.
+from phenaki_jax.config.mesh import MESH_AXES, resolve_mesh_shape  # noqa: F401
+
 Rules = Sequence[tuple[str, Any]]
-
-
-def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Fills one -1 entry so that the product equals `num_devices`."""
-  shape = tuple(int(s) for s in shape)
-  if len(shape) != len(MESH_AXES):
-    raise ValueError(f"config.mesh.shape={shape}: needs one size per axis {MESH_AXES}")
-  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"config.mesh.shape={shape}: sizes must be positive, with at most one -1")
-  known = int(np.prod([s for s in shape if s != -1]))
-  if num_devices % known:
-    raise ValueError(f"config.mesh.shape={shape}: {known} does not divide the {num_devices} devices")
-  if -1 in shape:
-    shape = tuple(num_devices // known if s == -1 else s for s in shape)
-  if int(np.prod(shape)) != num_devices:
-    raise ValueError(f"config.mesh.shape={shape} has {int(np.prod(shape))} devices; "
-                     f"there are {num_devices}")
-  return shape
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:

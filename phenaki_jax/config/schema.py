@@ -37,18 +37,6 @@ GENERATOR_RULES = rules.GENERATOR_RULES
 TEXT_ENCODERS = text.TEXT_ENCODERS
 eval_protocol_defaults = protocol.recon_defaults
 
-# The old private names, for callers not yet moved to errors.* / mesh.*.
-_require = errors.require
-_flat_keys = errors.flat_keys
-_positive_ints = errors.positive_ints
-_set = errors.set_key
-_check_dtype = errors.check_dtype
-_check_input = input_section.check
-_batch_ways = mesh.batch_ways
-_mesh_ways = mesh.mesh_ways
-_rules_as_lists = rules.as_lists
-
-
 # ---------------------------------------------------------------------------
 # The C-ViViT tokenizer trainer (configs/cvivit.py).
 

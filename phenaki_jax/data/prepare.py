@@ -74,12 +74,11 @@ import time
 from typing import Any, Iterator
 
 from absl import logging
-from array_record.python import array_record_module
 import ml_collections
 import tqdm
 
 from phenaki_jax.config import prepare as prepare_config
-from phenaki_jax.data import sources
+from phenaki_jax.data import shard_writer, sources
 from phenaki_jax.data import video_io
 
 METADATA_FORMAT = "phenaki_jax/clip_shards"
@@ -254,45 +253,6 @@ def _writer_options(codec: str) -> str:
   return "group_size:1," + ("zstd:3" if codec == "raw" else "uncompressed")
 
 
-class ShardWriter:
-  """Writes records to `{prefix}-PPP.array_record` files, each atomically."""
-
-  def __init__(self, directory: str, prefix: str, max_records: int,
-               options: str):
-    self._dir, self._prefix = directory, prefix
-    self._max, self._options = max_records, options
-    self._writer = None
-    self._count = 0
-    self._tmp = self._final = ""
-    self.shards: list[dict[str, Any]] = []
-
-  def write(self, record: bytes) -> None:
-    if self._writer is None:
-      name = f"{self._prefix}-{len(self.shards):03d}{sources.SHARD_SUFFIX}"
-      self._final = os.path.join(self._dir, name)
-      self._tmp = self._final + ".tmp"
-      os.makedirs(self._dir, exist_ok=True)
-      self._writer = array_record_module.ArrayRecordWriter(self._tmp,
-                                                           self._options)
-    self._writer.write(record)
-    self._count += 1
-    if self._count >= self._max:
-      self._finish()
-
-  def _finish(self) -> None:
-    self._writer.close()
-    with open(self._tmp, "rb") as f:  # durable before it becomes visible
-      os.fsync(f.fileno())
-    os.replace(self._tmp, self._final)
-    self.shards.append({"file": os.path.basename(self._final),
-                        "records": self._count})
-    self._writer, self._count = None, 0
-
-  def close(self) -> None:
-    if self._writer is not None:
-      self._finish()
-
-
 # ----------------------------------------------------------------------------
 # One work unit (runs in a worker process).
 
@@ -313,7 +273,7 @@ def _process_unit(out_dir: str, unit: int, entries: list[ManifestEntry],
   start = time.time()
   _remove_unit_leftovers(out_dir, unit)
   options = _writer_options(settings.frame_codec)
-  writers = {kind: ShardWriter(os.path.join(out_dir, kind),
+  writers = {kind: shard_writer.ShardWriter(os.path.join(out_dir, kind),
                                 f"{kind}-{unit:05d}",
                                 settings.clips_per_shard, options)
              for kind in sources.KINDS}

@@ -18,13 +18,7 @@ This job runs them once. Output folder:
                                   the embedding width, counts; 'complete': true
                                   once every shard is written
 
-A record is one msgpack map (no pickle):
-  fmt "phenaki_jax/tokens", version, kind, caption,
-  codes (bytes, C order), codes_dtype ('int16' when the codebook fits), shape [t, h, w],
-  and with a frozen T5: text_embedding (bytes, bfloat16, only the caption's
-  real tokens, (n, D)), text_length n.
-A trainable text encoder (the built-in byte encoder) cannot be cached: its
-records carry the caption, which the trainer tokenises as usual.
+The record format and the reader: phenaki_jax/data/token_shards.py.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ import tqdm
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from phenaki_jax.config import schema
+from phenaki_jax.config import errors, schema
 from phenaki_jax.pretrained import perceptual
 from phenaki_jax import sharding
 from phenaki_jax.config.schema import ConfigError
@@ -77,7 +77,7 @@ def _peek(items: Iterable[Item], key: str, what: str) -> tuple[Item, Iterator[It
 # --- Checks (before anything loads or compiles).
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  req = schema._require  # pylint: disable=protected-access
+  req = errors.require
   req(bool(config.generated), "generated", config.generated,
       "is required: a folder of generated mp4/GIF files or a MaskGIT workdir, e.g. "
       "--config.generated=runs/samples")
@@ -89,10 +89,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     req(is_shards(ref) or os.path.isdir(ref), "reference", ref,
         "no such folder, shard file or glob (or use 'shapes' / 'tfds:NAME')")
   for key in ("captions", "prompts_file", "clip.path", "clip.merges_path"):
-    value = schema._flat_keys(config)[key]  # pylint: disable=protected-access
+    value = errors.flat_keys(config)[key]
     req(not value or os.path.exists(value), key, value, "no such file")
   p = config.protocol
-  schema._positive_ints(config, [  # pylint: disable=protected-access
+  errors.positive_ints(config, [
       "protocol.num_clips", "protocol.frame_stride", "protocol.clips_per_video",
       "protocol.repeats", "protocol.batch_size", "batch_size", "clip.batch_size"])
   if p.fvd:

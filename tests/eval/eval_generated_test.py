@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -44,7 +43,6 @@ def fake_clip(monkeypatch, tmp_path):
 
   Its score is the mean red level (so it differs between clips), 100·cosine.
   """
-  module = types.ModuleType("phenaki_jax.eval.clip_score")
   calls = []
 
   def load_clip(path, merges_path=None):
@@ -56,8 +54,8 @@ def fake_clip(monkeypatch, tmp_path):
     cosine = videos[..., 0].reshape(len(videos), -1).mean(-1) / 255.0
     return {"clip_score": 100.0 * np.maximum(cosine, 0), "cosine": cosine}
 
-  module.load_clip, module.clip_score = load_clip, clip_score
-  monkeypatch.setitem(sys.modules, "phenaki_jax.eval.clip_score", module)
+  monkeypatch.setattr(eval_generated, "load_clip", load_clip)
+  monkeypatch.setattr(eval_generated, "clip_score", clip_score)
   weights = tmp_path / "clip.npz"
   weights.write_bytes(b"fake")
   return str(weights), calls
@@ -132,21 +130,13 @@ def folder_report(folders, tmp_path_factory):
   out = tmp_path_factory.mktemp("folder_eval")
   weights = out / "clip.npz"
   weights.write_bytes(b"fake")
-  module = types.ModuleType("phenaki_jax.eval.clip_score")
-  module.load_clip = lambda path, merges_path=None: {"path": path}
-  module.clip_score = lambda bundle, videos, texts, bs: {
-      "clip_score": np.full(len(videos), 25.0), "cosine": np.full(len(videos), 0.25)}
-  saved = sys.modules.get("phenaki_jax.eval.clip_score")
-  sys.modules["phenaki_jax.eval.clip_score"] = module
-  try:
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(eval_generated, "load_clip", lambda path, merges_path=None: {"path": path})
+    patch.setattr(eval_generated, "clip_score", lambda bundle, videos, texts, bs: {
+        "clip_score": np.full(len(videos), 25.0), "cosine": np.full(len(videos), 0.25)})
     config = _config(generated=gen, reference=ref, **{"protocol.resolution": 32,
                                                       "clip.path": str(weights)})
     report = eval_generated.run(config, str(out / "eval"))
-  finally:
-    if saved is None:
-      sys.modules.pop("phenaki_jax.eval.clip_score", None)
-    else:
-      sys.modules["phenaki_jax.eval.clip_score"] = saved
   return report, config
 
 
@@ -183,16 +173,8 @@ def test_folder_job_writes_report_with_protocol_skips_and_warnings(folder_report
   assert png.size[0] == 720 and png.size[1] > 100
 
 
-def test_checkpoint_job_samples_shapes_prompts_and_scores_them(tmp_path):
-  from phenaki_jax.train import train_cvivit, train_maskgit
-  tok_dir, gen_dir = str(tmp_path / "tok"), str(tmp_path / "gen")
-  config = load_config("cvivit", "tiny,l2vq")
-  config.total_steps, config.checkpoint_every_steps, config.eval_every_steps = 1, 1, 0
-  train_cvivit.train_and_evaluate(config, tok_dir)
-  config = load_config("maskgit", "tiny")
-  config.tokenizer.workdir = tok_dir
-  config.total_steps, config.eval_every_steps = 2, 0
-  train_maskgit.train_and_evaluate(config, gen_dir)
+def test_checkpoint_job_samples_shapes_prompts_and_scores_them(tmp_path, trained):
+  gen_dir = trained[1]  # the session's `:tiny` generator (tests/conftest.py), 3 steps
 
   # FVD on: the tiny generator's 5-frame clips are too short, said before sampling.
   with pytest.raises(schema.ConfigError,
@@ -201,7 +183,7 @@ def test_checkpoint_job_samples_shapes_prompts_and_scores_them(tmp_path):
   report = eval_generated.run(_config(generated=gen_dir, **{"protocol.fvd": False,
                                                         "protocol.num_frames": -1}),
                          str(tmp_path / "e1"))
-  assert report["generated"]["kind"] == "maskgit" and report["generated"]["step"] == 2
+  assert report["generated"]["kind"] == "maskgit" and report["generated"]["step"] == 3
   assert report["generated"]["clips"] == 4 and report["reference"]["clips"] == 0
   assert report["reference"]["kind"] == "shapes"
   assert any("protocol.fvd=False" in w for w in report["warnings"])
