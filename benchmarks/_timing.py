@@ -343,7 +343,7 @@ def time_step(step: Step, steps: int, warmup: int) -> tuple[list[float], bool]:
     for k in range(warmup + steps):
       leaf = jax.tree.leaves(state)[0]
       t0 = time.perf_counter()
-      state, metrics = step.compiled(state, *step.args)
+      state, metrics, _ = step.compiled(state, *step.args)
       jax.block_until_ready((state, metrics))
       dt = time.perf_counter() - t0
       if donated is None:
