@@ -53,3 +53,54 @@ def write_tiny_t5x(folder, captions, seed=0):
         int(np.prod(leaf.shape[:in_axes])), -1) if keys[-1] == "kernel" else leaf
   np.savez(folder / "t5x.npz", **flat)
   return str(folder / "t5x.npz"), params
+
+
+# --- T5 / text tests (tests/models/t5_test.py, tests/text/t5_weights_test.py,
+# tests/text/text_tokenizers_test.py).
+
+T5_TEST_LENGTH = 24
+
+
+def t5_ids_with_padding(vocab_size=256, seed=0):
+  """(ids, mask): 3 rows of T5_TEST_LENGTH ids, EOS-terminated at lengths 24, 17, 5, 0-padded."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, vocab_size, size=(3, T5_TEST_LENGTH)).astype(np.int32)
+  lengths = [T5_TEST_LENGTH, 17, 5]
+  for row, n in enumerate(lengths):
+    ids[row, n - 1] = 1
+    ids[row, n:] = 0
+  return ids, ids != 0
+
+
+def torch_modules():
+  """(torch, transformers), skipping the test without the test extra (and safetensors)."""
+  import pytest
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  pytest.importorskip('safetensors')
+  return torch, transformers
+
+
+def train_sentencepiece(tmp_path, **special_ids):
+  """A 100-piece SentencePiece model trained on made-up sentences (T5 ids by default).
+
+  Returns (model path, the sentences, the sentencepiece module).
+  """
+  import random
+  import pytest
+  spm = pytest.importorskip('sentencepiece')
+  rng = random.Random(0)
+  syllables = 'ka ro mi te su na lo vi pe da go ri zu'.split()
+  words = [''.join(rng.choice(syllables) for _ in range(rng.randint(1, 3)))
+           for _ in range(150)]
+  corpus = tmp_path / 'corpus.txt'
+  sentences = [' '.join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+               for _ in range(300)]
+  corpus.write_text('\n'.join(sentences) + '\n')
+  prefix = tmp_path / 'spiece'
+  special_ids = special_ids or dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+  spm.SentencePieceTrainer.train(
+      input=str(corpus), model_prefix=str(prefix), vocab_size=100,
+      minloglevel=2, **special_ids)
+  return f'{prefix}.model', sentences, spm

@@ -1,15 +1,11 @@
-"""Fast-path switches give the reference numbers (tiny sizes, CPU).
+"""models/layers.py: the fast-path switches give the reference numbers (tiny sizes, CPU).
 
 attention implementation ('' / 'xla' / 'cudnn' with its fallback), bf16 compute
-with float32 master weights, scanned vs unrolled layers, remat policies, the
-persistent compilation cache.
+with float32 master weights, scanned vs unrolled layers, remat policies,
+TransformerSpec. (The persistent compilation cache: integration/compilation_cache_test.py.)
 """
 import dataclasses
 import logging
-import os
-import subprocess
-import sys
-import textwrap
 
 import flax.linen as nn
 import jax
@@ -19,7 +15,6 @@ import numpy as np
 import optax
 import pytest
 
-from phenaki_jax import perf
 from phenaki_jax.models import cvivit, layers, maskgit
 
 # --- Attention.
@@ -280,40 +275,3 @@ def test_maskgit_bf16_compute_keeps_float32_weights():
   assert logits.dtype == jnp.float32
   loss32, loss16 = _bf16_step(tiny_maskgit(), model16, maskgit_loss, params, *args)
   assert loss16 == pytest.approx(loss32, rel=BF16_LOSS_RTOL)
-
-
-# --- Persistent compilation cache.
-
-_CACHE_SCRIPT = textwrap.dedent("""
-    import sys
-    import jax, jax.numpy as jnp
-    from jax import monitoring
-    from phenaki_jax import perf
-    hits = []
-    monitoring.register_event_listener(
-        lambda name, **kw: hits.append(name) if name == '/jax/compilation_cache/cache_hits' else None)
-    perf.setup_compilation_cache(sys.argv[1])
-    f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum() * 3.25 + 17.0)
-    f(jnp.ones((24, 24))).block_until_ready()
-    print('HITS', len(hits))
-""")
-
-
-def test_a_second_process_hits_the_compilation_cache(tmp_path):
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-  env["PYTHONPATH"] = repo
-  cache = str(tmp_path / "xla_cache")
-
-  def run():
-    out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, cache], env=env, cwd=repo,
-                         capture_output=True, text=True, timeout=120, check=True)
-    return int(out.stdout.split("HITS")[-1])
-
-  assert run() == 0
-  assert os.listdir(cache), "nothing was written to the cache"
-  assert run() >= 1
-
-
-def test_compilation_cache_off_by_default():
-  assert perf.setup_compilation_cache("") is None
