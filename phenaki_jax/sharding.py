@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # The mesh's axes and how a config's shape fills its -1, defined with the config's checks.
-from phenaki_jax.config.mesh import MESH_AXES, resolve_mesh_shape  # noqa: F401
+from phenaki_jax.config.mesh import MESH_AXES, resolve_mesh_shape
 
 Rules = Sequence[tuple[str, Any]]
 

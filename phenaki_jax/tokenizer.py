@@ -109,8 +109,8 @@ class Tokenizer:
     return self._reconstruct(self.params, self._as_float(frames))
 
 
-def load_from_config(tok_cfg: ml_collections.ConfigDict) -> Tokenizer:
-  """The checkpoint config.tokenizer names (workdir, step, use_ema), or errors naming the key."""
+def checked_steps(tok_cfg: ml_collections.ConfigDict) -> list[int]:
+  """config.tokenizer.workdir's checkpoint steps; errors name the key (workdir, or a missing step)."""
   steps = checkpointing.finalized_steps(tok_cfg.workdir)
   if not steps:
     raise ConfigError(
@@ -120,6 +120,12 @@ def load_from_config(tok_cfg: ml_collections.ConfigDict) -> Tokenizer:
   if tok_cfg.step >= 0 and tok_cfg.step not in steps:
     raise ConfigError(f"config.tokenizer.step={tok_cfg.step}: {tok_cfg.workdir} has checkpoint "
                       f"steps {steps}")
+  return steps
+
+
+def load_from_config(tok_cfg: ml_collections.ConfigDict) -> Tokenizer:
+  """The checkpoint config.tokenizer names (workdir, step, use_ema), or errors naming the key."""
+  checked_steps(tok_cfg)
   step = None if tok_cfg.step < 0 else tok_cfg.step
   return Tokenizer.load(tok_cfg.workdir, step=step, use_ema=tok_cfg.use_ema)
 
@@ -145,16 +151,8 @@ def tokenizer_step_to_load(config: ml_collections.ConfigDict, workdir: str) -> i
   the tokenizer trained on (and saved newer checkpoints) in between.
   """
   tok_dir = config.tokenizer.workdir
-  steps = checkpointing.finalized_steps(tok_dir)
-  if not steps:
-    raise ConfigError(
-        f"config.tokenizer.workdir={tok_dir!r}: no C-ViViT checkpoint in {tok_dir}/checkpoints; "
-        f"train one first: python -m phenaki_jax.main --config=configs/cvivit.py "
-        f"--workdir={tok_dir}")
+  steps = checked_steps(config.tokenizer)
   if config.tokenizer.step >= 0:
-    if config.tokenizer.step not in steps:
-      raise ConfigError(f"config.tokenizer.step={config.tokenizer.step}: {tok_dir} has "
-                        f"checkpoint steps {steps}")
     return config.tokenizer.step
   record = read_record(workdir)
   if record is None or record.get("workdir") != absolute(tok_dir):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from phenaki_jax import sharding
+from phenaki_jax import checkpointing, sharding
 from phenaki_jax.models import cvivit, discriminator, maskgit
 from phenaki_jax.text.encoder import TextEncoder
 
@@ -111,19 +111,21 @@ def cvivit_abstract_params(config: ml_collections.ConfigDict, model: nn.Module,
 
 
 def _with_shardings(boxed: Any, mesh: jax.sharding.Mesh, rules: Any) -> Any:
-  shardings = sharding.tree_shardings(boxed, mesh, rules)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      sharding.strip_boxes(boxed), shardings)
+  return checkpointing.abstract_with_shardings(
+      sharding.strip_boxes(boxed), sharding.tree_shardings(boxed, mesh, rules))
+
+
+def _abstract_state(init: Any, mesh: jax.sharding.Mesh, rules: Any):
+  """(abstract unboxed state, its NamedShardings, unboxing init fn) of a boxed init fn."""
+  abstract_boxed = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding.tree_shardings(abstract_boxed, mesh, rules)
+  return sharding.strip_boxes(abstract_boxed), shardings, lambda rng: nn.unbox(init(rng))
 
 
 def cvivit_abstract_state(config: ml_collections.ConfigDict, model: nn.Module,
                           tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
   """(abstract unboxed state, its NamedShardings, unboxing init fn)."""
-  init = cvivit_init_fn(model, tx, config)
-  abstract_boxed = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.tree_shardings(abstract_boxed, mesh, config.logical_axis_rules)
-  abstract = sharding.strip_boxes(abstract_boxed)
-  return abstract, shardings, lambda rng: nn.unbox(init(rng))
+  return _abstract_state(cvivit_init_fn(model, tx, config), mesh, config.logical_axis_rules)
 
 
 # --- The generator (configs/maskgit.py).
@@ -175,7 +177,5 @@ def maskgit_abstract_state(config: ml_collections.ConfigDict,
                            generator: maskgit.MaskGitTransformer, text: TextEncoder,
                            tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
   """(abstract unboxed state, its NamedShardings, unboxing init fn)."""
-  init = maskgit_init_fn(generator, text, tx, config)
-  abstract_boxed = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.tree_shardings(abstract_boxed, mesh, config.logical_axis_rules)
-  return sharding.strip_boxes(abstract_boxed), shardings, lambda rng: nn.unbox(init(rng))
+  return _abstract_state(maskgit_init_fn(generator, text, tx, config), mesh,
+                         config.logical_axis_rules)

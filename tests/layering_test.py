@@ -92,7 +92,7 @@ def violations(package: str = PACKAGE) -> list[str]:
                        f"(layer {layer(target)})")
         if module in JOBS and target in JOBS:
           found.append(f"{where}: job {module} imports job {target}")
-        if target.startswith("train") and target.split(".")[0] == "train" and not (
+        if target.split(".")[0] == "train" and not (
             module.startswith("train.") or module in ENTRY_POINTS):
           found.append(f"{where} imports phenaki_jax.{target}: only main.py, preflight.py and "
                        "tests import train/")

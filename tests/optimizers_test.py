@@ -1,7 +1,6 @@
 """Optimizer: schedule shape and the larger learning rate outside the stacks."""
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from phenaki_jax.config import schema
 from phenaki_jax import optimizers

@@ -1,4 +1,4 @@
-"""Evaluation jobs (configs/eval.py); main.py sends every 'eval_*' job here.
+"""The tokenizer evaluation job (configs/eval.py:tokenizer), job 'eval_tokenizer'.
 
 'eval_tokenizer': a C-ViViT checkpoint on held-out clips. Writes
 WORKDIR/tokenizer_eval_step_N.json (metrics, the protocol they were measured

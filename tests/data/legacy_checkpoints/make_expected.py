@@ -1,7 +1,6 @@
-import json, numpy as np
+import numpy as np
 from phenaki_jax.tokenizer import Tokenizer
 from phenaki_jax.generator import Generator, SamplingOptions
-from phenaki_jax.data import synthetic
 tok = Tokenizer.load("/tmp/legacy/tokenizer")
 rng = np.random.RandomState(0)
 frames = rng.randint(0, 256, (2, 5, 16, 16, 3)).astype(np.uint8)
