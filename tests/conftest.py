@@ -28,6 +28,22 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "slow: longer than CI can afford; run with -m slow")
 
 
+# --- A real GCS-protocol server (tests/gcs_emulator.py), one per session.
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+  from tests.gcs_emulator import GcsEmulator
+  emulator = GcsEmulator().start()
+  yield emulator
+  emulator.stop()
+
+
+@pytest.fixture
+def bucket(gcs_emulator):
+  """A fresh, empty bucket on the emulator: 'gs://NAME'."""
+  return gcs_emulator.create_bucket()
+
+
 # --- A `:tiny` tokenizer and generators, trained once per session (sampling, eval tests).
 
 @pytest.fixture(scope="session")
