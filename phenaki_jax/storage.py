@@ -110,6 +110,25 @@ def absolute(p: PathLike) -> str:
   return p if is_remote(p) else os.path.abspath(p)
 
 
+def resolve(base: PathLike, rel: PathLike) -> str:
+  """`rel` taken relative to the folder `base`, normalised ('a/../b' -> 'b').
+
+  A remote or absolute `rel` stays itself and `~` expands (both local
+  paths), so a manifest in a bucket may list `gs://` objects, bucket-relative
+  names, or files on the reading machine.
+  """
+  base, rel = os.fspath(base), os.fspath(rel)
+  if is_remote(rel):
+    return rel
+  rel = os.path.expanduser(rel)
+  if not is_remote(base) or os.path.isabs(rel):
+    return os.path.normpath(os.path.join(base, rel))
+  bucket_path = posixpath.normpath(posixpath.join(base[len("gs://"):], rel))
+  if bucket_path.startswith(("..", "/")):
+    raise ValueError(f"{rel} reaches above the bucket of {base}")
+  return "gs://" + bucket_path
+
+
 # --- Queries.
 
 def exists(p: PathLike) -> bool:
