@@ -123,10 +123,11 @@ def resolve(base: PathLike, rel: PathLike) -> str:
   rel = os.path.expanduser(rel)
   if not is_remote(base) or os.path.isabs(rel):
     return os.path.normpath(os.path.join(base, rel))
-  bucket_path = posixpath.normpath(posixpath.join(base[len("gs://"):], rel))
-  if bucket_path.startswith(("..", "/")):
+  bucket, _, inside = base[len("gs://"):].partition("/")
+  inside = posixpath.normpath(posixpath.join(inside, rel))
+  if inside == ".." or inside.startswith("../"):
     raise ValueError(f"{rel} reaches above the bucket of {base}")
-  return "gs://" + bucket_path
+  return f"gs://{bucket}" + ("" if inside == "." else "/" + inside)
 
 
 # --- Queries.
