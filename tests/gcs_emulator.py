@@ -98,6 +98,11 @@ class GcsEmulator:
     urllib.request.urlopen(req, timeout=10).read()
     return f"gs://{name}"
 
+  def bucket_folder(self, bucket: str) -> str:
+    """The folder where the server keeps `bucket`'s ('gs://name') objects. Moving it
+    away makes the bucket vanish (reads and writes get 404); moving it back restores it."""
+    return os.path.join(self._root, "data", bucket[len("gs://"):])
+
   def stop(self) -> None:
     if self._proc is not None:
       self._proc.terminate()
