@@ -13,10 +13,9 @@ ConfigError and the check helpers; args.py the grammar of `configs/X.py:ARG`.
 """
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
+from phenaki_jax import storage
 from phenaki_jax.config import compute
 from phenaki_jax.config import cvivit
 from phenaki_jax.config import errors
@@ -257,7 +256,7 @@ def validate_sample(config: ml_collections.ConfigDict) -> None:
   errors.require(not (config.storyboard and config.story), "story", config.story,
                  "give either config.story or config.storyboard, not both")
   if config.storyboard:
-    errors.require(os.path.exists(config.storyboard), "storyboard", config.storyboard,
+    errors.require(storage.exists(config.storyboard), "storyboard", config.storyboard,
                    "no such file")
   sampling.check_story(config)
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phenaki_jax import storage
 from phenaki_jax.pretrained import clip
 from phenaki_jax.pretrained import clip_tokenizer
 from phenaki_jax.pretrained import clip_weights
@@ -91,9 +92,9 @@ def _batched(fn, params, inputs: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def _merges_near(path: str) -> Optional[str]:
-  folder = path if os.path.isdir(path) else os.path.dirname(path)
-  candidate = os.path.join(folder, clip_tokenizer.MERGES_FILENAME)
-  return candidate if os.path.exists(candidate) else None
+  folder = path if storage.isdir(path) else storage.dirname(path)
+  candidate = storage.join(folder, clip_tokenizer.MERGES_FILENAME)
+  return candidate if storage.exists(candidate) else None
 
 
 def load_clip(path: str | os.PathLike[str],

@@ -1,7 +1,7 @@
 """Several eval_generated reports side by side (configs/eval.py:compare), job 'eval_compare'.
 
   python -m phenaki_jax.main --config=configs/eval.py:compare --workdir=OUT \
-      --config.reports=runs/eval_a/report.json,runs/eval_b/report.json
+      --config.reports=runs/eval_a/report.json,gs://bucket/eval_b/report.json
 
 Prints a markdown table (a row per metric, a column per report) and writes
 OUT/comparison.md and OUT/comparison.json. FVD is comparable only under one
@@ -13,12 +13,12 @@ the JSON.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import ml_collections
 from absl import logging
 
+from phenaki_jax import storage
 from phenaki_jax.config import schema
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.eval import report as report_lib
@@ -54,7 +54,7 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
     raise ConfigError(f"config.reports={config.reports!r}: give at least two report.json "
                       "paths, comma-separated")
   for path in paths:
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
       raise ConfigError(f"config.reports: {path!r}: no such file")
   names = [n.strip() for n in config.names.split(",")] if config.names else []
   if names and len(names) != len(paths):
@@ -65,8 +65,7 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
 
 def _load(path: str) -> dict[str, Any]:
   try:
-    with open(path) as f:
-      report = json.load(f)
+    report = storage.read_json(path)
   except (OSError, ValueError) as e:
     raise ConfigError(f"config.reports: {path!r}: cannot read it as JSON: {e}") from None
   if report.get("job") != "eval_generated":
@@ -101,7 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   paths = validate(config)
   reports = [_load(p) for p in paths]
   names = ([n.strip() for n in config.names.split(",")] if config.names
-           else [r.get("name") or os.path.basename(os.path.dirname(os.path.abspath(p)))
+           else [r.get("name") or storage.basename(storage.dirname(storage.absolute(p)))
                  for r, p in zip(reports, paths)])
   differences = protocol_differences(reports)
   if differences:
@@ -111,15 +110,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   print(markdown)
   result = {
       "job": "eval_compare",
-      "reports": [{"name": n, "path": os.path.abspath(p), "metrics": r["metrics"],
+      "reports": [{"name": n, "path": storage.absolute(p), "metrics": r["metrics"],
                    "protocol": r.get("protocol"), "reference": r.get("reference")}
                   for n, p, r in zip(names, paths, reports)],
       "protocol_differences": differences,
       "warnings": ([f"protocols differ in: {', '.join(differences)}"] if differences else []),
   }
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "comparison.md"), "w") as f:
-    f.write(markdown)
-  report_lib.write_json(os.path.join(workdir, "comparison.json"), result)
-  logging.info("compared %d reports -> %s", len(reports), os.path.join(workdir, "comparison.md"))
+  storage.makedirs(workdir)
+  storage.write_text(storage.join(workdir, "comparison.md"), markdown)
+  report_lib.write_json(storage.join(workdir, "comparison.json"), result)
+  logging.info("compared %d reports -> %s", len(reports), storage.join(workdir, "comparison.md"))
   return {**result, "markdown": markdown}

@@ -3,6 +3,9 @@
   python -m phenaki_jax.main --config=configs/eval.py:generated --workdir=OUT \
       --config.generated=runs/samples --config.reference=shapes
 
+Every folder and file (generated, reference, captions, prompts_file, the CLIP
+weights, OUT) may be local or gs:// (phenaki_jax/storage.py).
+
 Two sets of clips:
   * generated: a folder of mp4/GIF files (a sample job's output, captions from
     its samples.json; a story's story.json gives its segments), or a MaskGIT
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import time
 from typing import Any, Iterable, Iterator
 
@@ -39,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from phenaki_jax.config import errors, schema
 from phenaki_jax.pretrained import perceptual
 from phenaki_jax import sharding
+from phenaki_jax import storage
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import synthetic, video_io
 from phenaki_jax.eval import fvd as fvd_lib
@@ -81,16 +84,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   req(bool(config.generated), "generated", config.generated,
       "is required: a folder of generated mp4/GIF files or a MaskGIT workdir, e.g. "
       "--config.generated=runs/samples")
-  req(os.path.isdir(config.generated), "generated", config.generated, "no such folder")
+  req(storage.isdir(config.generated), "generated", config.generated, "no such folder")
   req(isinstance(config.reference, str) and bool(config.reference), "reference",
       config.reference, "must be 'shapes', 'tfds:NAME', prepared shards or a folder of videos")
   if config.reference not in ("shapes",) and not config.reference.startswith("tfds:"):
     ref = config.reference
-    req(is_shards(ref) or os.path.isdir(ref), "reference", ref,
+    req(is_shards(ref) or storage.isdir(ref), "reference", ref,
         "no such folder, shard file or glob (or use 'shapes' / 'tfds:NAME')")
   for key in ("captions", "prompts_file", "clip.path", "clip.merges_path"):
     value = errors.flat_keys(config)[key]
-    req(not value or os.path.exists(value), key, value, "no such file")
+    req(not value or storage.exists(value), key, value, "no such file")
   p = config.protocol
   errors.positive_ints(config, [
       "protocol.num_clips", "protocol.frame_stride", "protocol.clips_per_video",
@@ -428,14 +431,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   report = {
       "job": "eval_generated",
-      "name": config.name or os.path.basename(os.path.normpath(config.generated)),
+      "name": config.name or storage.basename(storage.absolute(config.generated)),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "generated": {**gen_set.describe(), "clips": gen.clips, "videos": gen.videos},
       "reference": {**ref_set.describe(), "clips": ref.clips, "videos": ref.videos},
       "metrics": metrics,
       "fvd_runs": runs,
       # CLIP scores depend on the CLIP model: say which.
-      "clip": ({"path": os.path.abspath(config.clip.path),
+      "clip": ({"path": storage.absolute(config.clip.path),
                 "merges_path": config.clip.merges_path or None,
                 "model": str(getattr(clip.bundle, "source", config.clip.path))}
                if clip is not None else None),

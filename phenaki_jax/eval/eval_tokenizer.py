@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from phenaki_jax import metrics
+from phenaki_jax import storage
 from phenaki_jax.config import schema
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import pipeline
@@ -111,11 +111,8 @@ def _summary(metrics_: dict[str, float]) -> str:
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=False)
-    f.write("\n")
-  os.replace(tmp, path)  # readers never see half a report
+  # Whole (storage.write_text): readers never see half a report.
+  storage.write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def evaluate_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -132,7 +129,7 @@ def evaluate_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> dict[
       clips, config.protocol, codebook_size=tok.config.model.codebook_size, source=source)
   result = evaluator(tok.reconstruct_with_codes)
 
-  tokenizer_info = {"workdir": os.path.abspath(config.tokenizer.workdir), "step": int(tok.step),
+  tokenizer_info = {"workdir": storage.absolute(config.tokenizer.workdir), "step": int(tok.step),
                     "weights": "ema" if config.tokenizer.use_ema else "raw",
                     "codebook_size": int(tok.config.model.codebook_size),
                     "token_grid": list(result.token_grid)}
@@ -148,17 +145,18 @@ def evaluate_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
       "config": config.to_dict(),
   }
-  stem = os.path.join(workdir, f"tokenizer_eval_step_{tok.step}")
+  stem = storage.join(workdir, f"tokenizer_eval_step_{tok.step}")
   png_path = None
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     _write_json(stem + ".json", report)
     n = min(config.num_grid_clips, len(clips))
     if n:
       grid = metrics.reconstruction_grid(clips[:n] / 127.5 - 1.0,
                                          result.reconstructions[:n] / 127.5 - 1.0)
       png_path = stem + ".png"
-      metrics.save_png(png_path, grid, upscale=max(1, 128 // input_cfg.resolution))
+      with storage.staged_file(png_path, suffix=".png") as local:  # workdir may be gs://
+        metrics.save_png(local, grid, upscale=max(1, 128 // input_cfg.resolution))
   logging.info("tokenizer %s step %d on %d %s clips: %s (%.0f s) -> %s.json",
                config.tokenizer.workdir, tok.step, len(clips), input_cfg.data,
                _summary(result.metrics), seconds["total"], stem)

@@ -10,13 +10,15 @@ where unscored, ticks where a generator window starts.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from phenaki_jax import storage
 
 _WIDTH = 720
 _ROW = 14
@@ -25,12 +27,18 @@ _GREEN, _RED, _GREY, _BLUE = (60, 170, 80), (210, 70, 60), (170, 170, 170), (70,
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    # NaN (an undefined seam ratio) is not JSON: written as null.
-    json.dump(_finite(payload), f, indent=2, default=_jsonable, allow_nan=False)
-    f.write("\n")
-  os.replace(tmp, path)  # readers never see half a report
+  """`payload` as JSON at `path` (local or gs://), written whole: readers never see
+  half a report."""
+  # NaN (an undefined seam ratio) is not JSON: written as null.
+  text = json.dumps(_finite(payload), indent=2, default=_jsonable, allow_nan=False)
+  storage.write_text(path, text + "\n")
+
+
+def write_png(path: str, image: Image.Image) -> None:
+  """A PIL image as a PNG at `path` (local or gs://), written whole."""
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  storage.write_bytes(path, buffer.getvalue())
 
 
 def _finite(x: Any) -> Any:
@@ -166,10 +174,10 @@ def draw_figure(report: dict[str, Any], gen_thumbs: Sequence[np.ndarray],
 
 def write_report(workdir: str, report: dict[str, Any], gen_thumbs: Sequence[np.ndarray],
                  ref_thumbs: Sequence[np.ndarray]) -> dict[str, str]:
-  """Writes WORKDIR/report.json and WORKDIR/report.png; returns their paths."""
-  os.makedirs(workdir, exist_ok=True)
-  paths = {"json": os.path.join(workdir, "report.json"),
-           "png": os.path.join(workdir, "report.png")}
+  """Writes WORKDIR/report.json and WORKDIR/report.png (local or gs://); returns their paths."""
+  storage.makedirs(workdir)
+  paths = {"json": storage.join(workdir, "report.json"),
+           "png": storage.join(workdir, "report.png")}
   write_json(paths["json"], report)
-  draw_figure(report, gen_thumbs, ref_thumbs).save(paths["png"])
+  write_png(paths["png"], draw_figure(report, gen_thumbs, ref_thumbs))
   return paths

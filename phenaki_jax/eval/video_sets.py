@@ -4,21 +4,21 @@ A set iterates Items (a whole decoded or generated video, its caption, a
 story's segments) and records what it skipped: a folder of mp4/GIF files
 (FolderSet), a MaskGIT workdir sampled on prompts (CheckpointSet), prepared
 shards or TFDS (RecordSet), or held-out built-in clips (ShapesSet).
-open_generated / open_reference pick one from config.generated / reference.
+open_generated / open_reference pick one from config.generated / reference;
+folders and files may be local or gs:// (phenaki_jax/storage.py).
 The Protocol (config.protocol) says how each video becomes clips.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
-import os
 from typing import Any, Iterator
 
 import ml_collections
 import numpy as np
 from absl import logging
 
+from phenaki_jax import storage
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import pipeline, shard_records, sources, synthetic, video_io
 from phenaki_jax.eval import fvd as fvd_lib
@@ -139,25 +139,34 @@ class VideoSet:
     raise NotImplementedError
 
 
-def _list_videos(folder: str) -> list[str]:
-  return sorted(f for f in os.listdir(folder)
-                if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS
-                and os.path.isfile(os.path.join(folder, f)))
+def _list_videos(folder: str, names: list[str]) -> list[str]:
+  """The video files among a folder's names (hidden ones, e.g. a staged write's, left out)."""
+  videos = [f for f in names if storage.splitext(f)[1].lower() in VIDEO_EXTENSIONS
+            and not f.startswith(".")]
+  if storage.is_remote(folder):
+    return videos  # one request per object would be slow; a "folder" there is a prefix
+  return [f for f in videos if storage.isfile(storage.join(folder, f))]
 
 
 def _one_per_stem(files: list[str]) -> list[str]:
   """The sample job writes 0000.mp4 and 0000.gif: keep one per stem, mp4 first."""
   by_stem: dict[str, list[str]] = {}
   for f in files:
-    by_stem.setdefault(os.path.splitext(f)[0], []).append(f)
+    by_stem.setdefault(storage.splitext(f)[0], []).append(f)
   rank = {ext: i for i, ext in enumerate(VIDEO_EXTENSIONS)}
-  return [min(v, key=lambda f: rank[os.path.splitext(f)[1].lower()]) for v in by_stem.values()]
+  return [min(v, key=lambda f: rank[storage.splitext(f)[1].lower()]) for v in by_stem.values()]
 
 
 def _read_json(path: str, key: str) -> Any:
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return storage.read_json(path)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"config.{key}: cannot read {path}: {e}") from None
+
+
+def _read_text(path: str, key: str) -> str:
+  try:
+    return storage.read_text(path)
   except (OSError, ValueError) as e:
     raise ConfigError(f"config.{key}: cannot read {path}: {e}") from None
 
@@ -166,20 +175,19 @@ def read_captions(path: str, key: str = "captions") -> dict[str, str]:
   """{file name or stem: caption} from a JSON mapping or a JSONL manifest of {path, caption}."""
   if path.endswith(".jsonl"):
     out = {}
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            entry = json.loads(line)
-            out[os.path.basename(entry["path"])] = str(entry["caption"])
-          except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"config.{key}={path!r}: line {n} is not "
-                              '{"path": ..., "caption": ...}') from None
+    for n, line in enumerate(_read_text(path, key).splitlines(), 1):
+      if line.strip():
+        try:
+          entry = json.loads(line)
+          out[storage.basename(entry["path"])] = str(entry["caption"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+          raise ConfigError(f"config.{key}={path!r}: line {n} is not "
+                            '{"path": ..., "caption": ...}') from None
     return out
   data = _read_json(path, key)
   if not isinstance(data, dict):
     raise ConfigError(f"config.{key}={path!r}: expected a JSON object {{file: caption}}")
-  return {os.path.basename(str(k)): str(v) for k, v in data.items()}
+  return {storage.basename(str(k)): str(v) for k, v in data.items()}
 
 
 class FolderSet(VideoSet):
@@ -192,40 +200,46 @@ class FolderSet(VideoSet):
     # (relative file, caption, story segments or None)
     entries: list[tuple[str, str | None, list | None]] = []
     self.caption_source = None
-    stories = sorted(glob.glob(os.path.join(folder, "story.json"))
-                     + glob.glob(os.path.join(folder, "*", "story.json")))
-    samples_json = os.path.join(folder, "samples.json")
-    if with_captions and stories:
-      for path in stories:
-        record = _read_json(path, key)
-        files = [f for f in record.get("files", ["story.mp4"]) if not f.endswith(".gif")]
-        rel = os.path.relpath(os.path.join(os.path.dirname(path), (files or ["story.mp4"])[0]),
-                              folder)
-        segments = [{**s, "window_frames": record.get("window_frames")}
-                    for s in record.get("segments", [])]
-        entries.append((rel, None, segments))
+    try:
+      names = storage.listdir(folder)  # one listing; the checks below look names up in it
+    except storage.StorageError as e:
+      raise ConfigError(f"config.{key}={folder!r}: {e}") from None
+    present = set(names)
+    stories = []  # (subfolder, or "" for the folder itself; its story.json)
+    if with_captions:
+      if "story.json" in present:
+        stories.append(("", storage.join(folder, "story.json")))
+      stories += [(storage.basename(storage.dirname(p)), p)
+                  for p in storage.glob(folder, "*/story.json")]
+    for sub, path in sorted(stories, key=lambda s: s[1]):  # by path, as listed
+      record = _read_json(path, key)
+      files = [f for f in record.get("files", ["story.mp4"]) if not f.endswith(".gif")]
+      name = (files or ["story.mp4"])[0]
+      rel = f"{sub}/{name}" if sub else name
+      segments = [{**s, "window_frames": record.get("window_frames")}
+                  for s in record.get("segments", [])]
+      entries.append((rel, None, segments))
       self.caption_source = "story.json (segment prompts)"
-    if with_captions and os.path.exists(samples_json):
+    if with_captions and "samples.json" in present:
+      samples_json = storage.join(folder, "samples.json")
       for record in _read_json(samples_json, key).get("samples", []):
         files = sorted(record.get("files", []), key=lambda f: not f.endswith(".mp4"))
         if files:
           entries.append((files[0], str(record.get("prompt", "")) or None, None))
       self.caption_source = "samples.json"
     if not entries:
-      files = _one_per_stem(_list_videos(folder))
+      files = _one_per_stem(_list_videos(folder, names))
       captions: dict[str, str] = {}
       if with_captions and captions_path:
         captions, self.caption_source = read_captions(captions_path), captions_path
-      elif with_captions and os.path.exists(os.path.join(folder, "captions.json")):
-        captions = read_captions(os.path.join(folder, "captions.json"), key)
+      elif with_captions and "captions.json" in present:
+        captions = read_captions(storage.join(folder, "captions.json"), key)
         self.caption_source = "captions.json"
       for f in files:
-        stem = os.path.splitext(f)[0]
+        stem = storage.splitext(f)[0]
         caption = captions.get(f, captions.get(stem))
-        sidecar = os.path.join(folder, stem + ".txt")
-        if caption is None and with_captions and os.path.exists(sidecar):
-          with open(sidecar, encoding="utf-8") as fh:
-            caption = fh.read().strip() or None
+        if caption is None and with_captions and stem + ".txt" in present:
+          caption = _read_text(storage.join(folder, stem + ".txt"), key).strip() or None
           self.caption_source = self.caption_source or "NAME.txt sidecars"
         entries.append((f, caption, None))
     if not entries:
@@ -238,16 +252,24 @@ class FolderSet(VideoSet):
                     + [entries[i] for i in order if entries[i][2] is None])
 
   def describe(self) -> dict[str, Any]:
-    return {"kind": "folder", "path": os.path.abspath(self.folder),
+    return {"kind": "folder", "path": storage.absolute(self.folder),
             "files": len(self.entries), "captions": self.caption_source,
             "stories": sum(e[2] is not None for e in self.entries)}
 
   def __iter__(self) -> Iterator[Item]:
     for rel, caption, segments in self.entries:
       try:
-        video = video_io.read_video(os.path.join(self.folder, rel), fps=self.fps or None)
+        # The decoder reads a local file: a gs:// video is downloaded to a temporary one.
+        with storage.local_copy(storage.join(self.folder, rel)) as local:
+          video = video_io.read_video(local, fps=self.fps or None)
       except video_io.VideoDecodeError as e:
         self.skip(rel, e.kind, e.detail)
+        continue
+      except storage.StorageNotFoundError:
+        self.skip(rel, video_io.MISSING, "file not found")
+        continue
+      except storage.StorageError as e:
+        self.skip(rel, video_io.UNREADABLE, str(e))
         continue
       info = {"window_frames": segments[0].get("window_frames")} if segments else {}
       yield Item(rel, video, caption, segments, info)
@@ -262,8 +284,8 @@ class CheckpointSet(VideoSet):
     self.options = SamplingOptions.from_config(config.sampling)
     prompts = [p.strip() for p in config.prompts.split(";") if p.strip()]
     if config.prompts_file:
-      with open(config.prompts_file, encoding="utf-8") as f:
-        prompts += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+      prompts += [line.strip() for line in _read_text(config.prompts_file, "prompts_file")
+                  .splitlines() if line.strip() and not line.startswith("#")]
     self.prompt_source = "config.prompts / prompts_file" if prompts else "shapes_score.prompt_set"
     if not prompts:  # the balanced built-in benchmark prompts, one per clip
       prompts = shapes_score.prompt_set(count, seed=config.seed)
@@ -286,9 +308,9 @@ class CheckpointSet(VideoSet):
 
   def describe(self) -> dict[str, Any]:
     g = self.config.generator
-    return {"kind": "maskgit", "path": os.path.abspath(self.config.generated),
+    return {"kind": "maskgit", "path": storage.absolute(self.config.generated),
             "step": self.gen.step, "weights": "ema" if g.use_ema else "raw",
-            "tokenizer": {"workdir": os.path.abspath(self.gen.tokenizer_workdir),
+            "tokenizer": {"workdir": storage.absolute(self.gen.tokenizer_workdir),
                           "step": self.gen.tokenizer.step},
             "prompts": self.prompt_source, "num_samples": len(self.prompts),
             "seed": self.config.seed, "batch_size": self.config.batch_size,
@@ -351,10 +373,10 @@ class ShapesSet(VideoSet):
 def is_shards(path: str) -> bool:
   if "," in path or any(c in path for c in "*?["):
     return True
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     return path.endswith(".array_record")
-  return bool(glob.glob(os.path.join(path, "*.array_record"))
-              or glob.glob(os.path.join(path, "video", "*.array_record")))
+  return bool(storage.glob(path, "*.array_record")
+              or storage.glob(path, "video/*.array_record"))
 
 
 def open_reference(config: ml_collections.ConfigDict, p: Protocol) -> VideoSet:
@@ -377,7 +399,7 @@ def open_reference(config: ml_collections.ConfigDict, p: Protocol) -> VideoSet:
       raise ConfigError(f"config.reference={ref!r}: {e}") from None
     return RecordSet(source, {"kind": "shards", "path": ref,
                               "shards": len(source.paths)}, p.seed)
-  if os.path.isdir(ref):
+  if storage.isdir(ref):
     return FolderSet(ref, key="reference", protocol_seed=p.seed, fps=p.fps, with_captions=False)
   raise ConfigError(f"config.reference={ref!r}: not 'shapes', 'tfds:NAME', prepared shards "
                     "or a folder of videos")
@@ -385,7 +407,7 @@ def open_reference(config: ml_collections.ConfigDict, p: Protocol) -> VideoSet:
 
 def open_generated(config: ml_collections.ConfigDict) -> VideoSet:
   path = config.generated
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if storage.isdir(storage.join(path, "checkpoints")):
     return CheckpointSet(config, config.protocol.num_clips * (
         config.protocol.repeats if config.protocol.repeat_mode == "disjoint" else 1))
   return FolderSet(path, key="generated", protocol_seed=config.protocol.seed,

@@ -35,6 +35,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from phenaki_jax import storage
+
 MERGES_FILENAME = 'bpe_simple_vocab_16e6.txt.gz'
 SOT_TOKEN = '<|startoftext|>'
 EOT_TOKEN = '<|endoftext|>'
@@ -155,8 +157,12 @@ class CLIPTokenizer:
             f'{MERGES_FILENAME} from; pass merges_path= (the file ships with '
             'the open_clip_torch and OpenAI CLIP packages)')
     merges_path = os.fspath(merges_path)
-    with gzip.open(merges_path, 'rt', encoding='utf-8') as f:
-      lines = f.read().split('\n')
+    try:
+      lines = gzip.decompress(storage.read_bytes(merges_path)).decode('utf-8').split('\n')
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+      if isinstance(e, storage.StorageError):
+        raise
+      raise ValueError(f'{merges_path}: not a gzipped CLIP merges file ({e})') from None
     # Line 0 is a version header; OpenAI uses the next 48,894 merges. A
     # shorter file (a test's, or a smaller vocabulary) gives fewer ids.
     merges = [tuple(line.split()) for line in lines[1:_NUM_MERGES + 1]

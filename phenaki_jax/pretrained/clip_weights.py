@@ -14,6 +14,10 @@ Sources (all in the open_clip / OpenAI state-dict naming: `visual.conv1.weight`,
 * a folder holding one of those (open_clip Hugging Face layout);
 * an in-memory mapping name -> array.
 
+Files and folders may be local or on gs:// (storage.py): a remote
+.safetensors is read tensor by tensor, a remote torch file is downloaded to a
+temporary file first (torch needs a real file).
+
 The architecture is inferred from the shapes, as OpenAI's `build_model` does;
 the head count is not visible in any shape and is width // 64 for every
 released ViT CLIP (pass `config=` otherwise). Whether the MLP uses QuickGELU
@@ -25,7 +29,6 @@ file: missing, unexpected and mis-shaped tensors.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -34,6 +37,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from phenaki_jax import storage
 from phenaki_jax.pretrained import clip
 
 PathLike = str | os.PathLike[str]
@@ -399,11 +403,17 @@ def _is_torchscript(path: str) -> bool:
 
 def _read_torch(path: str) -> dict[str, Any]:
   torch = _import_torch(path)
-  if _is_torchscript(path):
+  with storage.local_copy(path) as local:
+    return _read_local_torch(torch, local, path)
+
+
+def _read_local_torch(torch, local: str, path: str) -> dict[str, Any]:
+  """The state dict of the torch file `local` (a copy of `path`, the name in errors)."""
+  if _is_torchscript(local):
     # OpenAI's released files are TorchScript archives; their state dict
     # holds the weights (fp16) under the usual names plus number keys.
     try:
-      archive = torch.jit.load(path, map_location='cpu')
+      archive = torch.jit.load(local, map_location='cpu')
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(
           f'CLIP checkpoint {path}: cannot load this TorchScript archive '
@@ -412,7 +422,7 @@ def _read_torch(path: str) -> dict[str, Any]:
     state = archive.state_dict()
   else:
     # weights_only: a checkpoint is data; never unpickle arbitrary objects.
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = torch.load(local, map_location='cpu', weights_only=True)
   if isinstance(state, Mapping) and 'state_dict' in state and isinstance(
       state['state_dict'], Mapping):
     state = state['state_dict']  # open_clip training checkpoint
@@ -426,25 +436,24 @@ def _read_torch(path: str) -> dict[str, Any]:
 
 def _resolve(path: PathLike) -> str:
   path = os.fspath(path)
-  if os.path.isdir(path):
+  if storage.isdir(path):
     for name in _FOLDER_FILES:
-      if os.path.exists(os.path.join(path, name)):
-        return os.path.join(path, name)
+      if storage.exists(storage.join(path, name)):
+        return storage.join(path, name)
     raise FileNotFoundError(
         f'{path}: no CLIP weights in this folder (looked for '
         f'{", ".join(_FOLDER_FILES)})')
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'CLIP checkpoint {path} does not exist')
   return path
 
 
 def _sidecar_quick_gelu(path: str) -> Optional[bool]:
   """quick_gelu from an open_clip_config.json next to the weights, if any."""
-  config_json = os.path.join(os.path.dirname(path), 'open_clip_config.json')
-  if not os.path.exists(config_json):
+  config_json = storage.join(storage.dirname(path), 'open_clip_config.json')
+  if not storage.exists(config_json):
     return None
-  with open(config_json) as f:
-    model_cfg = json.load(f).get('model_cfg', {})
+  model_cfg = storage.read_json(config_json).get('model_cfg', {})
   # open_clip's default (a config without the key) is nn.GELU.
   return bool(model_cfg.get('quick_gelu', False))
 
@@ -481,14 +490,13 @@ def load_clip_params(path: PathLike,
                    file)
   if file.endswith('.safetensors'):
     try:
-      from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+      import safetensors  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError as e:
       raise ImportError(f'CLIP checkpoint {file}: reading .safetensors needs '
                         '`safetensors` (pip install safetensors)') from e
     # bfloat16 tensors come back as ml_dtypes arrays; _to_numpy widens them.
-    with safe_open(file, framework='np') as handle:
-      shapes = {k: tuple(handle.get_slice(k).get_shape())
-                for k in handle.keys()}
+    with storage.SafetensorsReader(file) as handle:
+      shapes = {k: handle.shape(k) for k in handle.keys()}
       return _map(shapes, handle.get_tensor, config, quick_gelu, dtype, file)
   state = _read_torch(file)
   return state_dict_to_params(state, config, quick_gelu, dtype, file)

@@ -1,6 +1,6 @@
 """The sampling job (configs/sample.py): prompts in, videos out.
 
-Writes into WORKDIR (a story, config.story / config.storyboard, writes story.mp4,
+Writes into WORKDIR, a local folder or gs:// (a story, config.story / config.storyboard, writes story.mp4,
 story.gif, story.png and story.json instead; see phenaki_jax/sampling/story.py):
   0000.mp4, 0000.gif, 0001.mp4, ...  one video per sample, in prompt order
   samples.png       contact sheet: a strip per sample, its prompt above its frames
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import json
-import os
 import time
 from typing import Any, Sequence
 
@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from phenaki_jax.config import schema
 from phenaki_jax import metrics
+from phenaki_jax import storage
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import video_io
 from phenaki_jax.eval import shapes_score
@@ -35,19 +36,36 @@ from phenaki_jax.sampling import story as story_lib
 
 
 def read_prompts(config: ml_collections.ConfigDict) -> list[str]:
-  """config.prompts, then the lines of config.prompts_file, then config.shapes_eval prompts."""
+  """config.prompts, then the lines of config.prompts_file (local or gs://), then
+  config.shapes_eval prompts."""
   prompts = [p.strip() for p in config.prompts.split(";") if p.strip()]
   if config.prompts_file:
-    if not os.path.exists(config.prompts_file):
-      raise ConfigError(f"config.prompts_file={config.prompts_file!r}: no such file")
-    with open(config.prompts_file, encoding="utf-8") as f:
-      prompts += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    prompts += read_prompts_file(config.prompts_file)
   if config.shapes_eval:
     prompts += shapes_score.prompt_set(config.shapes_eval, seed=config.seed)
   if not prompts:
     raise ConfigError("nothing to sample: set config.prompts ('first;second'), "
                       "config.prompts_file, or config.shapes_eval")
   return prompts
+
+
+def read_prompts_file(path: str, key: str = "prompts_file") -> list[str]:
+  """The non-empty lines of a prompt file (local or gs://), '#' lines left out."""
+  try:
+    text = storage.read_text(path)
+  except storage.StorageNotFoundError:
+    raise ConfigError(f"config.{key}={path!r}: no such file") from None
+  except (storage.StorageError, UnicodeDecodeError) as e:
+    raise ConfigError(f"config.{key}={path!r}: cannot read it: {e}") from None
+  return [line.strip() for line in text.splitlines()
+          if line.strip() and not line.startswith("#")]
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+  """An RGB uint8 image as a PNG, written whole (local or gs://)."""
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  storage.write_bytes(path, buffer.getvalue())
 
 
 def labelled_strips(videos: Sequence[np.ndarray], labels: Sequence[str],
@@ -100,11 +118,8 @@ def _format_accuracy(acc: dict[str, float]) -> str:
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)
+  # Whole or not at all (storage.write_text); keys in the report's own order.
+  storage.write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -128,7 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                len(prompts), config.samples_per_prompt, g.workdir, gen.step, options.num_steps,
                options.guidance_scale)
   jobs = [(p, k) for p in prompts for k in range(config.samples_per_prompt)]
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
 
   records, videos, readings, sample_seconds = [], [], [], 0.0
   bs = config.batch_size
@@ -145,15 +160,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     sample_seconds += time.perf_counter() - t0
     for (prompt, k), video in zip(chunk, batch):
       index = len(records)
-      stem = os.path.join(workdir, f"{index:04d}")
       files = []
       for fmt in formats:
-        path = f"{stem}.{fmt}"
-        if fmt == "mp4":
-          video_io.write_video(path, video, fps=config.output.fps)
-        else:
-          video_io.write_gif(path, video, fps=config.output.fps)
-        files.append(os.path.relpath(path, workdir))
+        name = f"{index:04d}.{fmt}"
+        # The encoders need a real file: staged locally, then moved / uploaded whole.
+        with storage.staged_file(storage.join(workdir, name), suffix=f".{fmt}") as local:
+          if fmt == "mp4":
+            video_io.write_video(local, video, fps=config.output.fps)
+          else:
+            video_io.write_gif(local, video, fps=config.output.fps)
+        files.append(name)
       record = {"index": index, "prompt": prompt, "sample": k, "batch_seed": batch_seed,
                 "files": files, "frames": list(video.shape)}
       if shapes_score.is_shapes_prompt(prompt):
@@ -167,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   upscale = max(1, 128 // videos[0].shape[1])
   grid = labelled_strips(videos, [f"{r['index']:04d} {r['prompt']}" for r in records],
                          upscale=upscale)
-  Image.fromarray(grid).save(os.path.join(workdir, "samples.png"))
+  write_png(storage.join(workdir, "samples.png"), grid)
   scored = [r["shapes"]["correct"] for r in records if "shapes" in r]
   ceiling = (tokenizer_ceiling(gen, list(dict.fromkeys(r["prompt"] for r in records
                                                       if "shapes" in r)),
@@ -175,10 +191,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   report = {
       "job": "sample",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "generator": {"workdir": os.path.abspath(g.workdir), "step": gen.step,
+      "generator": {"workdir": storage.absolute(g.workdir), "step": gen.step,
                     "weights": "ema" if g.use_ema else "raw",
                     "token_grid": list(gen.token_grid)},
-      "tokenizer": {"workdir": os.path.abspath(gen.tokenizer_workdir),
+      "tokenizer": {"workdir": storage.absolute(gen.tokenizer_workdir),
                     "step": gen.tokenizer.step},
       "sampling": {**options.__dict__, "batch_size": bs, "seed": config.seed},
       "samples": records,
@@ -192,7 +208,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
       "config": config.to_dict(),
   }
-  _write_json(os.path.join(workdir, "samples.json"), report)
+  _write_json(storage.join(workdir, "samples.json"), report)
   if scored:
     logging.info("shapes prompt accuracy over %d clips: %s", len(scored),
                  _format_accuracy(report["shapes_accuracy"]))
@@ -227,8 +243,8 @@ def run_story(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
   d = config.story_defaults
   segments = [s if s.num_frames or s.seconds else dataclasses.replace(s, num_frames=d.num_frames)
               for s in segments]
-  os.makedirs(workdir, exist_ok=True)
-  mp4 = os.path.join(workdir, "story.mp4")
+  storage.makedirs(workdir)
+  mp4 = storage.join(workdir, "story.mp4")
   scores = {}
 
   def score(i: int, frames: np.ndarray) -> None:
@@ -239,27 +255,29 @@ def run_story(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
                    "correct": shapes_score.score_reading(reading, prompt)}
 
   t0 = time.perf_counter()
-  with video_io.VideoWriter(mp4, fps=config.output.fps) as writer:
-    try:
-      result = story_lib.generate_story(
-          gen, segments, sink=writer.write, options=options, seed=config.seed,
-          context_frames=d.context_frames, fps=config.output.fps, on_segment=score)
-    except ValueError as e:
-      raise ConfigError(f"story_defaults / storyboard: {e}") from None
-  seconds = time.perf_counter() - t0
   files = ["story.mp4"]
-  if "gif" in formats:
-    # A GIF is written whole: for very long stories use mp4 only.
-    video_io.write_gif(os.path.join(workdir, "story.gif"),
-                       video_io.read_video(mp4, fps=None), fps=config.output.fps)
-    files.append("story.gif")
+  # Frames stream into a local file, moved / uploaded whole at the end (storage.py).
+  with storage.staged_file(mp4, suffix=".mp4") as local_mp4:
+    with video_io.VideoWriter(local_mp4, fps=config.output.fps) as writer:
+      try:
+        result = story_lib.generate_story(
+            gen, segments, sink=writer.write, options=options, seed=config.seed,
+            context_frames=d.context_frames, fps=config.output.fps, on_segment=score)
+      except ValueError as e:
+        raise ConfigError(f"story_defaults / storyboard: {e}") from None
+    seconds = time.perf_counter() - t0
+    if "gif" in formats:
+      # A GIF is written whole: for very long stories use mp4 only.
+      with storage.staged_file(storage.join(workdir, "story.gif"), suffix=".gif") as gif:
+        video_io.write_gif(gif, video_io.read_video(local_mp4, fps=None), fps=config.output.fps)
+      files.append("story.gif")
   by_segment: dict[str, list[np.ndarray]] = {}
   for label, frame in result.strip_frames:
     by_segment.setdefault(label, []).append(frame)
   upscale = max(1, 128 // result.strip_frames[0][1].shape[0])
   strip = labelled_strips([np.stack(v) for v in by_segment.values()], list(by_segment),
                           upscale=upscale)
-  Image.fromarray(strip).save(os.path.join(workdir, "story.png"))
+  write_png(storage.join(workdir, "story.png"), strip)
   for i, record in enumerate(result.segments):
     if i in scores:
       record["shapes"] = scores[i]
@@ -267,8 +285,8 @@ def run_story(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
   report = {
       "job": "sample/story",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "generator": {"workdir": os.path.abspath(config.generator.workdir), "step": gen.step},
-      "tokenizer": {"workdir": os.path.abspath(gen.tokenizer_workdir),
+      "generator": {"workdir": storage.absolute(config.generator.workdir), "step": gen.step},
+      "tokenizer": {"workdir": storage.absolute(gen.tokenizer_workdir),
                     "step": gen.tokenizer.step},
       "window_frames": story_lib.StoryWindow(gen).frames,
       "num_frames": result.num_frames, "fps": config.output.fps,
@@ -278,7 +296,7 @@ def run_story(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
       "seconds": {"sampling": round(seconds, 3), "total": round(time.perf_counter() - start, 3)},
       "config": config.to_dict(),
   }
-  _write_json(os.path.join(workdir, "story.json"), report)
+  _write_json(storage.join(workdir, "story.json"), report)
   logging.info("story of %d segments, %d frames -> %s (%.1f s)", len(segments),
                result.num_frames, mp4, seconds)
   return report

@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from phenaki_jax import storage
 from phenaki_jax.generator import Generator, SamplingOptions
 from phenaki_jax.models import cvivit
 
@@ -98,11 +98,14 @@ def parse_segments(items: Sequence[Any], defaults: dict[str, Any] | None = None,
 
 
 def load_storyboard(path: str) -> list[Segment]:
-  """A YAML or JSON file: a list of segments, or {'defaults': {...}, 'segments': [...]}."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"storyboard {path}: no such file")
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  """A YAML or JSON file (local or gs://): a list of segments, or
+  {'defaults': {...}, 'segments': [...]}."""
+  try:
+    text = storage.read_text(path)  # local or gs://
+  except storage.StorageNotFoundError:
+    raise FileNotFoundError(f"storyboard {path}: no such file") from None
+  except (storage.StorageError, UnicodeDecodeError) as e:
+    raise ValueError(f"storyboard {path}: cannot read it ({e})") from None
   try:
     if path.endswith(".json"):
       data = json.loads(text)

@@ -7,8 +7,6 @@ vectors everywhere.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 from typing import Any, Mapping
 
 import jax
@@ -16,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from phenaki_jax import storage
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.models import t5
 from phenaki_jax.text import t5_weights, text_tokenizers
@@ -44,10 +43,10 @@ class TextEncoder:
 
 
 def _find_sentencepiece(checkpoint: str) -> str:
-  folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
-  if os.path.exists(os.path.join(folder, "spiece.model")):
-    return os.path.join(folder, "spiece.model")
-  found = sorted(glob.glob(os.path.join(folder, "*.model")))
+  folder = checkpoint if storage.isdir(checkpoint) else storage.dirname(checkpoint)
+  if storage.exists(storage.join(folder, "spiece.model")):
+    return storage.join(folder, "spiece.model")
+  found = storage.glob(folder, "*.model")
   if len(found) != 1:
     raise ConfigError(
         f"config.text.vocab_path='': found {len(found)} SentencePiece *.model files next to "
@@ -57,11 +56,18 @@ def _find_sentencepiece(checkpoint: str) -> str:
 
 def load_t5(path: str, vocab_path: str, dtype: Any) -> tuple[t5.T5Encoder, Any,
                                                               text_tokenizers.TextTokenizer]:
-  """A Hugging Face folder (*.safetensors) or a T5X checkpoint with its SentencePiece model."""
-  if not os.path.exists(path):
+  """A Hugging Face folder (*.safetensors) or a T5X checkpoint with its SentencePiece model.
+
+  Local or gs:// (storage.py), the vocabulary too.
+  """
+  try:
+    missing = not storage.exists(path)
+  except storage.StorageError as e:
+    raise ConfigError(f"config.text.t5_path={path!r}: {e}") from None
+  if missing:
     raise ConfigError(f"config.text.t5_path={path!r}: does not exist")
   try:
-    if os.path.isdir(path) and glob.glob(os.path.join(path, "*.safetensors")):
+    if storage.isdir(path) and storage.glob(path, "*.safetensors"):
       module, params, tokenizer = t5_weights.load_t5_encoder(path, dtype=dtype)
       if vocab_path:
         tokenizer = text_tokenizers.SentencePieceTokenizer(vocab_path)
@@ -69,7 +75,7 @@ def load_t5(path: str, vocab_path: str, dtype: Any) -> tuple[t5.T5Encoder, Any,
       params, t5_config = t5_weights.load_t5x_params(path)
       module = t5_config.make_module(dtype=dtype)
       tokenizer = text_tokenizers.SentencePieceTokenizer(vocab_path or _find_sentencepiece(path))
-  except (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError) as e:
+  except (ValueError, OSError, NotImplementedError) as e:
     raise ConfigError(f"config.text.t5_path={path!r}: {e}") from None
   if tokenizer.vocab_size > module.vocab_size:
     raise ConfigError(f"config.text.t5_path={path!r}: its tokenizer emits {tokenizer.vocab_size} "

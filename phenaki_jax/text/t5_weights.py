@@ -20,14 +20,14 @@ or for `jax.device_put` with shardings.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
+import io
 import math
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from phenaki_jax import storage
 from phenaki_jax.models import t5
 from phenaki_jax.text import text_tokenizers
 
@@ -220,8 +220,7 @@ def config_from_hf(config: PathLike | Mapping[str, Any]
                    ) -> t5.T5EncoderConfig:
   """Encoder sizes from a Hugging Face T5 `config.json` (path or dict)."""
   if not isinstance(config, Mapping):
-    with open(config) as f:
-      config = json.load(f)
+    config = storage.read_json(config)
   proj = config.get('feed_forward_proj', 'relu')
   if proj != 'gated-gelu':
     # T5 v1.0 ('relu', single `wi`) and other variants have different weights.
@@ -305,12 +304,12 @@ def hf_state_to_params(state: Mapping[str, Any],
 
 def _safetensors_files(path: PathLike) -> list[str]:
   path = os.fspath(path)
-  if os.path.isdir(path):
-    files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
+  if storage.isdir(path):
+    files = storage.glob(path, '*.safetensors')
     if not files:
       raise FileNotFoundError(f'no *.safetensors in {path}')
     return files
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(path)
   return [path]
 
@@ -322,10 +321,12 @@ def load_hf_safetensors(path: PathLike,
   """Loads HF T5 encoder weights from a .safetensors file or a folder of them.
 
   Only the tensors the encoder needs are read, so a sharded
-  T5ForConditionalGeneration checkpoint costs no memory for its decoder.
+  T5ForConditionalGeneration checkpoint costs no memory for its decoder (and,
+  on gs://, no transfer: storage.SafetensorsReader reads tensor by tensor).
 
   Args:
-    path: a .safetensors file, or a folder with one or more (sharded) files.
+    path: a .safetensors file, or a folder with one or more (sharded) files;
+      local or gs://.
     config: encoder sizes; by default read from `config.json` next to the
       weights, or else inferred from the tensor shapes.
     dtype: numpy dtype of the returned parameters.
@@ -334,27 +335,31 @@ def load_hf_safetensors(path: PathLike,
     (params, config).
   """
   try:
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    import safetensors  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise ImportError('loading HF T5 weights needs `safetensors` '
                       '(pip install safetensors)') from e
   files = _safetensors_files(path)
   source = os.fspath(path)
-  handles = [safe_open(f, framework='np') for f in files]
-  shapes, owner = {}, {}
-  for handle in handles:
-    for key in handle.keys():
-      shapes[key] = tuple(handle.get_slice(key).get_shape())
-      owner[key] = handle
-  if config is None:
-    config_json = os.path.join(os.path.dirname(files[0]), 'config.json')
-    if os.path.exists(config_json):
-      config = config_from_hf(config_json)
-    else:
-      config = _infer_hf_config(shapes, source)
-  params = _map_checkpoint(source, shapes, lambda k: owner[k].get_tensor(k),
-                           _hf_table(config.num_layers), _HF_IGNORED_PREFIXES,
-                           config, dtype)
+  handles = [storage.SafetensorsReader(f) for f in files]
+  try:
+    shapes, owner = {}, {}
+    for handle in handles:
+      for key in handle.keys():
+        shapes[key] = handle.shape(key)
+        owner[key] = handle
+    if config is None:
+      config_json = storage.join(storage.dirname(files[0]), 'config.json')
+      if storage.exists(config_json):
+        config = config_from_hf(config_json)
+      else:
+        config = _infer_hf_config(shapes, source)
+    params = _map_checkpoint(source, shapes, lambda k: owner[k].get_tensor(k),
+                             _hf_table(config.num_layers), _HF_IGNORED_PREFIXES,
+                             config, dtype)
+  finally:
+    for handle in handles:
+      handle.close()
   return params, config
 
 
@@ -395,15 +400,14 @@ def _read_t5x_source(source: Any) -> tuple[str, dict[str, Any]]:
   if isinstance(source, Mapping):
     return '<dict>', _flatten(source)
   path = os.fspath(source)
-  if os.path.isdir(path):
-    return path, _flatten(_restore_orbax(path))
+  if storage.isdir(path):
+    return path, _flatten(_restore_orbax(path))  # Orbax reads gs:// itself
   if path.endswith('.npz'):
-    with np.load(path) as data:
+    with np.load(io.BytesIO(storage.read_bytes(path))) as data:
       return path, {k: data[k] for k in data.files}
   if path.endswith('.msgpack'):
     from flax import serialization  # pylint: disable=g-import-not-at-top
-    with open(path, 'rb') as f:
-      return path, _flatten(serialization.msgpack_restore(f.read()))
+    return path, _flatten(serialization.msgpack_restore(storage.read_bytes(path)))
   raise ValueError(f'T5 checkpoint {path}: expected an Orbax folder, an .npz '
                    'or a .msgpack file')
 
@@ -491,7 +495,7 @@ def load_t5_encoder(path: PathLike, dtype: Any = None, param_dtype: Any = None
   bytes (ByT5) gets a `ByteTokenizer`.
 
   Args:
-    path: the model folder.
+    path: the model folder, local or gs://.
     dtype: compute dtype of the module (default float32).
     param_dtype: dtype of the returned parameters (default float32).
 
@@ -502,11 +506,11 @@ def load_t5_encoder(path: PathLike, dtype: Any = None, param_dtype: Any = None
   dtype = jnp.float32 if dtype is None else dtype
   param_dtype = jnp.float32 if param_dtype is None else param_dtype
   path = os.fspath(path)
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise NotADirectoryError(f'{path}: expected a Hugging Face model folder')
   params, config = load_hf_safetensors(path, dtype=np.dtype(param_dtype))
-  spiece = os.path.join(path, 'spiece.model')
-  if os.path.exists(spiece):
+  spiece = storage.join(path, 'spiece.model')
+  if storage.exists(spiece):
     tokenizer = text_tokenizers.SentencePieceTokenizer(spiece)
   elif text_tokenizers.ByteTokenizer().vocab_size <= config.vocab_size <= 384:
     tokenizer = text_tokenizers.ByteTokenizer()

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from phenaki_jax import storage
+
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
@@ -99,7 +101,7 @@ class SentencePieceTokenizer(TextTokenizer):
   """T5's SentencePiece vocabulary (`spiece.model`), EOS appended, 0 padding.
 
   Attributes:
-    model_path: path of the SentencePiece model file.
+    model_path: path of the SentencePiece model file (local or gs://).
     extra_ids: T5's sentinel ids (<extra_id_0>...) counted after the pieces;
       they are never produced by `encode`, only counted in `vocab_size`.
   """
@@ -113,7 +115,13 @@ class SentencePieceTokenizer(TextTokenizer):
           '(pip install sentencepiece).') from e
     self.model_path = os.fspath(model_path)
     self.extra_ids = extra_ids
-    self._sp = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
+    # From its bytes: the model may be local or on gs:// (storage.py).
+    proto = storage.read_bytes(self.model_path)
+    self._sp = sentencepiece.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(proto)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'{self.model_path}: not a SentencePiece model ({e})') from None
     # T5 reserves 0/1/2 for pad/eos/unk; a model trained otherwise would make
     # our padding collide with a real piece.
     got = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id())
