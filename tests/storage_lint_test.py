@@ -30,6 +30,12 @@ ALLOWED = {
     ("pretrained/clip_tokenizer.py", "os.path.join"): "the merges file inside an installed open_clip package",
     ("pretrained/clip_tokenizer.py", "os.path.exists"): "the merges file inside an installed open_clip package",
     ("text/t5_weights.py", "np.load"): "reads an in-memory io.BytesIO of bytes storage.read_bytes fetched",
+    ("data/video_io.py", "av.open"): "FFmpeg opens a local file: the media itself or its "
+                                      "storage.local_copy, or a storage.staged_file it encodes into",
+    ("data/video_io.py", "Image.open"): "decodes an in-memory io.BytesIO of storage.read_bytes",
+    ("data/sources.py", "Image.open"): "decodes a frame's PNG/JPEG bytes from a record (io.BytesIO)",
+    ("data/prepare.py", "open"): "the per-worker lock file, made only in a local output folder "
+                                 "(object storage has no locks)",
 }
 
 
