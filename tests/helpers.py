@@ -104,3 +104,14 @@ def train_sentencepiece(tmp_path, **special_ids):
       input=str(corpus), model_prefix=str(prefix), vocab_size=100,
       minloglevel=2, **special_ids)
   return f'{prefix}.model', sentences, spm
+
+
+def upload_folder(local, remote):
+  """Copies the local folder `local` (recursively) to `remote` (e.g. gs://BUCKET/x) with storage."""
+  import os
+  from phenaki_jax import storage
+  for root, _, files in os.walk(local):
+    for name in files:
+      full = os.path.join(root, name)
+      storage.upload(full, storage.join(remote, os.path.relpath(full, local).replace(os.sep, "/")))
+  return remote
