@@ -1,26 +1,28 @@
 """The prepare job's settings: a captioned manifest into ArrayRecord clip shards.
 
 phenaki_jax/data/prepare.py `run` reads these keys (and checks their values:
-`Settings.from_config`); configs/prepare.py starts from them.
+`check` here, before any work, then `Settings.from_config`); configs/prepare.py
+starts from them.
 """
 from __future__ import annotations
 
 import ml_collections
 
+from phenaki_jax.config import errors
 from phenaki_jax.config import sizes
 
 
 def defaults() -> ml_collections.ConfigDict:
   """The settings of data/prepare.py `run` (no `job` key: schema.prepare_defaults adds it)."""
   c = ml_collections.ConfigDict()
-  c.manifest = ""  # JSONL or CSV/TSV file.
+  c.manifest = ""  # JSONL or CSV/TSV file (local or gs://).
   c.manifest_format = "auto"  # "auto" (by extension), "jsonl" or "csv".
   c.path_column = "path"
   c.caption_column = "caption"
   # If set, str.format template over a row's fields giving the path, e.g.
   # WebVid "{page_dir}/{videoid}.mp4"; path_column is then unused.
   c.path_format = ""
-  c.media_root = ""  # Base of relative paths; "" = the manifest's folder.
+  c.media_root = ""  # Base of relative paths (local or gs://); "" = the manifest's folder.
   # Square side (resize on the short side, centre crop) and frames per video
   # clip: the default tokenizer's clips, 1 + 5 * temporal patch 2 frames.
   c.num_frames, c.resolution = sizes.CLIPS["default"]
@@ -32,7 +34,27 @@ def defaults() -> ml_collections.ConfigDict:
   c.jpeg_quality = 95
   c.clips_per_shard = 1024  # Upper bound on records per shard file.
   c.files_per_unit = 64  # Manifest entries per resumable work unit.
-  c.num_workers = 0  # Processes; 0 = one per CPU, 1 = in this process.
+  c.num_workers = 0  # Decoding processes on this machine; 0 = one per CPU, 1 = in this process.
+  # Several machines preparing one manifest into one output folder: this one's
+  # index and how many there are. Unit U belongs to worker U % worker_count;
+  # the last worker to finish writes the merged summary.json.
+  c.worker_index = 0
+  c.worker_count = 1
+  c.merge_only = False  # Only merge the workers' reports into summary.json (decodes nothing).
   c.max_units = 0  # Stop after this many new units (0 = all); for tests.
   c.progress = True  # tqdm progress bar on stderr.
   return c
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """The keys that say who does what; ConfigError naming the key, before any work."""
+  errors.positive_ints(config, ["worker_count"])
+  index, count = config.worker_index, config.worker_count
+  errors.require(isinstance(index, int) and not isinstance(index, bool) and 0 <= index < count,
+                 "worker_index", index,
+                 f"must be an integer in [0, config.worker_count={count})")
+  errors.require(isinstance(config.num_workers, int) and config.num_workers >= 0,
+                 "num_workers", config.num_workers,
+                 "must be >= 0 (0 = one process per CPU)")
+  errors.require(isinstance(config.merge_only, bool), "merge_only", config.merge_only,
+                 "must be True or False")

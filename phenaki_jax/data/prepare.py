@@ -9,24 +9,41 @@ Manifests: JSONL (`{"path": ..., "caption": ...}` a line) or CSV/TSV with
 configurable column names; `path_format` builds paths from several columns
 (WebVid: `{page_dir}/{videoid}.mp4`). Relative paths resolve against the
 manifest's folder (or `media_root`). A path with an image extension is an
-image-text pair, anything else a video.
+image-text pair, anything else a video. The manifest, the media, `media_root`
+and DIR may each be local or `gs://` (phenaki_jax/storage.py); a manifest in a
+bucket may list bucket-relative names or `gs://` objects.
 
 Output (DIR):
   metadata.json          settings, manifest hash, record format version
   video/video-UUUUU-PPP.array_record   clips of work unit U, part P
   image/image-UUUUU-PPP.array_record   1-frame (or still) image clips
   units/unit-UUUUU.json  a finished unit's report; its existence = "done"
-  summary.json           counts, every skipped file with its reason
+  workers/worker-IIIII-of-NNNNN.json   worker I's report: its units' reports
+  summary.json           the merged report: counts, every shard, every
+                         skipped file with its reason; `complete` once every
+                         unit of the manifest is done
 
 Work is cut into deterministic units of `files_per_unit` manifest entries.
-Each unit writes its shards (at most `clips_per_shard` records each) under a
-`.tmp` name, renames them into place, then writes its report. A re-run with
-the same settings and manifest skips finished units and redoes any other
-unit from scratch (removing its leftovers), so a killed run resumes without
-duplicates or losses. A unit that produced no record of a kind writes no shard
-of that kind. Bad inputs (missing, empty, not a video, truncated, corrupted,
-too short, undecodable image, bad manifest row) are skipped, each logged and
-listed in summary.json with a reason that names the file.
+Each unit writes its shards (at most `clips_per_shard` records each) to a
+temporary file, publishes each whole (a rename, or one object upload), then
+writes its report. A re-run with the same settings and manifest skips
+finished units and redoes any other unit from scratch (removing its
+leftovers first), so a killed run resumes without duplicates or losses. A unit
+that produced no record of a kind writes no shard of that kind. Bad inputs
+(missing, empty, not a video, truncated, corrupted, too short, undecodable
+image, bad manifest row) are skipped, each logged and listed in summary.json
+with a reason that names the file.
+
+Several machines. With `worker_count=N`, unit U belongs to worker
+`U % N`; worker `worker_index=I` does only its own units, so N machines (or
+N runs on one) prepare one manifest into ONE folder (local, shared, or gs://)
+with no unit done twice: every name a worker writes is its units' own. Each
+worker resumes on its own (re-running worker I redoes only its unfinished
+units) and ends by writing its report; the worker that finds all N reports
+complete writes summary.json, merged from them (`merge_only=True` re-merges,
+also partially, without decoding anything). Until then there is no
+summary.json (with N > 1) and readers (sources.find_prepared_shards) warn
+that the set is partial; once it exists they read exactly the shards it lists.
 
 Record format (see `sources.py` for the fields). Measured 2026-11-22 on the
 project's 2-core CPU machine (shared: load ~3.5, so speeds are the range of
@@ -64,11 +81,12 @@ import concurrent.futures
 import csv
 import dataclasses
 import fcntl
-import glob
 import hashlib
+import io
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from typing import Any, Iterator
@@ -77,6 +95,7 @@ from absl import logging
 import ml_collections
 import tqdm
 
+from phenaki_jax import storage
 from phenaki_jax.config import prepare as prepare_config
 from phenaki_jax.data import shard_writer, sources
 from phenaki_jax.data import video_io
@@ -86,6 +105,8 @@ _JSONL_EXTENSIONS = (".jsonl", ".json", ".ndjson")
 _CSV_EXTENSIONS = (".csv", ".tsv")
 BAD_MANIFEST_ENTRY = "bad_manifest_entry"
 UNEXPECTED_ERROR = "error"
+# Concurrent small reads (reports) from a bucket: latency-bound, not CPU-bound.
+_REMOTE_READ_THREADS = 16
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -95,7 +116,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """What determines the bytes written; a resumed run must match them."""
+  """What determines the bytes written; a resumed run (and every worker) must match them."""
   resolution: int
   num_frames: int
   fps: float
@@ -150,7 +171,7 @@ def manifest_format(path: str, fmt: str = "auto") -> str:
     return fmt
   if fmt != "auto":
     raise ValueError(f"manifest_format must be auto, jsonl or csv: {fmt!r}")
-  ext = os.path.splitext(path)[1].lower()
+  ext = storage.splitext(path)[1].lower()
   if ext in _JSONL_EXTENSIONS:
     return "jsonl"
   if ext in _CSV_EXTENSIONS:
@@ -161,15 +182,21 @@ def manifest_format(path: str, fmt: str = "auto") -> str:
 
 def iter_manifest(path: str, *, fmt: str = "auto", path_column: str = "path",
                   caption_column: str = "caption", path_format: str = "",
-                  media_root: str = "") -> Iterator[ManifestEntry]:
+                  media_root: str = "", read_from: str = "") -> Iterator[ManifestEntry]:
   """Streams a manifest's entries, resolving paths; never skips silently.
 
   Rows that cannot be used (bad JSON, missing field, URL) come out with
   `problem` set, so they are reported like bad files. A CSV missing a
   configured column raises ValueError: that is a config error.
+
+  Args:
+    path: the manifest (local or gs://): paths resolve against its folder
+      unless `media_root` is set, and messages name it.
+    read_from: a local copy of it to read instead (`run` downloads a remote
+      manifest once and reads it several times).
   """
   path = os.fspath(path)
-  root = media_root or os.path.dirname(os.path.abspath(path))
+  root = media_root or storage.dirname(storage.absolute(path))
   fmt = manifest_format(path, fmt)
 
   def entry(index, line, row):
@@ -186,14 +213,18 @@ def iter_manifest(path: str, *, fmt: str = "auto", path_column: str = "path",
                            f"path_format {path_format!r} failed: {e!r}")
     if caption_column not in row or row[caption_column] is None:
       return ManifestEntry(index, line, rel, "", f"no '{caption_column}' field")
-    if "://" in rel:
-      return ManifestEntry(index, line, rel, "", "remote URLs are not "
-                           "supported: download the file and list its path")
-    resolved = os.path.normpath(os.path.join(root, os.path.expanduser(rel)))
+    if "://" in rel and not storage.is_remote(rel):
+      return ManifestEntry(index, line, rel, "", "remote URLs other than gs:// are "
+                           "not supported: download the file and list its path")
+    try:
+      resolved = storage.resolve(root, rel)
+    except ValueError as e:
+      return ManifestEntry(index, line, rel, "", str(e))
     return ManifestEntry(index, line, resolved, str(row[caption_column]))
 
-  with open(path, newline="" if fmt == "csv" else None,
-            encoding="utf-8") as f:
+  raw = storage.open_file(read_from or path, "rb")
+  with io.TextIOWrapper(raw, encoding="utf-8",
+                        newline="" if fmt == "csv" else None) as f:
     if fmt == "jsonl":
       index = 0
       for line_no, text in enumerate(f, start=1):
@@ -223,28 +254,15 @@ def iter_manifest(path: str, *, fmt: str = "auto", path_column: str = "path",
 
 def _file_sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with storage.open_file(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
 
 
 def _count_lines(path: str) -> int:
-  with open(path, "rb") as f:
+  with storage.open_file(path, "rb") as f:
     return sum(1 for line in f if line.strip())
-
-
-# ----------------------------------------------------------------------------
-# Atomic files.
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _writer_options(codec: str) -> str:
@@ -254,30 +272,50 @@ def _writer_options(codec: str) -> str:
 
 
 # ----------------------------------------------------------------------------
-# One work unit (runs in a worker process).
+# Names in the output folder.
 
 
 def _unit_report_path(out_dir: str, unit: int) -> str:
-  return os.path.join(out_dir, "units", f"unit-{unit:05d}.json")
+  return storage.join(out_dir, "units", f"unit-{unit:05d}.json")
 
 
-def _remove_unit_leftovers(out_dir: str, unit: int) -> None:
-  for kind in sources.KINDS:
-    for path in glob.glob(os.path.join(out_dir, kind, f"{kind}-{unit:05d}-*")):
-      os.remove(path)
+def _worker_report_name(index: int, count: int) -> str:
+  return f"worker-{index:05d}-of-{count:05d}.json"
+
+
+_UNIT_REPORT = re.compile(r"^unit-(\d+)\.json$")
+# A unit's shards and their temporary files (shard_writer): `video-00012-003...`.
+_SHARD_UNIT = re.compile(r"^\.?(?:%s)-(\d+)-" % "|".join(sources.KINDS))
+
+
+def _listing(folder: str) -> list[str]:
+  return storage.listdir(folder) if storage.isdir(folder) else []
+
+
+def _read_json_many(paths: list[str]) -> list[Any]:
+  if not paths or not storage.is_remote(paths[0]):
+    return [storage.read_json(p) for p in paths]
+  with concurrent.futures.ThreadPoolExecutor(_REMOTE_READ_THREADS) as pool:
+    return list(pool.map(storage.read_json, paths))
+
+
+# ----------------------------------------------------------------------------
+# One work unit (runs in a worker process).
 
 
 def _process_unit(out_dir: str, unit: int, entries: list[ManifestEntry],
-                  settings: Settings) -> dict[str, Any]:
-  """Decodes a unit's files, writes its shards, then its report."""
+                  settings: Settings, worker: int = 0) -> dict[str, Any]:
+  """Decodes a unit's files, writes its shards, then its report.
+
+  The unit's leftovers from an earlier attempt are removed before (`_own_reports`).
+  """
   start = time.time()
-  _remove_unit_leftovers(out_dir, unit)
   options = _writer_options(settings.frame_codec)
-  writers = {kind: shard_writer.ShardWriter(os.path.join(out_dir, kind),
-                                f"{kind}-{unit:05d}",
-                                settings.clips_per_shard, options)
+  writers = {kind: shard_writer.ShardWriter(storage.join(out_dir, kind),
+                                            f"{kind}-{unit:05d}",
+                                            settings.clips_per_shard, options)
              for kind in sources.KINDS}
-  report = {"unit": unit, "first_entry": entries[0].index,
+  report = {"unit": unit, "worker": worker, "first_entry": entries[0].index,
             "num_entries": len(entries), "video_files": 0, "image_files": 0,
             "video_clips": 0, "image_clips": 0, "skipped": []}
   for e in entries:
@@ -320,12 +358,21 @@ def _process_unit(out_dir: str, unit: int, entries: list[ManifestEntry],
     w.close()
   report["shards"] = {kind: w.shards for kind, w in writers.items()}
   report["seconds"] = round(time.time() - start, 3)
-  _write_json_atomic(_unit_report_path(out_dir, unit), report)
+  storage.write_json(_unit_report_path(out_dir, unit), report)
   return report
 
 
 # ----------------------------------------------------------------------------
 # Driver.
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+  index: int
+  count: int
+
+  def owns(self, unit: int) -> bool:
+    return unit % self.count == self.index
 
 
 def _units(entries: Iterator[ManifestEntry], size: int
@@ -340,16 +387,20 @@ def _units(entries: Iterator[ManifestEntry], size: int
     yield chunk[0].index // size, chunk
 
 
+_CHECKED_METADATA = ("format", "record_version", "settings", "manifest_sha256")
+
+
 def _check_metadata(out_dir: str, metadata: dict[str, Any]) -> None:
-  """Writes metadata.json, or checks a resumed run matches it."""
-  path = os.path.join(out_dir, "metadata.json")
-  if not os.path.exists(path):
-    _write_json_atomic(path, metadata)
-    return
-  with open(path) as f:
-    old = json.load(f)
-  keys = ("format", "record_version", "settings", "manifest_sha256")
-  diff = {k: (old.get(k), metadata[k]) for k in keys
+  """Writes metadata.json, or checks a resumed run (another worker) matches it.
+
+  Read back after writing: of two workers that start together with other
+  settings, one is refused.
+  """
+  path = storage.join(out_dir, "metadata.json")
+  if not storage.exists(path):
+    storage.write_json(path, metadata)
+  old = storage.read_json(path)
+  diff = {k: (old.get(k), metadata[k]) for k in _CHECKED_METADATA
           if old.get(k) != metadata[k]}
   if diff:
     raise ValueError(
@@ -358,15 +409,46 @@ def _check_metadata(out_dir: str, metadata: dict[str, Any]) -> None:
         "directory or delete this one")
 
 
-def _summarize(out_dir: str, reports: dict[int, dict[str, Any]],
-               complete: bool, elapsed: float) -> dict[str, Any]:
+def _own_reports(out_dir: str, worker: Worker) -> dict[int, dict[str, Any]]:
+  """Reports of this worker's finished units whose shards are all still there.
+
+  Also removes what this worker's unfinished units left behind (shards
+  published before a kill stopped the unit's report, temporary files), so
+  each is redone from scratch. One listing per folder, not one per unit.
+  """
+  present = {kind: set(_listing(storage.join(out_dir, kind))) for kind in sources.KINDS}
+  units_dir = storage.join(out_dir, "units")
+  mine = sorted(int(m.group(1)) for m in map(_UNIT_REPORT.match, _listing(units_dir))
+                if m and worker.owns(int(m.group(1))))
+  reports = {}
+  for unit, report in zip(mine, _read_json_many([_unit_report_path(out_dir, u)
+                                                 for u in mine])):
+    lost = [s["file"] for kind in sources.KINDS for s in report["shards"][kind]
+            if s["file"] not in present[kind]]
+    if lost:
+      # Redo rather than silently serve a hole in the data.
+      logging.warning("unit %d: shard(s) %s missing; redoing the unit", unit, lost)
+      storage.remove(_unit_report_path(out_dir, unit))
+      continue
+    reports[unit] = report
+  for kind in sources.KINDS:
+    for name in sorted(present[kind]):
+      m = _SHARD_UNIT.match(name)
+      if m and worker.owns(int(m.group(1))) and int(m.group(1)) not in reports:
+        storage.remove(storage.join(out_dir, kind, name))
+  return reports
+
+
+def _summarize(reports: dict[int, dict[str, Any]], *, units_total: int | None,
+               workers: list[dict[str, Any]], complete: bool,
+               elapsed: float) -> dict[str, Any]:
   summary: dict[str, Any] = {
-      "complete": complete, "units_done": len(reports), "files_read": 0,
-      "files_ok": 0, "video_files": 0, "image_files": 0, "clips_written": 0,
-      "video_clips": 0, "image_clips": 0, "files_skipped": 0,
+      "complete": complete, "units_done": len(reports), "units_total": units_total,
+      "files_read": 0, "files_ok": 0, "video_files": 0, "image_files": 0,
+      "clips_written": 0, "video_clips": 0, "image_clips": 0, "files_skipped": 0,
       "skipped_by_reason": {}, "skipped_files": [],
       "shards": {k: [] for k in sources.KINDS},
-      "elapsed_s": round(elapsed, 3)}
+      "workers": workers, "elapsed_s": round(elapsed, 3)}
   for unit in sorted(reports):
     r = reports[unit]
     summary["files_read"] += r["num_entries"]
@@ -383,26 +465,48 @@ def _summarize(out_dir: str, reports: dict[int, dict[str, Any]],
   summary["files_ok"] = summary["video_files"] + summary["image_files"]
   summary["files_skipped"] = len(summary["skipped_files"])
   summary["clips_written"] = summary["video_clips"] + summary["image_clips"]
-  _write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
   return summary
 
 
-def _load_reports(out_dir: str) -> dict[int, dict[str, Any]]:
-  """Reports of finished units whose shards are all still on disk."""
-  reports = {}
-  for path in sorted(glob.glob(os.path.join(out_dir, "units", "unit-*.json"))):
-    with open(path) as f:
-      report = json.load(f)
-    lost = [s["file"] for kind in sources.KINDS for s in report["shards"][kind]
-            if not os.path.isfile(os.path.join(out_dir, kind, s["file"]))]
-    if lost:
-      # Redo rather than silently serve a hole in the data.
-      logging.warning("unit %d: shard(s) %s missing; redoing the unit",
-                      report["unit"], lost)
-      os.remove(path)
-      continue
-    reports[report["unit"]] = report
-  return reports
+def _worker_entry(report: dict[str, Any]) -> dict[str, Any]:
+  """A worker's line in the summary (no timings: a rerun changes nothing)."""
+  units = report["unit_reports"]
+  return {"worker_index": report["worker_index"], "units_owned": report["units_owned"],
+          "units_done": len(units), "complete": report["complete"],
+          "clips_written": sum(u["video_clips"] + u["image_clips"] for u in units),
+          "files_skipped": sum(len(u["skipped"]) for u in units)}
+
+
+def merge(out_dir: str, worker_count: int, *, write_partial: bool = True,
+          elapsed: float = 0.0) -> dict[str, Any]:
+  """The summary merged from the reports of workers 0..worker_count-1.
+
+  Complete when every worker's report is there and says complete. It is
+  written to summary.json when complete, or with `write_partial`.
+  """
+  out_dir = os.fspath(out_dir)
+  folder = storage.join(out_dir, "workers")
+  names = set(_listing(folder))
+  wanted = [_worker_report_name(i, worker_count) for i in range(worker_count)]
+  found = [n for n in wanted if n in names]
+  worker_reports = _read_json_many([storage.join(folder, n) for n in found])
+  reports = {u["unit"]: u for w in worker_reports for u in w["unit_reports"]}
+  totals = {w["units_total"] for w in worker_reports}
+  complete = (len(found) == worker_count and all(w["complete"] for w in worker_reports)
+              and len(totals) == 1 and len(reports) == totals.pop())
+  units_total = worker_reports[0]["units_total"] if worker_reports else None
+  summary = _summarize(reports, units_total=units_total,
+                       workers=[_worker_entry(w) for w in worker_reports],
+                       complete=complete, elapsed=elapsed)
+  missing = sorted(set(range(worker_count)) - {w["worker_index"] for w in worker_reports})
+  unfinished = [w["worker_index"] for w in worker_reports if not w["complete"]]
+  if complete or write_partial:
+    storage.write_json(storage.join(out_dir, "summary.json"), summary)
+  if not complete:
+    logging.info("prepare %s: waiting on workers %s (no report) and %s (unfinished) of %d; "
+                 "the last to finish writes summary.json", out_dir, missing, unfinished,
+                 worker_count)
+  return summary
 
 
 def _log_report(report: dict[str, Any]) -> None:
@@ -414,10 +518,12 @@ def _log_report(report: dict[str, Any]) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Prepares (or resumes preparing) `config.manifest` into `workdir`.
+  """Prepares (or resumes preparing) this worker's units of `config.manifest` into `workdir`.
 
   Returns:
-    The summary also written to `workdir/summary.json`.
+    The summary merged from every worker's report, also written to
+    `workdir/summary.json` when every worker has finished (or always with
+    worker_count=1, or with merge_only).
   """
   start = time.time()
   unknown = sorted(set(config.keys()) - set(default_config().keys())
@@ -425,57 +531,96 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if unknown:
     raise ValueError(f"unknown prepare config key(s) {unknown}; see "
                      "phenaki_jax.data.prepare.default_config")
+  prepare_config.check(config)
   settings = Settings.from_config(config)
-  manifest = os.path.abspath(os.fspath(config.manifest))
-  if not config.manifest or not os.path.isfile(manifest):
+  worker = Worker(int(config.worker_index), int(config.worker_count))
+  out_dir = storage.absolute(os.fspath(workdir))
+  if config.merge_only:
+    if not storage.exists(storage.join(out_dir, "metadata.json")):
+      raise FileNotFoundError(f"--workdir={out_dir}: nothing prepared there to merge")
+    return merge(out_dir, worker.count, elapsed=time.time() - start)
+  manifest = storage.absolute(os.fspath(config.manifest)) if config.manifest else ""
+  if not manifest or not storage.isfile(manifest):
     raise FileNotFoundError(f"manifest not found: {config.manifest!r}")
-  out_dir = os.path.abspath(os.fspath(workdir))
-  os.makedirs(os.path.join(out_dir, "units"), exist_ok=True)
-  with open(os.path.join(out_dir, ".lock"), "w") as lock:
+  storage.check_writable_root(out_dir, "--workdir")
+  with _worker_lock(out_dir, worker), storage.local_copy(manifest) as local_manifest:
+    return _run_locked(config, manifest, local_manifest, out_dir, settings, worker, start)
+
+
+class _worker_lock:  # pylint: disable=invalid-name
+  """Refuses a second run of the same worker on a local output folder.
+
+  Released by the OS even on SIGKILL, so a dead run never blocks. Object
+  storage has no locks: there, run each worker index once at a time.
+  """
+
+  def __init__(self, out_dir: str, worker: Worker):
+    self._path = (None if storage.is_remote(out_dir) else
+                  storage.join(out_dir, f".lock-worker-{worker.index:05d}"))
+    self._out_dir, self._file = out_dir, None
+
+  def __enter__(self):
+    if self._path is None:
+      return self
+    self._file = open(self._path, "w")  # always local (see __init__)
     try:
-      # Released by the OS even on SIGKILL, so a dead run never blocks.
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
-      raise RuntimeError(f"another prepare is writing to {out_dir}") from e
-    return _run_locked(config, manifest, out_dir, settings, start)
+      self._file.close()
+      raise RuntimeError(f"another prepare is writing to {self._out_dir} as this "
+                         f"worker ({self._path})") from e
+    return self
+
+  def __exit__(self, *exc):
+    if self._file is not None:
+      self._file.close()
 
 
-def _run_locked(config: ml_collections.ConfigDict, manifest: str,
-                out_dir: str, settings: Settings, start: float
+def _run_locked(config: ml_collections.ConfigDict, manifest: str, local_manifest: str,
+                out_dir: str, settings: Settings, worker: Worker, start: float
                 ) -> dict[str, Any]:
-  """`run` once it holds the output directory's lock."""
+  """`run` once it holds this worker's lock (local outputs) and a local manifest copy."""
   fmt = manifest_format(manifest, config.manifest_format)
   _check_metadata(out_dir, {
       "format": METADATA_FORMAT, "record_version": sources.RECORD_VERSION,
       "settings": dataclasses.asdict(settings),
-      "manifest_sha256": _file_sha256(manifest), "manifest": manifest,
+      "manifest_sha256": _file_sha256(local_manifest), "manifest": manifest,
       "manifest_format": fmt,
       # Handy copies for readers; `settings` is what a rerun checks.
       "resolution": settings.resolution, "num_frames": settings.num_frames,
       "image_num_frames": settings.image_num_frames, "fps": settings.fps,
       "frame_codec": settings.frame_codec})
 
-  reports = _load_reports(out_dir)
+  reports = _own_reports(out_dir, worker)
   entries = iter_manifest(
       manifest, fmt=fmt, path_column=config.path_column,
       caption_column=config.caption_column, path_format=config.path_format,
-      media_root=config.media_root)
-  approx_total = max(0, _count_lines(manifest) - (fmt == "csv"))
-  progress = tqdm.tqdm(total=approx_total, unit="file", desc="prepare",
+      media_root=config.media_root, read_from=local_manifest)
+  approx_total = max(0, _count_lines(local_manifest) - (fmt == "csv")) // worker.count
+  progress = tqdm.tqdm(total=approx_total, unit="file",
+                       desc="prepare" if worker.count == 1 else
+                       f"prepare {worker.index}/{worker.count}",
                        disable=not config.progress, file=sys.stderr)
   max_units = int(config.max_units)
 
   stopped_early = []
+  owned = []
+  seen = [0]  # units in the manifest
+  done_before = set(reports)
 
   def pending() -> Iterator[tuple[int, list[ManifestEntry]]]:
     started = 0
     for unit, chunk in _units(entries, settings.files_per_unit):
+      seen[0] = unit + 1
+      if not worker.owns(unit):
+        continue
+      owned.append(unit)
       if unit in reports:
         progress.update(len(chunk))
         continue
       if max_units and started >= max_units:
         stopped_early.append(unit)
-        return
+        continue  # keep counting the units this worker owns
       started += 1
       yield unit, chunk
 
@@ -489,21 +634,30 @@ def _run_locked(config: ml_collections.ConfigDict, manifest: str,
   try:
     if num_workers == 1:
       for unit, chunk in todo:
-        finished(_process_unit(out_dir, unit, chunk, settings))
+        finished(_process_unit(out_dir, unit, chunk, settings, worker.index))
     else:
-      _run_pool(out_dir, todo, settings, num_workers, finished)
+      _run_pool(out_dir, todo, settings, num_workers, finished, worker.index)
   finally:
     progress.close()
-  complete = not stopped_early
-  summary = _summarize(out_dir, reports, complete, time.time() - start)
-  logging.info("prepare %s: %d files read, %d clips written, %d skipped %s",
-               "complete" if complete else "stopped early",
+  complete = not stopped_early and all(u in reports for u in owned)
+  elapsed = time.time() - start
+  storage.write_json(storage.join(out_dir, "workers", _worker_report_name(worker.index,
+                                                                          worker.count)), {
+      "worker_index": worker.index, "worker_count": worker.count, "complete": complete,
+      "units_total": seen[0], "units_owned": len(owned),
+      "units_this_run": len(set(reports) - done_before), "elapsed_s": round(elapsed, 3),
+      "unit_reports": [reports[u] for u in sorted(reports)]})
+  summary = merge(out_dir, worker.count, write_partial=worker.count == 1, elapsed=elapsed)
+  logging.info("prepare %s%s: %d files read, %d clips written, %d skipped %s",
+               "complete" if summary["complete"] else
+               ("stopped early" if stopped_early else "this worker done"),
+               "" if worker.count == 1 else f" (worker {worker.index} of {worker.count})",
                summary["files_read"], summary["clips_written"],
                summary["files_skipped"], summary["skipped_by_reason"])
   return summary
 
 
-def _run_pool(out_dir, todo, settings, num_workers, finished) -> None:
+def _run_pool(out_dir, todo, settings, num_workers, finished, worker_index) -> None:
   """Runs units on spawned processes, a few in flight per worker."""
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(num_workers,
@@ -512,7 +666,7 @@ def _run_pool(out_dir, todo, settings, num_workers, finished) -> None:
     try:
       for unit, chunk in todo:
         in_flight.add(pool.submit(_process_unit, out_dir, unit, chunk,
-                                  settings))
+                                  settings, worker_index))
         # Bounded submission: the manifest may be far larger than memory.
         while len(in_flight) >= 2 * num_workers:
           done, in_flight = concurrent.futures.wait(

@@ -18,13 +18,14 @@ This job runs them once. Output folder:
                                   the embedding width, counts; 'complete': true
                                   once every shard is written
 
-The record format and the reader: phenaki_jax/data/token_shards.py.
+The record format and the reader: phenaki_jax/data/token_shards.py. Every
+path (the workdir, the prepared shards read, the tokenizer) may be local or
+`gs://`; shards are written whole (phenaki_jax/data/shard_writer.py) and
+metadata.json last, so a reader never takes a half-written folder.
 """
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import time
 from typing import Any
 
@@ -35,6 +36,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from phenaki_jax import storage
 from phenaki_jax.config import schema
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax import tokenizer as tokenizer_lib
@@ -46,7 +48,7 @@ from phenaki_jax.text.encoder import build_text_encoder
 def _encode_split(name: str, source: Any, count: int, tok: Any, text_fn: Any, batch_size: int,
                   out_dir: str, records_per_shard: int) -> dict[str, Any]:
   """Encodes `count` examples of `source` into out_dir/name/; returns its summary."""
-  writer = shard_writer.ShardWriter(os.path.join(out_dir, name), "tokens", records_per_shard,
+  writer = shard_writer.ShardWriter(storage.join(out_dir, name), "tokens", records_per_shard,
                                "group_size:1,zstd:3")
   grid = None
   start = time.perf_counter()
@@ -88,7 +90,7 @@ def make_text_fn(text_cfg: ml_collections.ConfigDict) -> tuple[Any, dict[str, An
     emb = np.asarray(apply(params, jnp.asarray(ids), jnp.asarray(mask)), np.float32)
     return emb, mask.sum(axis=1)
 
-  return fn, {"encoder": "t5", "cached": True, "t5_path": os.path.abspath(text_cfg.t5_path),
+  return fn, {"encoder": "t5", "cached": True, "t5_path": storage.absolute(text_cfg.t5_path),
               "vocab_path": text_cfg.vocab_path, "max_length": int(text_cfg.max_length),
               "width": int(text.width), "dtype": "bfloat16"}
 
@@ -97,7 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Writes the token shards and metadata.json into `workdir`; returns the metadata."""
   config = schema.complete(config)
   schema.validate_pretokenize(config)
-  if os.path.exists(os.path.join(workdir, token_shards.METADATA)):
+  if storage.exists(storage.join(workdir, token_shards.METADATA)):
     raise ConfigError(f"--workdir={workdir} already holds pretokenized data ({token_shards.METADATA}); "
                       "choose an empty folder")
   tok = tokenizer_lib.load_from_config(config.tokenizer)
@@ -107,7 +109,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       f"{config.tokenizer.workdir} was trained at {tok.config.input.resolution}")
   text_fn, text_meta = make_text_fn(config.text)
   video, image = pipeline.make_sources(input_cfg, config.seed)
-  os.makedirs(workdir, exist_ok=True)
+  storage.check_writable_root(workdir, "--workdir")
 
   def count(source, wanted, key):
     n = len(source) if wanted < 0 else wanted
@@ -134,7 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   meta = {
       "format": token_shards.RECORD_FORMAT, "version": token_shards.RECORD_VERSION,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "tokenizer": {"workdir": os.path.abspath(config.tokenizer.workdir), "step": int(tok.step),
+      "tokenizer": {"workdir": storage.absolute(config.tokenizer.workdir), "step": int(tok.step),
                     "codebook_size": int(tok.config.model.codebook_size)},
       "input": {"data": input_cfg.data, "num_frames": int(input_cfg.num_frames),
                 "resolution": int(input_cfg.resolution), "seed": int(config.seed)},
@@ -142,10 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "splits": splits,
       "complete": True,
   }
-  tmp = os.path.join(workdir, token_shards.METADATA + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, os.path.join(workdir, token_shards.METADATA))  # written last: the folder is complete
+  # Written last, whole: its presence says the folder is complete.
+  storage.write_json(storage.join(workdir, token_shards.METADATA), meta)
   logging.info("pretokenized %s into %s", {k: v["records"] for k, v in splits.items()}, workdir)
   return meta

@@ -15,6 +15,13 @@ run should not die on one bad record hours in, nor silently lose a shard:
 A record that decodes but is refused for another reason (say a newer record
 version) is not damage: that error propagates, as every record would be
 skipped otherwise.
+
+Shards may be local files or `gs://` objects: array_record reads both (its
+riegeli GCS reader, also inside grain's worker processes), so no bucket
+needs mounting. A shard object that vanishes while a run reads it (deleted,
+or a folder rewritten under a running job) is not damage either: the run
+stops with `UnreadableShardsError` naming it, rather than substitute every
+one of its records.
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ from typing import Any, Callable, Sequence
 
 from absl import logging
 import msgpack
+
+from phenaki_jax import storage
 
 
 # Past this many damaged records in a row the shards are not damaged but gone
@@ -115,6 +124,8 @@ class ShardRecords:
     try:
       return True, self._decode(self._source[index])
     except (RuntimeError, DamagedRecordError) as e:
+      if isinstance(e, RuntimeError) and "not found" in str(e).lower():
+        self._check_still_there(index, e)
       if index not in self.damaged:
         self.damaged[index] = f"{type(e).__name__}: {e}"
         path, position = self.where(index)
@@ -122,6 +133,19 @@ class ShardRecords:
                         "[%d damaged records met so far]", self._what, position, path, index,
                         self.damaged[index], len(self.damaged))
       return False, None
+
+  def _check_still_there(self, index: int, err: Exception) -> None:
+    path, position = self.where(index)
+    try:
+      there = storage.exists(path)
+    except storage.StorageError:
+      there = False
+    if not there:
+      raise UnreadableShardsError(
+          f"{self._what} shard {path} is gone (record {position} of it could not be read: "
+          f"{type(err).__name__}: {err}); it was there when this run started: was it "
+          "deleted or its folder rewritten? Restore it (or prepare the folder again) and "
+          "resume the run") from err
 
   def __getitem__(self, index: int) -> Any:
     index = int(index)

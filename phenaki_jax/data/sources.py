@@ -25,9 +25,7 @@ Why these codecs (and which is default) is measured in `prepare.py`.
 
 from __future__ import annotations
 
-import glob
 import io
-import json
 import os
 from typing import Any, Sequence
 
@@ -36,6 +34,7 @@ import msgpack  # flax's serialisation dependency; plain maps suffice here.
 import numpy as np
 from PIL import Image
 
+from phenaki_jax import storage
 from phenaki_jax.data.shard_records import DamagedRecordError, ShardRecords, unpack_record
 
 RECORD_FORMAT = "phenaki_jax/clip"
@@ -111,34 +110,68 @@ def decode_clip_record(data: bytes) -> dict[str, Any]:
 
 
 def find_prepared_shards(prepared_dir: str) -> dict[str, list[str]]:
-  """The video and image shard files of a `prepare` output, in order.
+  """The video and image shard files of a `prepare` output (local or gs://), in order.
+
+  Once prepare has finished (every worker, see prepare.py) its summary.json
+  lists the whole shard set, and exactly those files are returned, so a
+  reader never mixes in a stray file; before that, the shards written so
+  far, with a warning.
 
   Returns:
     {"video": [...], "image": [...]}, each sorted (= manifest order); a kind
     with no records has an empty list.
   """
   prepared_dir = os.fspath(prepared_dir)
-  if not os.path.isdir(prepared_dir):
+  if not storage.isdir(prepared_dir):
     raise FileNotFoundError(f"no prepared data directory at {prepared_dir}")
-  summary_path = os.path.join(prepared_dir, "summary.json")
-  complete = False
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      complete = bool(json.load(f).get("complete"))
-  if not complete:
-    logging.warning("%s: prepare has not finished (no complete summary.json);"
-                    " reading the shards written so far.", prepared_dir)
-  return {kind: sorted(glob.glob(os.path.join(prepared_dir, kind,
-                                              "*" + SHARD_SUFFIX)))
-          for kind in KINDS}
+  summary_path = storage.join(prepared_dir, "summary.json")
+  summary = storage.read_json(summary_path) if storage.exists(summary_path) else {}
+  if summary.get("complete") and "shards" in summary:
+    return {kind: sorted(storage.join(prepared_dir, s["file"])
+                         for s in summary["shards"].get(kind, []))
+            for kind in KINDS}
+  logging.warning("%s: prepare has not finished (no complete summary.json);"
+                  " reading the shards written so far.", prepared_dir)
+  return {kind: _shards_in(storage.join(prepared_dir, kind)) for kind in KINDS}
+
+
+def _shards_in(folder: str) -> list[str]:
+  """The shard files directly in `folder` (none if it does not exist)."""
+  if not storage.isdir(folder):
+    return []
+  return storage.glob(folder, "*" + SHARD_SUFFIX)
+
+
+def _expand(pattern: str) -> list[str]:
+  """Paths matching a glob (wildcards from the first component that has one)."""
+  parts = pattern.split("/")
+  first = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+  folder = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
+  if not storage.isdir(folder):
+    return []
+  return storage.glob(folder, "/".join(parts[first:]))
+
+
+def _missing(paths: Sequence[str]) -> list[str]:
+  """The paths that are not there: one listing per folder, not a request per
+  file (thousands of shards in a bucket)."""
+  present: dict[str, set[str]] = {}
+  missing = []
+  for p in paths:
+    folder = storage.dirname(p) or "."
+    if folder not in present:
+      present[folder] = set(storage.listdir(folder)) if storage.isdir(folder) else set()
+    if storage.basename(p) not in present[folder]:
+      missing.append(p)
+  return missing
 
 
 def _resolve_paths(paths_or_dir: str | os.PathLike | Sequence[str],
                    kind: str | None) -> list[str]:
   if isinstance(paths_or_dir, (str, os.PathLike)):
     path = os.fspath(paths_or_dir)
-    if os.path.isdir(path):
-      shards = sorted(glob.glob(os.path.join(path, "*" + SHARD_SUFFIX)))
+    if storage.isdir(path):
+      shards = _shards_in(path)
       if shards:
         return shards
       found = find_prepared_shards(path)
@@ -152,14 +185,14 @@ def _resolve_paths(paths_or_dir: str | os.PathLike | Sequence[str],
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
       paths = found[kind]
     elif any(c in path for c in "*?["):
-      paths = sorted(glob.glob(path))
+      paths = _expand(path)
     else:
       paths = [path]
   else:
     paths = [os.fspath(p) for p in paths_or_dir]
   if not paths:
     raise FileNotFoundError(f"no {kind or ''} shards found at {paths_or_dir}")
-  missing = [p for p in paths if not os.path.isfile(p)]
+  missing = _missing(paths)
   if missing:
     raise FileNotFoundError(f"shard files not found: {missing[:5]}")
   return paths
@@ -270,7 +303,7 @@ class TfdsClipSource:
     """
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    if os.path.isdir(name):
+    if storage.isdir(name):
       builder = tfds.builder_from_directory(name)
       self._source = builder.as_data_source(split=split)
     else:

@@ -14,14 +14,13 @@ records carry the caption, which the trainer tokenises as usual.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Sequence
 
 import ml_dtypes
 import msgpack
 import numpy as np
 
+from phenaki_jax import storage
 from phenaki_jax.data import sources
 from phenaki_jax.data.shard_records import DamagedRecordError, ShardRecords, unpack_record
 
@@ -80,11 +79,11 @@ class TokenShardSource:
 
   def __init__(self, directory: str, split: str, max_length: int):
     self.directory, self.split, self.max_length = directory, split, int(max_length)
-    paths = sorted(os.path.join(directory, split, f)
-                   for f in os.listdir(os.path.join(directory, split))
-                   if f.endswith(sources.SHARD_SUFFIX))
+    folder = storage.join(directory, split)
+    paths = (storage.glob(folder, "*" + sources.SHARD_SUFFIX)
+             if storage.isdir(folder) else [])
     if not paths:
-      raise FileNotFoundError(f"no {split} token shards in {os.path.join(directory, split)}")
+      raise FileNotFoundError(f"no {split} token shards in {folder}")
     # Unreadable shard files are left out and damaged records skipped, each
     # reported (phenaki_jax/data/shard_records.py).
     self.records = ShardRecords(paths, self._example, "token")
@@ -115,12 +114,12 @@ class TokenShardSource:
 
 
 def read_metadata(directory: str) -> dict[str, Any]:
-  path = os.path.join(directory, METADATA)
-  if not os.path.exists(path):
+  """A pretokenize output's metadata.json (local or gs://), refused unless complete."""
+  path = storage.join(directory, METADATA)
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path} is missing: {directory} is not a finished "
                             "configs/pretokenize.py output")
-  with open(path) as f:
-    meta = json.load(f)
+  meta = storage.read_json(path)
   if not meta.get("complete"):
     raise ValueError(f"{directory}: pretokenize did not finish (metadata.json says incomplete); "
                      "run it again")

@@ -17,14 +17,26 @@ after a pts sort, i.e. the pts order is the wrong one.
 
 Every failure is raised as `VideoDecodeError`, whose message names the file and
 what is wrong, and whose `kind` is a short machine-readable reason.
+
+Paths may be local or `gs://` (phenaki_jax/storage.py). A remote video is
+downloaded whole to a local temporary file and decoded there by FFmpeg's own
+file reader: decoding a clip reads the whole file anyway, one whole-object
+download is the cheapest way to fetch it, and the broken-file diagnosis below
+(MP4 box walk, text sniffing) runs on the same bytes either way. Messages name
+the `gs://` path, never the temporary file. Images are read as bytes and
+decoded by PIL from memory. Writers (`write_video`, `VideoWriter`,
+`write_gif`) encode into a local temporary file moved or uploaded whole at the
+end, so an output never exists half-written.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import fractions
 import heapq
+import io
 import os
 import struct
 from typing import Iterator, Sequence
@@ -33,6 +45,8 @@ import av
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
+
+from phenaki_jax import storage
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -99,7 +113,7 @@ class VideoInfo:
 
 def is_image_path(path: str) -> bool:
   """True for paths whose extension marks an image-text pair."""
-  return os.path.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS
+  return storage.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS
 
 
 def _target_hw(resolution: Resolution) -> tuple[int, int] | None:
@@ -145,25 +159,40 @@ def resize_and_crop(image: Image.Image | np.ndarray,
 
 
 def _check_file(path: str) -> None:
-  """Raises for files that cannot be media at all."""
-  if not os.path.exists(path):
-    raise VideoDecodeError(path, MISSING, "file not found")
-  if not os.path.isfile(path):
-    raise VideoDecodeError(path, UNREADABLE, "not a regular file")
-  if os.path.getsize(path) == 0:
-    raise VideoDecodeError(path, EMPTY, "empty file (0 bytes)")
+  """Raises for files (or objects) that cannot be media at all."""
   try:
-    with open(path, "rb") as f:
-      f.read(1)
-  except OSError as e:
+    if not storage.exists(path):
+      raise VideoDecodeError(path, MISSING, "file not found")
+    if not storage.isfile(path):
+      raise VideoDecodeError(path, UNREADABLE, "not a regular file")
+    if storage.size(path) == 0:
+      raise VideoDecodeError(path, EMPTY, "empty file (0 bytes)")
+    if not storage.is_remote(path):  # (an object's download reads it anyway)
+      with storage.open_file(path, "rb") as f:
+        f.read(1)
+  except (OSError, storage.StorageError) as e:
     raise VideoDecodeError(path, UNREADABLE, f"cannot read file: {e}") from e
 
 
+@contextlib.contextmanager
+def _local_media(path: str) -> Iterator[str]:
+  """A local file with the media's bytes: `path` itself, or a `gs://` object
+  downloaded whole (see the module docstring); checked by `_check_file`."""
+  _check_file(path)
+  stack = contextlib.ExitStack()
+  try:
+    local = stack.enter_context(storage.local_copy(path))
+  except (OSError, storage.StorageError) as e:
+    raise VideoDecodeError(path, UNREADABLE, f"cannot read file: {e}") from e
+  with stack:
+    yield local
+
+
 def _iso_boxes(path: str) -> tuple[list[tuple[str, int, int]], int] | None:
-  """Top-level (name, offset, size) boxes of an MP4/MOV file, else None."""
-  size = os.path.getsize(path)
+  """Top-level (name, offset, size) boxes of a (local) MP4/MOV file, else None."""
+  size = storage.size(path)
   boxes = []
-  with open(path, "rb") as f:
+  with storage.open_file(path, "rb") as f:
     head = f.read(8)
     if len(head) < 8 or head[4:8] not in (b"ftyp", b"moov", b"mdat", b"wide",
                                           b"free", b"skip"):
@@ -211,35 +240,39 @@ def _iso_bmff_problem(path: str, *, opened: bool) -> str | None:
 
 
 def _looks_like_text(path: str) -> bool:
-  with open(path, "rb") as f:
+  with storage.open_file(path, "rb") as f:
     head = f.read(512)
   return bool(head) and all(32 <= b < 127 or b in (9, 10, 13) for b in head)
 
 
-def _open_failure(path: str, err: Exception) -> VideoDecodeError:
-  problem = _iso_bmff_problem(path, opened=False)
+def _open_failure(local: str, path: str, err: Exception) -> VideoDecodeError:
+  problem = _iso_bmff_problem(local, opened=False)
   if problem:
     return VideoDecodeError(path, TRUNCATED, problem)
-  if _looks_like_text(path):
+  if _looks_like_text(local):
     return VideoDecodeError(path, NOT_A_VIDEO,
                             "not a video: the file holds plain text")
+  # FFmpeg's message names the file it opened: for a download, the temporary one.
+  detail = str(err).replace(local, path)
   return VideoDecodeError(
-      path, NOT_A_VIDEO, f"not a video: FFmpeg cannot open it ({err})")
+      path, NOT_A_VIDEO, f"not a video: FFmpeg cannot open it ({detail})")
 
 
-def _open(path: str) -> av.container.InputContainer:
-  _check_file(path)
-  try:
-    container = av.open(path, metadata_errors="ignore")
-  except av.error.FFmpegError as e:
-    raise _open_failure(path, e) from e
-  # An MP4 cut after its index opens fine and may even decode without an
-  # error, just shorter: catch it here.
-  problem = _iso_bmff_problem(path, opened=True)
-  if problem:
-    container.close()
-    raise VideoDecodeError(path, TRUNCATED, problem)
-  return container
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[av.container.InputContainer]:
+  """The opened container of the video at `path` (local or remote)."""
+  with _local_media(path) as local:
+    try:
+      container = av.open(local, metadata_errors="ignore")
+    except av.error.FFmpegError as e:
+      raise _open_failure(local, path, e) from e
+    with container:
+      # An MP4 cut after its index opens fine and may even decode without an
+      # error, just shorter: catch it here.
+      problem = _iso_bmff_problem(local, opened=True)
+      if problem:
+        raise VideoDecodeError(path, TRUNCATED, problem)
+      yield container
 
 
 def _video_stream(container, path: str):
@@ -308,8 +341,9 @@ def _decoded(container, stream, path: str
       yield t, frame
   except av.error.FFmpegError as e:
     where = f"after {_frames(count)}" + (f" (t={last:.2f}s)" if last else "")
+    detail = str(e).replace(container.name, path) if container.name else str(e)
     raise VideoDecodeError(path, CORRUPTED,
-                           f"corrupted stream: decoding failed {where}: {e}"
+                           f"corrupted stream: decoding failed {where}: {detail}"
                            ) from e
 
 
@@ -487,7 +521,11 @@ def read_image(path: str, *, resolution: Resolution = None,
   path = os.fspath(path)
   _check_file(path)
   try:
-    with Image.open(path) as image:
+    data = storage.read_bytes(path)
+  except storage.StorageError as e:
+    raise VideoDecodeError(path, UNREADABLE, f"cannot read file: {e}") from e
+  try:
+    with Image.open(io.BytesIO(data)) as image:
       image.load()
       image = ImageOps.exif_transpose(image)
       rgb = _image_to_rgb(image)
@@ -551,7 +589,9 @@ def write_video(path: str, frames: np.ndarray | Sequence[np.ndarray],
     frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)),
                     mode="edge")
   rate = fractions.Fraction(fps).limit_denominator(1001)
-  with av.open(os.fspath(path), mode="w") as out:
+  path = os.fspath(path)
+  with storage.staged_file(path, suffix=_extension(path)) as local, \
+      av.open(local, mode="w") as out:
     stream = out.add_stream("libx264", rate=rate)
     stream.width, stream.height = frames.shape[2], frames.shape[1]
     stream.pix_fmt = "yuv420p"
@@ -561,11 +601,20 @@ def write_video(path: str, frames: np.ndarray | Sequence[np.ndarray],
     out.mux(stream.encode())
 
 
+def _extension(path: str) -> str:
+  """The output's extension (FFmpeg picks the container from it); mp4 if none."""
+  return storage.splitext(storage.basename(path))[1] or ".mp4"
+
+
 class VideoWriter:
   """Streams RGB frames into an H.264 mp4, so long videos never sit in memory.
 
     with VideoWriter("story.mp4", fps=8) as out:
       out.write(frames)  # uint8 [T, H, W, 3] (or float in [0, 1]); any number of calls
+
+  The frames go to a local temporary file that `close()` moves (or uploads,
+  for `gs://`) to `path` whole; leaving the block on an error publishes
+  nothing.
   """
 
   def __init__(self, path: str, fps: float = 8.0, *, crf: int = 18):
@@ -573,10 +622,13 @@ class VideoWriter:
     self.frames_written = 0
     self._out = self._stream = None
     self._pad = (0, 0)
+    self._staged = contextlib.ExitStack()
 
   def _open(self, height: int, width: int) -> None:
     self._pad = (height % 2, width % 2)  # yuv420p needs even sizes
-    self._out = av.open(self.path, mode="w")
+    local = self._staged.enter_context(storage.staged_file(self.path,
+                                                           suffix=_extension(self.path)))
+    self._out = av.open(local, mode="w")
     rate = fractions.Fraction(self.fps).limit_denominator(1001)
     self._stream = self._out.add_stream("libx264", rate=rate)
     self._stream.width, self._stream.height = width + self._pad[1], height + self._pad[0]
@@ -599,12 +651,23 @@ class VideoWriter:
       self._out.mux(self._stream.encode())
       self._out.close()
       self._out = None
+      self._staged.close()  # publishes the file
+
+  def _discard(self) -> None:
+    if self._out is not None:
+      self._out.close()
+      self._out = None
+    # Leaving the staged file with an error removes it, publishing nothing.
+    self._staged.__exit__(RuntimeError, RuntimeError("discarded"), None)
 
   def __enter__(self) -> "VideoWriter":
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, *exc) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self._discard()
 
 
 def write_gif(path: str, frames: np.ndarray | Sequence[np.ndarray],
@@ -614,5 +677,7 @@ def write_gif(path: str, frames: np.ndarray | Sequence[np.ndarray],
   images = [Image.fromarray(f) for f in frames]
   # GIF stores delays in 1/100 s.
   duration = max(10, int(round(1000.0 / fps / 10.0)) * 10)
-  images[0].save(os.fspath(path), format="GIF", save_all=True,
-                 append_images=images[1:], duration=duration, loop=0)
+  buf = io.BytesIO()
+  images[0].save(buf, format="GIF", save_all=True, append_images=images[1:],
+                 duration=duration, loop=0)
+  storage.write_bytes(os.fspath(path), buf.getvalue())

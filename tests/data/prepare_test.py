@@ -213,15 +213,18 @@ def test_shard_write_is_atomic(clean_run, tmp_path, monkeypatch):
   monkeypatch.setattr(shard_writer.ShardWriter, "write", crash_on_second_record)
   with pytest.raises(Crash):
     prepare.run(_config(), out)
-  # Unit 0 crashed inside its first shard: only a .tmp, no final name.
-  assert not glob.glob(os.path.join(out, "video", "*.array_record"))
-  assert glob.glob(os.path.join(out, "video", "video-00000-000.array_record"
-                                ".tmp"))
+  # Unit 0 crashed inside its first shard: at most a hidden temporary file
+  # (.video-00000-000.array_record.*.tmp), no final name.
+  assert [n for n in os.listdir(os.path.join(out, "video"))
+          if not n.startswith(".video-00000-000.array_record.")] == []
   assert not os.path.exists(os.path.join(out, "units", "unit-00000.json"))
   assert not os.path.exists(os.path.join(out, "summary.json"))
+  # A kill leaves the temporary file for certain: the rerun must remove it.
+  open(os.path.join(out, "video", ".video-00000-000.array_record.x.tmp"), "w").close()
   monkeypatch.undo()
   assert prepare.run(_config(), out)["complete"]
-  assert not glob.glob(os.path.join(out, "*", "*.tmp"))
+  assert not [n for kind in ("video", "image") for n in os.listdir(os.path.join(out, kind))
+              if n.endswith(".tmp")]
   assert _records(out) == clean_run[2]
 
 
@@ -271,7 +274,7 @@ def test_changed_settings_refuse_to_mix(clean_run, tmp_path):
 def test_second_writer_is_refused(tmp_path):
   out = tmp_path / "out"
   out.mkdir()
-  with open(out / ".lock", "w") as lock:
+  with open(out / ".lock-worker-00000", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with pytest.raises(RuntimeError, match="another prepare"):
       prepare.run(_config(), str(out))
