@@ -17,6 +17,7 @@ from phenaki_jax.eval import clip_score
 from phenaki_jax.pretrained import clip
 from phenaki_jax.pretrained import clip_tokenizer
 from phenaki_jax.pretrained import clip_weights
+from tests.helpers import upload_folder
 
 # A few real-looking merges: the vocabulary is 512 bytes + 6 merges + SOT/EOT.
 MERGES = ['t h', 'th e</w>', 'r e', 'o x</w>', 'f ox</w>', 'a </w>']
@@ -146,3 +147,16 @@ def test_input_errors(bundle, checkpoint):
   folder, _ = checkpoint
   with pytest.raises(FileNotFoundError):
     clip_score.load_clip(folder / 'missing.safetensors')
+
+
+def test_load_clip_from_a_bucket_is_the_local_model(bundle, checkpoint, bucket):
+  folder, config = checkpoint
+  remote = upload_folder(folder, f'{bucket}/clip')
+  # Weights read tensor by tensor; the merges file found beside them there.
+  got = clip_score.load_clip(f'{remote}/clip.safetensors')
+  assert got.config == config and got.source == f'{remote}/clip.safetensors'
+  jax.tree.map(np.testing.assert_array_equal, got.params, bundle.params)
+  np.testing.assert_array_equal(got.tokenizer.encode_batch(TEXTS),
+                                bundle.tokenizer.encode_batch(TEXTS))
+  with pytest.raises(FileNotFoundError, match=f'{bucket}/clip/missing.safetensors'):
+    clip_score.load_clip(f'{remote}/missing.safetensors')

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from phenaki_jax import storage
 from phenaki_jax.config import schema
 from phenaki_jax.data import video_io
 from phenaki_jax.eval import shapes_score
@@ -125,14 +126,36 @@ def test_sample_job_writes_valid_mp4_png_and_json(trained, tmp_path):
   assert png.size[1] > 4 * 16  # four labelled strips
 
 
-def test_sample_job_same_seed_same_files(trained, tmp_path):
-  outs = []
-  for name in ("a", "b"):
-    report = sample_job.run(_sample_config(trained[1]), str(tmp_path / name))
-    outs.append([video_io.read_video(str(tmp_path / name / r["files"][0]), fps=None)
-                 for r in report["samples"]])
-  for x, y in zip(*outs):
-    np.testing.assert_array_equal(x, y)
+def _read_remote_video(path):
+  with storage.local_copy(path) as local:
+    return video_io.read_video(local, fps=None)
+
+
+def test_sample_job_same_seed_same_files_locally_and_in_a_bucket(trained, tmp_path, bucket):
+  """The same run twice: into a local folder, and into a bucket with its prompts
+  read from a prompt file there; the same videos either way."""
+  config = _sample_config(trained[1])
+  local = sample_job.run(config, str(tmp_path / "a"))
+  prompts_file = f"{bucket}/prompts.txt"
+  storage.write_text(prompts_file, "# the same prompts\n" + config.prompts.replace(";", "\n"))
+  out = f"{bucket}/samples"
+  remote = sample_job.run(_sample_config(trained[1], prompts="", prompts_file=prompts_file), out)
+  assert [r["prompt"] for r in remote["samples"]] == [r["prompt"] for r in local["samples"]]
+  assert remote["generator"]["workdir"] == trained[1]
+  for a, b in zip(local["samples"], remote["samples"]):
+    assert a["files"] == b["files"]
+    np.testing.assert_array_equal(video_io.read_video(str(tmp_path / "a" / a["files"][0]),
+                                                      fps=None),
+                                  _read_remote_video(f"{out}/{b['files'][0]}"))
+  assert storage.read_json(f"{out}/samples.json")["samples"] == remote["samples"]
+  assert storage.read_bytes(f"{out}/samples.png")[:8] == b"\x89PNG\r\n\x1a\n"
+  # Nothing but the outputs: no staged or temporary objects left behind.
+  assert storage.listdir(out) == sorted(
+      [f for r in remote["samples"] for f in r["files"]] + ["samples.json", "samples.png"])
+  # A prompt file that is not in the bucket is named before anything loads.
+  with pytest.raises(schema.ConfigError, match=f"config.prompts_file='{bucket}/missing.txt': "
+                                               "no such file"):
+    sample_job.run(_sample_config(trained[1], prompts_file=f"{bucket}/missing.txt"), out)
 
 
 @pytest.mark.parametrize("key,value,message", [

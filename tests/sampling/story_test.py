@@ -1,20 +1,18 @@
 """Stories on a `:tiny` generator (window 5 frames = 3 token frames, temporal patch 2)."""
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from phenaki_jax import storage
 from phenaki_jax.config import schema
 from phenaki_jax.data import video_io
 from phenaki_jax.generator import SamplingOptions
 from phenaki_jax.sampling import sample as sample_job
 from phenaki_jax.sampling import story
-from tests.helpers import REPO, load_config
+from tests.helpers import load_config
 
 OPTS = SamplingOptions(num_steps=3, max_steps=8)
 
@@ -115,28 +113,40 @@ def test_a_context_that_does_not_tokenise_to_whole_frames_is_refused(generator):
     _run(generator, story.parse_segments(["a", "b"]), context_frames=2)
 
 
-def test_story_job_writes_mp4_gif_strip_and_boundaries(trained, tmp_path):
-  out = tmp_path / "story"
-  cmd = [sys.executable, "-m", "phenaki_jax.main", "--config=configs/sample.py:tiny",
-         f"--workdir={out}", f"--config.generator.workdir={trained[1]}",
-         "--config.story=a large red circle moves right;the red circle moves up;"
-         "the red circle moves left", "--config.story_defaults.context_frames=3"]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  report = json.load(open(out / "story.json"))
+def test_story_job_writes_mp4_gif_strip_and_boundaries_from_and_to_a_bucket(trained, bucket):
+  """A storyboard in a bucket, the story written there (the local path: the story tests below)."""
+  storyboard = f"{bucket}/boards/story.yaml"
+  storage.write_text(storyboard, "defaults: {context_frames: 3}\nsegments:\n"
+                     "  - a large red circle moves right\n  - the red circle moves up\n"
+                     "  - the red circle moves left\n")
+  config = load_config("sample", "tiny")
+  config.generator.workdir = trained[1]
+  config.storyboard = storyboard
+  config.story_defaults.context_frames = 3
+  config.output.formats = "mp4,gif"
+  out = f"{bucket}/story"
+  sample_job.run(config, out)
+  report = storage.read_json(f"{out}/story.json")
   assert report["num_frames"] == 5 + 2 + 2
   assert [(s["start_frame"], s["end_frame"]) for s in report["segments"]] == [(0, 5), (5, 7),
                                                                               (7, 9)]
   assert all("shapes" in s for s in report["segments"])  # shapes prompts are scored
-  assert video_io.read_video(str(out / "story.mp4"), fps=None).shape == (9, 16, 16, 3)
-  assert os.path.getsize(out / "story.gif") > 0 and os.path.getsize(out / "story.png") > 0
+  with storage.local_copy(f"{out}/story.mp4") as mp4:
+    assert video_io.read_video(mp4, fps=None).shape == (9, 16, 16, 3)
+  assert report["files"] == ["story.mp4", "story.gif"]
+  assert storage.listdir(out) == ["story.gif", "story.json", "story.mp4", "story.png"]
+  assert storage.size(f"{out}/story.gif") > 0 and storage.size(f"{out}/story.png") > 0
 
 
-def test_bad_story_settings_fail_before_loading(trained, tmp_path):
+def test_bad_story_settings_fail_before_loading(trained, tmp_path, bucket):
   config = load_config("sample", "tiny")
   config.generator.workdir = trained[1]
   config.storyboard = str(tmp_path / "missing.yaml")
   with pytest.raises(schema.ConfigError, match="config.storyboard"):
+    sample_job.run(config, str(tmp_path / "a"))
+  config.storyboard = f"{bucket}/missing.yaml"  # not in the bucket: named
+  with pytest.raises(schema.ConfigError,
+                     match=f"config.storyboard='{bucket}/missing.yaml': no such file"):
     sample_job.run(config, str(tmp_path / "a"))
   (tmp_path / "bad.yaml").write_text("segments:\n  - {prompt: x, frames: 3}\n")
   config.storyboard = str(tmp_path / "bad.yaml")

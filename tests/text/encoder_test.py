@@ -7,11 +7,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.models import t5
 from phenaki_jax.text import encoder as text_encoder
 from phenaki_jax.text import text_tokenizers
-from tests.helpers import load_config
+from tests.helpers import load_config, upload_folder, write_tiny_t5x
 
 LENGTH = 8
 
@@ -123,3 +125,29 @@ def test_tiny_config_builds_the_trainable_byte_encoder():
   assert m.dtype == jnp.dtype(text_cfg.dtype)
   ids, _ = text.tokenizer.encode_batch(["a small red circle"], text_cfg.max_length)
   assert int(ids.max()) < m.vocab_size
+
+
+def test_t5_path_in_a_bucket_builds_the_encoder_the_local_folder_builds(tmp_path, bucket):
+  """config.text.t5_path on gs://: a T5X .npz with its spiece.model found beside it."""
+  captions = ["a small red circle moves left", "a large blue square", "the green triangle"]
+  local_npz, _ = write_tiny_t5x(tmp_path, captions)
+  remote = upload_folder(tmp_path, f"{bucket}/t5x")
+  text_cfg = load_config("maskgit", "tiny").text
+  text_cfg.encoder = "t5"
+  text_cfg.t5_path = local_npz
+  local = text_encoder.build_text_encoder(text_cfg)
+  text_cfg.t5_path = f"{remote}/t5x.npz"
+  from_bucket = text_encoder.build_text_encoder(text_cfg)
+  assert from_bucket.module == local.module and not from_bucket.trainable
+  batch = {"caption": np.asarray(captions)}
+  ids = text_encoder.tokenize_captions(batch, from_bucket.tokenizer, LENGTH)
+  np.testing.assert_array_equal(
+      ids["text_ids"], text_encoder.tokenize_captions(batch, local.tokenizer, LENGTH)["text_ids"])
+  apply = jax.jit(local.module.apply)
+  np.testing.assert_array_equal(
+      apply({"params": from_bucket.pretrained}, ids["text_ids"], ids["text_mask"])[0],
+      apply({"params": local.pretrained}, ids["text_ids"], ids["text_mask"])[0])
+  text_cfg.t5_path = f"{bucket}/missing/t5x.npz"
+  with pytest.raises(ConfigError, match=f"config.text.t5_path='{bucket}/missing/t5x.npz': "
+                                        "does not exist"):
+    text_encoder.build_text_encoder(text_cfg)

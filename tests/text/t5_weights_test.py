@@ -14,7 +14,8 @@ import pytest
 from phenaki_jax.models import t5
 from phenaki_jax.text import t5_weights
 from phenaki_jax.text import text_tokenizers
-from tests.helpers import T5_TEST_LENGTH, t5_ids_with_padding, torch_modules, train_sentencepiece
+from tests.helpers import (T5_TEST_LENGTH, t5_ids_with_padding, torch_modules, train_sentencepiece,
+                           upload_folder)
 
 TINY = dict(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_heads=4,
             num_layers=2, relative_attention_num_buckets=32,
@@ -105,7 +106,7 @@ def test_hf_config_inferred_from_shapes_without_config_json(tmp_path):
                         _hf_encode(model, ids, mask), mask)
 
 
-def test_load_t5_encoder_folder(tmp_path):
+def test_load_t5_encoder_folder_local_and_from_a_bucket(tmp_path, bucket):
   model = _hf_model('seq2seq')
   folder = tmp_path / 'model'
   model.save_pretrained(folder)
@@ -115,8 +116,22 @@ def test_load_t5_encoder_folder(tmp_path):
   module, params, tokenizer = t5_weights.load_t5_encoder(folder)
   assert isinstance(tokenizer, text_tokenizers.SentencePieceTokenizer)
   ids, mask = tokenizer.encode_batch(sentences[:3], T5_TEST_LENGTH)
-  out, _ = jax.jit(module.apply)({'params': params}, ids)
-  _assert_close_on_mask(np.asarray(out), _hf_encode(model, ids, mask), mask)
+  apply = jax.jit(module.apply)
+  out = np.asarray(apply({'params': params}, ids)[0])
+  _assert_close_on_mask(out, _hf_encode(model, ids, mask), mask)
+
+  # The same folder in a bucket: safetensors read tensor by tensor, config.json
+  # and spiece.model from their bytes; the same ids, parameters and embeddings.
+  remote = upload_folder(folder, f'{bucket}/t5')
+  r_module, r_params, r_tokenizer = t5_weights.load_t5_encoder(remote)
+  assert r_module == module
+  r_ids, r_mask = r_tokenizer.encode_batch(sentences[:3], T5_TEST_LENGTH)
+  np.testing.assert_array_equal(r_ids, ids)
+  np.testing.assert_array_equal(r_mask, mask)
+  jax.tree.map(np.testing.assert_array_equal, r_params, params)
+  np.testing.assert_array_equal(np.asarray(apply({'params': r_params}, r_ids)[0]), out)
+  with pytest.raises(NotADirectoryError, match=f'{bucket}/nothing'):
+    t5_weights.load_t5_encoder(f'{bucket}/nothing')
 
 
 
