@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from phenaki_jax import storage
 from phenaki_jax.config import schema
 from phenaki_jax.pretrained import perceptual
 from phenaki_jax.data import synthetic, video_io
 from phenaki_jax.eval import fvd as fvd_lib
 from phenaki_jax.eval import eval_generated, eval_compare
 from phenaki_jax.eval import video_sets
-from tests.helpers import REPO, load_config
+from tests.helpers import REPO, load_config, upload_folder
 
 MEDIA = REPO / "tests" / "data" / "media"
 MP4S = ("arm_wrestling_2s.mp4", "film_countdown_2s.mp4")
@@ -124,27 +125,31 @@ def test_fvd_repeats_disjoint_and_bootstrap():
 
 
 @pytest.fixture(scope="module")
-def folder_report(folders, tmp_path_factory):
-  """The job on the folders, with the fake CLIP (set up by hand: module scope)."""
-  gen, ref = folders
-  out = tmp_path_factory.mktemp("folder_eval")
-  weights = out / "clip.npz"
-  weights.write_bytes(b"fake")
+def folder_report(folders, gcs_emulator):
+  """The job on the folders, read from a bucket, its report written there; with the
+  fake CLIP (set up by hand: module scope). Local folders: the tests below."""
+  bucket = gcs_emulator.create_bucket()
+  gen = upload_folder(folders[0], f"{bucket}/sets/generated")
+  ref = upload_folder(folders[1], f"{bucket}/sets/reference")
+  weights = f"{bucket}/clip.npz"
+  storage.write_bytes(weights, b"fake")
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(eval_generated, "load_clip", lambda path, merges_path=None: {"path": path})
     patch.setattr(eval_generated, "clip_score", lambda bundle, videos, texts, bs: {
         "clip_score": np.full(len(videos), 25.0), "cosine": np.full(len(videos), 0.25)})
     config = _config(generated=gen, reference=ref, **{"protocol.resolution": 32,
-                                                      "clip.path": str(weights)})
-    report = eval_generated.run(config, str(out / "eval"))
+                                                      "clip.path": weights})
+    report = eval_generated.run(config, f"{bucket}/eval")
   return report, config
 
 
 def test_folder_job_writes_report_with_protocol_skips_and_warnings(folder_report):
   report, config = folder_report
-  with open(report["json_path"]) as f:
-    saved = json.load(f)
+  assert report["json_path"] == config.generated.replace("sets/generated", "eval/report.json")
+  saved = storage.read_json(report["json_path"])
   assert saved["job"] == "eval_generated" and saved["name"] == "generated"
+  assert (saved["generated"]["path"], saved["reference"]["path"]) == (config.generated,
+                                                                      config.reference)
   # The protocol verbatim, and what its -1s resolved to.
   verbatim = {k: v for k, v in saved["protocol"].items() if k != "resolved"}
   assert verbatim == config.protocol.to_dict()
@@ -166,11 +171,12 @@ def test_folder_job_writes_report_with_protocol_skips_and_warnings(folder_report
                       "film_countdown_2s.mp4": "a film countdown",
                       "wrestling.gif": "arm wrestling, as a GIF"}
   assert m["clip_score"] == 25.0 and m["clip_cosine"] == 0.25
-  assert saved["clip"]["path"].endswith("clip.npz")
+  assert saved["clip"]["path"] == config.clip.path
   assert all(c["clip_score"] == 25.0 for c in saved["clips"])
   assert "shapes/all" not in m  # not shapes prompts
-  png = Image.open(report["png_path"])
-  assert png.size[0] == 720 and png.size[1] > 100
+  with storage.open_file(report["png_path"]) as f:
+    png = Image.open(f)
+    assert png.size[0] == 720 and png.size[1] > 100
 
 
 def test_checkpoint_job_samples_shapes_prompts_and_scores_them(tmp_path, trained):
@@ -244,8 +250,7 @@ def test_story_folder_gets_segment_accuracy_seams_and_per_segment_clip(tmp_path,
 
 def test_compare_tabulates_reports_and_names_protocol_differences(folder_report, tmp_path):
   report, _ = folder_report
-  with open(report["json_path"]) as f:
-    a = json.load(f)
+  a = storage.read_json(report["json_path"])
   b = json.loads(json.dumps(a))
   b["name"], b["metrics"]["fvd"] = "other", 123.5
   b["protocol"]["resize"] = "bilinear"
@@ -264,11 +269,14 @@ def test_compare_tabulates_reports_and_names_protocol_differences(folder_report,
   saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
   assert saved["protocol_differences"] == ["protocol.resize"]
   assert [r["name"] for r in saved["reports"]] == ["generated", "other"]
-  # The same report twice: nothing to warn about.
-  same = eval_compare.run(_config("compare", reports=f"{tmp_path / 'a.json'},"
-                                                       f"{tmp_path / 'a.json'}"),
-                            str(tmp_path / "cmp2"))
+  # The same report twice, read from the bucket, compared into it: nothing to warn about.
+  in_bucket = report["json_path"]
+  out = storage.dirname(storage.dirname(in_bucket)) + "/cmp2"
+  same = eval_compare.run(_config("compare", reports=f"{in_bucket},{in_bucket}"), out)
   assert same["protocol_differences"] == [] and "Same protocol" in same["markdown"]
+  assert storage.read_text(f"{out}/comparison.md") == same["markdown"]
+  assert [r["path"] for r in storage.read_json(f"{out}/comparison.json")["reports"]] == [
+      in_bucket] * 2
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -315,6 +323,27 @@ def _config_set(config, key, value):
   for part in parents:
     node = node[part]
   node[leaf] = value
+
+
+def test_missing_folders_and_files_in_a_bucket_are_named(tmp_path, bucket, monkeypatch):
+  def no_network(*args, **kwargs):
+    raise AssertionError("a network was loaded or compiled")
+  monkeypatch.setattr(eval_generated, "I3DLogits", no_network)
+  good = upload_folder(MEDIA / "videos", f"{bucket}/good")
+  cases = [
+      ("generated", f"{bucket}/nothing", "no such folder"),
+      ("reference", f"{bucket}/no/ref", "no such folder"),
+      ("captions", f"{bucket}/captions.json", "no such file"),
+  ]
+  for key, value, what in cases:
+    config = _config(generated=good, reference="shapes")
+    _config_set(config, key, value)
+    with pytest.raises(schema.ConfigError, match=f"config.{key}='{value}': {what}"):
+      eval_generated.run(config, f"{bucket}/out")
+  missing = f"{bucket}/a.json"
+  with pytest.raises(schema.ConfigError, match=f"config.reports: '{missing}': no such file"):
+    eval_compare.run(_config("compare", reports=f"{missing},{missing}"), str(tmp_path))
+  assert storage.listdir(bucket) == ["good"]  # no report was written
 
 
 def test_compare_needs_two_readable_eval_reports(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from phenaki_jax import storage
 from phenaki_jax.config import schema
 from phenaki_jax.eval import eval_tokenizer as run
 from phenaki_jax.train import train_cvivit
@@ -36,14 +37,16 @@ def _eval_config(tokenizer_dir, **overrides):
   return config
 
 
-def test_report_with_fvd_on_9_frame_clips(tokenizer_dir, tmp_path):
+def test_report_with_fvd_on_9_frame_clips_into_a_bucket(tokenizer_dir, bucket):
   # The tiny tokenizer trained on 5 frames; being causal it encodes 9, the
-  # fewest I3D takes, so the whole FVD path runs (2 clips, I3D at 224).
+  # fewest I3D takes, so the whole FVD path runs (2 clips, I3D at 224). The
+  # report goes to a bucket (a local workdir: the command-line test below).
   config = _eval_config(tokenizer_dir, **{"input.num_frames": 9, "protocol.fvd": True})
-  out = run.run(config, str(tmp_path))
-  with open(tmp_path / "tokenizer_eval_step_2.json") as f:
-    report = json.load(f)
-  assert out["json_path"] == str(tmp_path / "tokenizer_eval_step_2.json")
+  workdir = f"{bucket}/eval"
+  out = run.run(config, workdir)
+  report = storage.read_json(f"{workdir}/tokenizer_eval_step_2.json")
+  assert out["json_path"] == f"{workdir}/tokenizer_eval_step_2.json"
+  assert storage.listdir(workdir) == ["tokenizer_eval_step_2.json", "tokenizer_eval_step_2.png"]
   assert set(report) >= {"job", "date", "tokenizer", "metrics", "protocol", "seconds", "config"}
   assert set(report["metrics"]) == METRICS | {"rfvd"}
   assert all(np.isfinite(v) for v in report["metrics"].values())
@@ -57,7 +60,8 @@ def test_report_with_fvd_on_9_frame_clips(tokenizer_dir, tmp_path):
   assert (p["lpips_net"], p["lpips_frames_per_clip"]) == ("vgg16", 9)
   assert p["source"]["data"] == "shapes" and p["source"]["seed"] == 0
   assert p["source"]["num_frames"] == 9 and p["source"]["resolution"] == 16
-  png = np.asarray(Image.open(tmp_path / "tokenizer_eval_step_2.png"))
+  with storage.open_file(f"{workdir}/tokenizer_eval_step_2.png") as f:
+    png = np.asarray(Image.open(f))
   # 2 clips × (input, reconstruction) rows of 9 frames, 16 px upscaled 8×, 2 px gaps.
   assert png.shape == (8 * (4 * 18 - 2), 8 * (9 * 18 - 2), 3)
 
