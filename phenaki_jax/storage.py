@@ -484,6 +484,34 @@ class AppendOnlyText:
     write_text(self.path, text)
 
 
+class AppendOnlyBytes:
+  """AppendOnlyText's binary twin (TensorBoard event files): appended in place
+  locally, rewritten whole on object storage. `size`: the bytes written so far."""
+
+  def __init__(self, p: PathLike):
+    self.path = os.fspath(p)
+    self._remote = is_remote(self.path)
+    self._data = b""
+    if self._remote:
+      self._data = read_bytes(self.path) if exists(self.path) else b""
+      self.size = len(self._data)
+    else:
+      makedirs(os.path.dirname(self.path) or ".")
+      self.size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+
+  def append(self, data: bytes) -> None:
+    if self._remote:
+      self._data += data
+      write_bytes(self.path, self._data)
+    else:
+      try:
+        with open(self.path, "ab") as f:
+          f.write(data)
+      except Exception as e:  # pylint: disable=broad-except
+        raise _wrap(self.path, "appending to", e) from e
+    self.size += len(data)
+
+
 # --- Removing and moving.
 
 def remove(p: PathLike) -> None:
