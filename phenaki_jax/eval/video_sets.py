@@ -259,17 +259,9 @@ class FolderSet(VideoSet):
   def __iter__(self) -> Iterator[Item]:
     for rel, caption, segments in self.entries:
       try:
-        # The decoder reads a local file: a gs:// video is downloaded to a temporary one.
-        with storage.local_copy(storage.join(self.folder, rel)) as local:
-          video = video_io.read_video(local, fps=self.fps or None)
+        video = video_io.read_video(storage.join(self.folder, rel), fps=self.fps or None)
       except video_io.VideoDecodeError as e:
         self.skip(rel, e.kind, e.detail)
-        continue
-      except storage.StorageNotFoundError:
-        self.skip(rel, video_io.MISSING, "file not found")
-        continue
-      except storage.StorageError as e:
-        self.skip(rel, video_io.UNREADABLE, str(e))
         continue
       info = {"window_frames": segments[0].get("window_frames")} if segments else {}
       yield Item(rel, video, caption, segments, info)

@@ -163,12 +163,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       files = []
       for fmt in formats:
         name = f"{index:04d}.{fmt}"
-        # The encoders need a real file: staged locally, then moved / uploaded whole.
-        with storage.staged_file(storage.join(workdir, name), suffix=f".{fmt}") as local:
-          if fmt == "mp4":
-            video_io.write_video(local, video, fps=config.output.fps)
-          else:
-            video_io.write_gif(local, video, fps=config.output.fps)
+        path = storage.join(workdir, name)  # video_io writes each file whole, local or gs://
+        if fmt == "mp4":
+          video_io.write_video(path, video, fps=config.output.fps)
+        else:
+          video_io.write_gif(path, video, fps=config.output.fps)
         files.append(name)
       record = {"index": index, "prompt": prompt, "sample": k, "batch_seed": batch_seed,
                 "files": files, "frames": list(video.shape)}
@@ -255,22 +254,21 @@ def run_story(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
                    "correct": shapes_score.score_reading(reading, prompt)}
 
   t0 = time.perf_counter()
+  # Frames stream into the mp4, which appears whole (local or gs://) when the writer closes.
+  with video_io.VideoWriter(mp4, fps=config.output.fps) as writer:
+    try:
+      result = story_lib.generate_story(
+          gen, segments, sink=writer.write, options=options, seed=config.seed,
+          context_frames=d.context_frames, fps=config.output.fps, on_segment=score)
+    except ValueError as e:
+      raise ConfigError(f"story_defaults / storyboard: {e}") from None
+  seconds = time.perf_counter() - t0
   files = ["story.mp4"]
-  # Frames stream into a local file, moved / uploaded whole at the end (storage.py).
-  with storage.staged_file(mp4, suffix=".mp4") as local_mp4:
-    with video_io.VideoWriter(local_mp4, fps=config.output.fps) as writer:
-      try:
-        result = story_lib.generate_story(
-            gen, segments, sink=writer.write, options=options, seed=config.seed,
-            context_frames=d.context_frames, fps=config.output.fps, on_segment=score)
-      except ValueError as e:
-        raise ConfigError(f"story_defaults / storyboard: {e}") from None
-    seconds = time.perf_counter() - t0
-    if "gif" in formats:
-      # A GIF is written whole: for very long stories use mp4 only.
-      with storage.staged_file(storage.join(workdir, "story.gif"), suffix=".gif") as gif:
-        video_io.write_gif(gif, video_io.read_video(local_mp4, fps=None), fps=config.output.fps)
-      files.append("story.gif")
+  if "gif" in formats:
+    # A GIF is written whole: for very long stories use mp4 only.
+    video_io.write_gif(storage.join(workdir, "story.gif"),
+                       video_io.read_video(mp4, fps=None), fps=config.output.fps)
+    files.append("story.gif")
   by_segment: dict[str, list[np.ndarray]] = {}
   for label, frame in result.strip_frames:
     by_segment.setdefault(label, []).append(frame)
