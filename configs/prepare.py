@@ -2,6 +2,10 @@
 
   python -m phenaki_jax.main --config=configs/prepare.py --workdir=DIR \
       --config.manifest=videos/captions.jsonl
+  # Machine I of N, one shared output folder (DIR and the manifest may be gs://):
+  python -m phenaki_jax.main --config=configs/prepare.py --workdir=gs://B/prepared \
+      --config.manifest=gs://B/videos/captions.jsonl \
+      --config.worker_index=I --config.worker_count=N
 
 Variants (`configs/prepare.py:VARIANT`):
   webvid  WebVid CSV (videoid, name, page_dir, ...) with the videos
@@ -9,7 +13,8 @@ Variants (`configs/prepare.py:VARIANT`):
   tiny    the small test media in tests/data/media, 32x32, in-process; runs
           in seconds from the repository root.
 
-Field meanings: `phenaki_jax/config/prepare.py`.
+Field meanings: `phenaki_jax/config/prepare.py`; several machines, buckets
+and Apache Beam: docs/data.md.
 """
 
 import ml_collections

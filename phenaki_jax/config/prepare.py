@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from phenaki_jax.config import errors
 from phenaki_jax.config import sizes
 
 
@@ -46,15 +45,25 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def _require(ok: bool, key: str, value, why: str) -> None:
+  # errors.require's message; a plain ValueError, as errors.py imports jax and
+  # every spawned decoding process imports this module.
+  if not ok:
+    raise ValueError(f"config.{key}={value!r}: {why}")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
 def check(config: ml_collections.ConfigDict) -> None:
-  """The keys that say who does what; ConfigError naming the key, before any work."""
-  errors.positive_ints(config, ["worker_count"])
-  index, count = config.worker_index, config.worker_count
-  errors.require(isinstance(index, int) and not isinstance(index, bool) and 0 <= index < count,
-                 "worker_index", index,
-                 f"must be an integer in [0, config.worker_count={count})")
-  errors.require(isinstance(config.num_workers, int) and config.num_workers >= 0,
-                 "num_workers", config.num_workers,
-                 "must be >= 0 (0 = one process per CPU)")
-  errors.require(isinstance(config.merge_only, bool), "merge_only", config.merge_only,
-                 "must be True or False")
+  """The keys that say who does what, checked before any work; the error names the key."""
+  count = config.worker_count
+  _require(_is_int(count) and count >= 1, "worker_count", count, "must be a positive integer")
+  index = config.worker_index
+  _require(_is_int(index) and 0 <= index < count, "worker_index", index,
+           f"must be an integer in [0, config.worker_count={count})")
+  _require(_is_int(config.num_workers) and config.num_workers >= 0, "num_workers",
+           config.num_workers, "must be >= 0 (0 = one process per CPU)")
+  _require(isinstance(config.merge_only, bool), "merge_only", config.merge_only,
+           "must be True or False")

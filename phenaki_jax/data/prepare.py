@@ -303,11 +303,13 @@ def _read_json_many(paths: list[str]) -> list[Any]:
 # One work unit (runs in a worker process).
 
 
-def _process_unit(out_dir: str, unit: int, entries: list[ManifestEntry],
-                  settings: Settings, worker: int = 0) -> dict[str, Any]:
-  """Decodes a unit's files, writes its shards, then its report.
+def process_unit(out_dir: str, unit: int, entries: list[ManifestEntry],
+                 settings: Settings, worker: int = 0) -> dict[str, Any]:
+  """Decodes a unit's files, writes its shards, then its report (units/unit-UUUUU.json).
 
-  The unit's leftovers from an earlier attempt are removed before (`_own_reports`).
+  A pure function of its arguments, so any engine may run it (docs/data.md):
+  the leftovers of an earlier attempt at the unit must be gone first (`run`
+  removes them, `_own_reports`).
   """
   start = time.time()
   options = _writer_options(settings.frame_codec)
@@ -373,6 +375,18 @@ class Worker:
 
   def owns(self, unit: int) -> bool:
     return unit % self.count == self.index
+
+
+def work_units(config: ml_collections.ConfigDict
+               ) -> Iterator[tuple[int, list[ManifestEntry]]]:
+  """(unit, its manifest entries) for every unit of `config.manifest`, as every worker
+  cuts them: to run `process_unit` on another engine (docs/data.md)."""
+  manifest = storage.absolute(os.fspath(config.manifest))
+  yield from _units(iter_manifest(
+      manifest, fmt=manifest_format(manifest, config.manifest_format),
+      path_column=config.path_column, caption_column=config.caption_column,
+      path_format=config.path_format, media_root=config.media_root),
+      int(config.files_per_unit))
 
 
 def _units(entries: Iterator[ManifestEntry], size: int
@@ -634,7 +648,7 @@ def _run_locked(config: ml_collections.ConfigDict, manifest: str, local_manifest
   try:
     if num_workers == 1:
       for unit, chunk in todo:
-        finished(_process_unit(out_dir, unit, chunk, settings, worker.index))
+        finished(process_unit(out_dir, unit, chunk, settings, worker.index))
     else:
       _run_pool(out_dir, todo, settings, num_workers, finished, worker.index)
   finally:
@@ -665,7 +679,7 @@ def _run_pool(out_dir, todo, settings, num_workers, finished, worker_index) -> N
     in_flight = set()
     try:
       for unit, chunk in todo:
-        in_flight.add(pool.submit(_process_unit, out_dir, unit, chunk,
+        in_flight.add(pool.submit(process_unit, out_dir, unit, chunk,
                                   settings, worker_index))
         # Bounded submission: the manifest may be far larger than memory.
         while len(in_flight) >= 2 * num_workers:

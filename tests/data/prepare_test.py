@@ -264,6 +264,58 @@ def test_parallel_workers_match_in_process(clean_run, tmp_path):
   assert _records(out) == clean_run[2]
 
 
+def test_two_workers_share_one_folder_and_each_resumes_on_its_own(clean_run, tmp_path):
+  out = str(tmp_path / "out")
+  # 13 entries in units of 3: worker 0 owns units 0, 2, 4; worker 1 owns 1, 3.
+  first = prepare.run(_config(worker_index=0, worker_count=2, max_units=1), out)
+  assert not first["complete"]  # stopped early, like a killed worker
+  second = prepare.run(_config(worker_index=1, worker_count=2), out)
+  assert not second["complete"] and second["units_done"] == 3
+  # Until every worker has finished there is no summary, only the workers' reports.
+  assert not os.path.exists(os.path.join(out, "summary.json"))
+  worker1 = os.path.join(out, "units", "unit-00001.json")
+  stamp = os.stat(worker1).st_mtime_ns
+  final = prepare.run(_config(worker_index=0, worker_count=2), out)
+  with open(os.path.join(out, "workers", "worker-00000-of-00002.json")) as f:
+    assert json.load(f)["units_this_run"] == 2  # only its unfinished units 2 and 4
+  assert os.stat(worker1).st_mtime_ns == stamp  # the other worker's units untouched
+  assert final["complete"] and final["units_done"] == final["units_total"] == 5
+  with open(os.path.join(out, "summary.json")) as f:
+    assert json.load(f) == final
+  assert [(w["worker_index"], w["units_owned"]) for w in final["workers"]] == [(0, 3), (1, 2)]
+  assert _records(out) == clean_run[2]  # nothing lost, nothing twice
+  keep = ("video_clips", "image_clips", "skipped_files", "shards", "files_read")
+  assert {k: final[k] for k in keep} == {k: clean_run[1][k] for k in keep}
+  # A merge any worker can run gives the same summary.
+  merged = prepare.run(_config(worker_count=2, merge_only=True), out)
+  assert {k: v for k, v in merged.items() if k != "elapsed_s"} == {
+      k: v for k, v in final.items() if k != "elapsed_s"}
+
+
+@pytest.mark.parametrize("key,value", [("worker_index", 2), ("worker_index", -1),
+                                       ("worker_count", 0), ("num_workers", -1)])
+def test_worker_keys_are_checked_before_any_work(tmp_path, key, value):
+  config = _config(worker_count=2)
+  config[key] = value
+  with pytest.raises(ValueError, match=f"config.{key}={value}"):
+    prepare.run(config, str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_units_run_by_another_engine_then_merged(clean_run, tmp_path):
+  """What docs/data.md says for Apache Beam: the same units, any runner, then one merge."""
+  out = str(tmp_path / "out")
+  config = _config()
+  settings = prepare.Settings.from_config(config)
+  for unit, entries in reversed(list(prepare.work_units(config))):  # any order
+    prepare.process_unit(out, unit, entries, settings)
+  summary = prepare.run(config, out)  # finds every unit done: checks and merges
+  assert summary["complete"]
+  with open(os.path.join(out, "workers", "worker-00000-of-00001.json")) as f:
+    assert json.load(f)["units_this_run"] == 0
+  assert _records(out) == clean_run[2]
+
+
 def test_changed_settings_refuse_to_mix(clean_run, tmp_path):
   out = str(tmp_path / "out")
   shutil.copytree(clean_run[0], out)

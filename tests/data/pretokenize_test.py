@@ -23,8 +23,9 @@ def _train_tokenizer(workdir, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-  return _train_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+def tokenizer_dir(trained):
+  """The session's `:tiny,l2vq` tokenizer (1 step; tests/conftest.py): the one _train_tokenizer makes."""
+  return trained[0]
 
 
 @pytest.fixture(scope="module")
