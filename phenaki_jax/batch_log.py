@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+from phenaki_jax import storage
 
 
 def batch_hash(batch: Mapping[str, Any]) -> str:
@@ -35,25 +36,24 @@ def batch_hash(batch: Mapping[str, Any]) -> str:
 
 
 class BatchHashLog:
-  """Appends step hashes, buffered; `flush` at log and checkpoint steps."""
+  """Appends step hashes, buffered; `flush` at log and checkpoint steps.
+
+  Each process writes its own file (local or gs://, storage.AppendOnlyText).
+  """
 
   def __init__(self, workdir: str, start_step: int):
-    self.path = os.path.join(workdir, "batch_hashes", f"process_{jax.process_index()}.jsonl")
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    self.path = storage.join(workdir, "batch_hashes", f"process_{jax.process_index()}.jsonl")
     self._pending: list[str] = []
     kept = []
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        for line in f:
-          try:
-            if json.loads(line)["step"] <= start_step:
-              kept.append(line if line.endswith("\n") else line + "\n")
-          except (ValueError, KeyError):
-            break  # a line cut by a kill: everything after it is gone too
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    if storage.exists(self.path):
+      for line in storage.read_text(self.path).splitlines():
+        try:
+          if json.loads(line)["step"] <= start_step:
+            kept.append(line + "\n")
+        except (ValueError, KeyError):
+          break  # a line cut by a kill: everything after it is gone too
+    self._file = storage.AppendOnlyText(self.path)
+    self._file.replace("".join(kept))
 
   def add(self, step: int, kind: str, batch: Mapping[str, Any]) -> None:
     self._pending.append(json.dumps({"step": int(step), "kind": kind,
@@ -61,17 +61,15 @@ class BatchHashLog:
 
   def flush(self) -> None:
     if self._pending:
-      with open(self.path, "a") as f:
-        f.writelines(self._pending)
+      self._file.append("".join(self._pending))
       self._pending = []
 
 
 def read(workdir: str, process: int = 0) -> dict[int, str]:
   """{step: hash} of a workdir's log (the last line wins for a repeated step)."""
-  path = os.path.join(workdir, "batch_hashes", f"process_{process}.jsonl")
+  path = storage.join(workdir, "batch_hashes", f"process_{process}.jsonl")
   out = {}
-  with open(path) as f:
-    for line in f:
-      row = json.loads(line)
-      out[row["step"]] = row["hash"]
+  for line in storage.read_text(path).splitlines():
+    row = json.loads(line)
+    out[row["step"]] = row["hash"]
   return out

@@ -19,7 +19,6 @@ beginning. Either way a warning says so.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import grain
@@ -28,6 +27,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from phenaki_jax import storage
 
 
 class NoUsableCheckpointError(RuntimeError):
@@ -80,12 +81,26 @@ def changed_config_keys(saved: dict, current: dict, limit: int = 12) -> list[str
   return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
 
 
+# Orbax's mark of a committed step on object storage (atomicity.CommitFileTemporaryPath).
+COMMIT_SUCCESS_FILE = "commit_success.txt"
+
+
 def finalized_steps(workdir: str) -> list[int]:
-  """WORKDIR/checkpoints' finalised steps, read without creating anything (orbax would)."""
-  path = epath.Path(workdir) / "checkpoints"
-  if not path.exists():
+  """WORKDIR/checkpoints' finalised steps, read without creating anything (orbax would).
+
+  Locally orbax writes a step under a temporary name and renames it when it
+  is committed. On object storage (no atomic rename) it writes the step in
+  place and commits it by writing COMMIT_SUCCESS_FILE last: a step being
+  saved there is not finalised yet.
+  """
+  path = storage.join(workdir, "checkpoints")
+  if not storage.isdir(path):
     return []
-  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+  steps = sorted(int(name) for name in storage.listdir(path) if name.isdigit())
+  if storage.is_remote(path):
+    steps = [s for s in steps
+             if storage.exists(storage.join(path, str(s), COMMIT_SUCCESS_FILE))]
+  return steps
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
@@ -98,7 +113,7 @@ class Checkpointer:
   """Saves and restores (state, data iterator, config) under `directory`."""
 
   def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory) if "://" not in directory else directory
+    self.directory = storage.absolute(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         create=True,
@@ -254,10 +269,10 @@ class Checkpointer:
     target = ""
     if jax.process_index() == 0:
       n = 0
-      while os.path.exists(f"{self.directory}.unusable-{n}"):
+      while storage.exists(f"{self.directory}.unusable-{n}"):
         n += 1
       target = f"{self.directory}.unusable-{n}"
-      os.replace(self.directory, target)
+      storage.rename(self.directory, target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("phenaki_jax_checkpoints_set_aside")

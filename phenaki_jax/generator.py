@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Sequence
 
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from phenaki_jax import checkpointing, metrics, sharding, train_state
+from phenaki_jax import checkpointing, metrics, sharding, storage, train_state
 from phenaki_jax import tokenizer as tokenizer_lib
 from phenaki_jax.config import schema
 from phenaki_jax.models import cvivit, maskgit
@@ -120,11 +119,11 @@ class Generator:
     steps = checkpointing.finalized_steps(workdir)
     if not steps:
       raise FileNotFoundError(
-          f"no generator checkpoint in {os.path.join(workdir, 'checkpoints')}; train one: "
+          f"no generator checkpoint in {storage.join(workdir, 'checkpoints')}; train one: "
           f"python -m phenaki_jax.main --config=configs/maskgit.py --workdir={workdir}")
     if step is not None and step not in steps:
       raise FileNotFoundError(f"{workdir} has no checkpoint step {step}; it has {steps}")
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000,
+    ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), max_to_keep=1000,
                                       async_save=False)
     config = schema.complete(ml_collections.ConfigDict(
         ckpt.restore_config(step if step is not None else steps[-1])))

@@ -20,6 +20,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from phenaki_jax import distributed  # noqa: E402  (defines the multi-process flags)
 from phenaki_jax import console  # noqa: E402
+from phenaki_jax import storage  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (and :variant).",
                                           lock_config=True)
@@ -49,6 +50,9 @@ def run_job(config, workdir: str):
   job = config.get("job")
   if job not in JOBS:
     raise ValueError(f"config.job={job!r}: unknown job; expected one of {sorted(JOBS)}")
+  if storage.is_remote(workdir):
+    # A missing bucket fails here, naming it, before the job loads or compiles anything.
+    storage.check_writable_root(workdir, "--workdir")
   module = importlib.import_module(JOBS[job])
   return module.run(config, workdir)
 

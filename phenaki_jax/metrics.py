@@ -1,12 +1,20 @@
-"""Metric writers (TensorBoard through CLU, plus a JSONL file) and progress lines.
+"""Metric writers (TensorBoard event files, plus a JSONL file) and progress lines.
 
 Only process 0 writes. Metric names use slash namespaces: train/loss,
 train/vq/usage, eval/psnr, perf/steps_per_sec.
+
+Both files go through storage.py, so a workdir may be local or gs://. The
+TensorBoard events are written by our own small writer (tensorboard's protos
+and record framing, no TensorFlow): CLU's SummaryWriter writes through
+TensorFlow's GCS client, which has no endpoint setting (no emulator can test
+it) and, offline, retries www.googleapis.com for minutes.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import socket
 import time
 from typing import Any, Mapping
 
@@ -16,22 +24,32 @@ from absl import logging
 from clu import metric_writers
 from PIL import Image
 
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.image import metadata as image_metadata
+from tensorboard.plugins.scalar import summary_v2 as scalar_summary
+from tensorboard.plugins.text import summary_v2 as text_summary
+from tensorboard.summary.writer import record_writer
+from tensorboard.util import tensor_util
+
+from phenaki_jax import storage
+
 
 class JsonlWriter(metric_writers.MetricWriter):
   """Appends one JSON object per (step, scalars) to metrics.jsonl.
 
-  A plain file that tests and scripts read without TensorBoard.
+  A plain file that tests and scripts read without TensorBoard. A resumed run
+  appends after what the earlier runs wrote (on object storage the object is
+  read back and rewritten whole, storage.AppendOnlyText): a step redone after
+  a kill appears twice, the later row is the one that counts.
   """
 
   def __init__(self, path: str):
-    self._path = path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    self._file = storage.AppendOnlyText(path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     row = {"step": int(step)}
     row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    with open(self._path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    self._file.append(json.dumps(row) + "\n")
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -61,19 +79,117 @@ class JsonlWriter(metric_writers.MetricWriter):
     pass
 
 
+class TensorBoardWriter(metric_writers.MetricWriter):
+  """Scalars, images and texts as a TensorBoard event file in `logdir`, local or gs://.
+
+  The summaries TensorFlow's tf.summary.scalar / image / text make (the
+  scalars, images and text plugins' tensors), framed as TFRecords. Each
+  write_* call appends its events at once (one whole-object rewrite on object
+  storage, storage.AppendOnlyBytes); past `max_file_bytes` the writer starts a
+  new event file, so a rewrite never grows without bound (TensorBoard reads
+  every event file of a folder).
+  """
+
+  def __init__(self, logdir: str, max_file_bytes: int = 4 << 20):
+    self._logdir = logdir
+    self._max_file_bytes = max_file_bytes
+    self._files = 0
+    self._file = None
+    self._open_file()
+
+  def _open_file(self) -> None:
+    name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+            f"{os.getpid()}.{self._files}.v2")
+    self._files += 1
+    self._file = storage.AppendOnlyBytes(storage.join(self._logdir, name))
+    self._append([event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")])
+
+  def _append(self, events) -> None:
+    sink = _BytesSink()
+    records = record_writer.RecordWriter(sink)
+    for event in events:
+      records.write(event.SerializeToString())
+    self._file.append(sink.getvalue())
+
+  def _write(self, step: int, values) -> None:
+    if self._file.size >= self._max_file_bytes:
+      self._open_file()
+    now = time.time()
+    self._append([event_pb2.Event(wall_time=now, step=int(step),
+                                  summary=summary_pb2.Summary(value=[v])) for v in values])
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    self._write(step, [scalar_summary.scalar_pb(k, np.asarray(v, np.float32)).value[0]
+                       for k, v in scalars.items()])
+
+  def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+    """Each value: uint8 (N, H, W, C) or (H, W, C), C in 1, 3, 4."""
+    values = []
+    for key, batch in images.items():
+      batch = np.asarray(batch)
+      if batch.ndim == 3:
+        batch = batch[None]
+      pngs = [_png_bytes(image) for image in batch]
+      tensor = tensor_util.make_tensor_proto(
+          [str(batch.shape[2]).encode(), str(batch.shape[1]).encode(), *pngs])
+      values.append(summary_pb2.Summary.Value(
+          tag=key, tensor=tensor,
+          metadata=image_metadata.create_summary_metadata(display_name=None, description="")))
+    self._write(step, values)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    self._write(step, [text_summary.text_pb(k, v).value[0] for k, v in texts.items()])
+
+  def _unsupported(self, what: str):
+    raise NotImplementedError(f"TensorBoardWriter writes scalars, images and texts, not {what}")
+
+  def write_summaries(self, step, values, metadata=None):
+    self._unsupported("raw summaries")
+
+  def write_videos(self, step, videos):
+    self._unsupported("videos")
+
+  def write_audios(self, step, audios, *, sample_rate):
+    self._unsupported("audio")
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    self._unsupported("histograms")
+
+  def write_hparams(self, hparams):
+    self._unsupported("hparams")
+
+  def flush(self):
+    pass  # every write_* call has already reached the file
+
+  def close(self):
+    pass
+
+
+class _BytesSink(io.BytesIO):
+  """RecordWriter's file: the framed records are collected, then appended whole."""
+
+  def close(self):
+    pass
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image).squeeze(-1) if np.shape(image)[-1] == 1 else image).save(
+      buf, format="PNG")
+  return buf.getvalue()
+
+
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + log + metrics.jsonl on process 0; nothing elsewhere."""
+  """TensorBoard events + metrics.jsonl in `workdir` on process 0; nothing elsewhere."""
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
-  # TensorBoard without CLU's LoggingWriter: the progress and eval lines
-  # already show the scalars, once.
-  tb = metric_writers.SummaryWriter(workdir)
-  return metric_writers.MultiWriter([tb, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+  # No CLU LoggingWriter: the progress and eval lines already show the scalars, once.
+  return metric_writers.MultiWriter([TensorBoardWriter(workdir),
+                                     JsonlWriter(storage.join(workdir, "metrics.jsonl"))])
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 _tree_add = jax.jit(lambda a, b: jax.tree.map(lambda x, y: x + y, a, b))
@@ -177,5 +293,6 @@ def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
   img = Image.fromarray(image)
   if upscale > 1:
     img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  img.save(path)
+  buf = io.BytesIO()
+  img.save(buf, format=storage.splitext(path)[1].lstrip(".").upper() or "PNG")
+  storage.write_bytes(path, buf.getvalue())

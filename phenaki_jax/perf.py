@@ -17,11 +17,12 @@ Causal attention is counted in full (XLA computes the masked half too).
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 from absl import logging
+
+from phenaki_jax import storage
 
 
 # --- Persistent compilation cache.
@@ -37,9 +38,8 @@ def setup_compilation_cache(directory: str = "") -> str | None:
   """
   if not directory:
     return None
-  if "://" not in directory:
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
+  directory = storage.absolute(directory)
+  storage.makedirs(directory)  # local only: a gs:// cache needs no folder made
   from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
   if jax.config.jax_compilation_cache_dir != directory:
     jax.config.update("jax_compilation_cache_dir", directory)

@@ -91,7 +91,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from phenaki_jax import checkpointing, optimizers, sharding, train_state  # noqa: E402
+from phenaki_jax import checkpointing, optimizers, sharding, storage, train_state  # noqa: E402
 from phenaki_jax import tokenizer as tokenizer_lib  # noqa: E402
 from phenaki_jax.config import mesh as config_mesh  # noqa: E402
 from phenaki_jax.config import schema  # noqa: E402
@@ -337,7 +337,7 @@ def tokenizer_config_for(config: ml_collections.ConfigDict, config_arg: str = ""
   steps = checkpointing.finalized_steps(tok_dir) if tok_dir else []
   if steps:
     step = config.tokenizer.step if config.tokenizer.step in steps else steps[-1]
-    ckpt = checkpointing.Checkpointer(os.path.join(tok_dir, "checkpoints"), max_to_keep=1000,
+    ckpt = checkpointing.Checkpointer(storage.join(tok_dir, "checkpoints"), max_to_keep=1000,
                                       async_save=False)
     try:
       saved = ml_collections.ConfigDict(ckpt.restore_config(step))
@@ -345,8 +345,9 @@ def tokenizer_config_for(config: ml_collections.ConfigDict, config_arg: str = ""
       ckpt.close()
     return schema.complete(saved), f"{tok_dir} step {step}"
   path, _, variant = config_arg.partition(":")
-  folder = os.path.dirname(path) if path else "configs"
-  source = os.path.join(folder, "cvivit.py") + (f":{variant}" if variant else "")
+  # A config file is Python, imported from a local folder (never a bucket).
+  folder = storage.dirname(path) if path else "configs"
+  source = storage.join(folder, "cvivit.py") + (f":{variant}" if variant else "")
   return schema.complete(_load_config_file(source)), source
 
 
@@ -355,8 +356,8 @@ def _text_encoder(config: ml_collections.ConfigDict, t5_preset: str):
   if config.text.encoder == "byte":
     return build_text_encoder(config.text), None
   path = config.text.t5_path
-  hf_config = os.path.join(path, "config.json") if path and os.path.isdir(path) else ""
-  if hf_config and os.path.exists(hf_config):
+  hf_config = storage.join(path, "config.json") if path and storage.isdir(path) else ""
+  if hf_config and storage.exists(hf_config):
     sizes, where = t5_weights.config_from_hf(hf_config), hf_config
   else:
     try:
@@ -565,9 +566,7 @@ def main(argv: Sequence[str]) -> int:
     return 2
   print(report.table())
   if f.out:
-    os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
-    with open(f.out, "w") as out:
-      json.dump(report.to_json(), out, indent=2)
+    storage.write_text(f.out, json.dumps(report.to_json(), indent=2) + "\n")
     print(f"  written: {f.out}")
   if report.fits is False:
     print(too_big_message(report), file=sys.stderr)

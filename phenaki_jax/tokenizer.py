@@ -14,8 +14,6 @@ tokenizer step it trained on, TOKENIZER_RECORD), evaluation and pre-tokenising
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -23,8 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from phenaki_jax import checkpointing, sharding, train_state
+from phenaki_jax import checkpointing, sharding, storage, train_state
 from phenaki_jax.config import schema
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.models import cvivit
@@ -56,7 +55,7 @@ class Tokenizer:
     `use_ema` takes the exponential moving average of the weights, which
     evaluation uses too; False takes the last step's raw weights.
     """
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000,
+    ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), max_to_keep=1000,
                                       async_save=False)
     steps = ckpt.all_steps()
     if not steps:
@@ -115,7 +114,7 @@ def checked_steps(tok_cfg: ml_collections.ConfigDict) -> list[int]:
   if not steps:
     raise ConfigError(
         f"config.tokenizer.workdir={tok_cfg.workdir!r}: no C-ViViT checkpoint in "
-        f"{os.path.join(tok_cfg.workdir, 'checkpoints')}; train one first: python -m "
+        f"{storage.join(tok_cfg.workdir, 'checkpoints')}; train one first: python -m "
         f"phenaki_jax.main --config=configs/cvivit.py --workdir={tok_cfg.workdir}")
   if tok_cfg.step >= 0 and tok_cfg.step not in steps:
     raise ConfigError(f"config.tokenizer.step={tok_cfg.step}: {tok_cfg.workdir} has checkpoint "
@@ -132,16 +131,14 @@ def load_from_config(tok_cfg: ml_collections.ConfigDict) -> Tokenizer:
 
 # --- The tokenizer a generator trains on (recorded in its workdir).
 
-def absolute(path: str) -> str:
-  return path if "://" in path else os.path.abspath(path)
+absolute = storage.absolute  # how a run records a tokenizer workdir (gs:// kept as given)
 
 
 def read_record(workdir: str) -> dict | None:
-  path = os.path.join(workdir, TOKENIZER_RECORD)
-  if not os.path.exists(path):
+  path = storage.join(workdir, TOKENIZER_RECORD)
+  if not storage.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return storage.read_json(path)
 
 
 def tokenizer_step_to_load(config: ml_collections.ConfigDict, workdir: str) -> int | None:
@@ -160,15 +157,41 @@ def tokenizer_step_to_load(config: ml_collections.ConfigDict, workdir: str) -> i
   if record["step"] not in steps:
     raise ConfigError(
         f"this run trained on tokenizer step {record['step']} (recorded in "
-        f"{os.path.join(workdir, TOKENIZER_RECORD)}), which {tok_dir} no longer has (it has "
+        f"{storage.join(workdir, TOKENIZER_RECORD)}), which {tok_dir} no longer has (it has "
         f"{steps}); set config.tokenizer.step to go on with another one (its tokens differ)")
   return int(record["step"])
 
 
 def load_for_generator(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
-  """The frozen C-ViViT, its step chosen by tokenizer_step_to_load."""
-  tok = Tokenizer.load(config.tokenizer.workdir, step=tokenizer_step_to_load(config, workdir))
-  logging.info("frozen tokenizer: %s step %d", config.tokenizer.workdir, tok.step)
+  """The frozen C-ViViT, checked against the generator config and recorded in WORKDIR.
+
+  Process 0 chooses the step (tokenizer_step_to_load; with none pinned, the
+  newest that restores), checks it fits the config and writes the record
+  (write_record). Every other process waits for it at a barrier, then reads
+  that record back from the (shared) workdir and loads the step it names: no
+  process can pin a different step, even while the tokenizer's own run is
+  still saving newer ones.
+  """
+  tok_dir = config.tokenizer.workdir
+  checked_steps(config.tokenizer)  # a wrong tokenizer.workdir fails on every process alike
+  tok = None
+  if jax.process_index() == 0:
+    tok = Tokenizer.load(tok_dir, step=tokenizer_step_to_load(config, workdir))
+    check_tokenizer_match(config, tok.config, f"{tok_dir} (step {tok.step})")
+    write_record(config, workdir, tok)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("phenaki_jax_tokenizer_record")
+  if tok is None:
+    path = storage.join(workdir, TOKENIZER_RECORD)
+    record = read_record(workdir)
+    if record is None or record.get("workdir") != absolute(tok_dir):
+      raise RuntimeError(
+          f"process {jax.process_index()} does not see the tokenizer record process 0 wrote "
+          f"to {path} ({'missing' if record is None else record}): every process needs the "
+          "same --workdir on shared storage (e.g. gs://...)")
+    tok = Tokenizer.load(tok_dir, step=int(record["step"]))
+    check_tokenizer_match(config, tok.config, f"{tok_dir} (step {tok.step})")
+  logging.info("frozen tokenizer: %s step %d", tok_dir, tok.step)
   return tok
 
 
@@ -177,7 +200,7 @@ def load_recorded(generator_workdir: str, tokenizer_workdir: str | None = None
   """(tokenizer, its workdir): the one a generator trained on, or `tokenizer_workdir`'s newest."""
   if tokenizer_workdir:
     return Tokenizer.load(tokenizer_workdir), tokenizer_workdir
-  path = os.path.join(generator_workdir, TOKENIZER_RECORD)
+  path = storage.join(generator_workdir, TOKENIZER_RECORD)
   record = read_record(generator_workdir)
   if record is None:
     raise FileNotFoundError(f"{path} is missing: it names the tokenizer this generator trained "
@@ -193,9 +216,9 @@ def load_recorded(generator_workdir: str, tokenizer_workdir: str | None = None
 
 def write_record(config: ml_collections.ConfigDict, workdir: str, tok: Tokenizer) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, TOKENIZER_RECORD), "w") as f:
-      json.dump({"workdir": absolute(config.tokenizer.workdir), "step": int(tok.step),
-                 "codebook_size": int(tok.config.model.codebook_size)}, f, indent=2)
+    storage.write_json(storage.join(workdir, TOKENIZER_RECORD),
+                       {"workdir": absolute(config.tokenizer.workdir), "step": int(tok.step),
+                        "codebook_size": int(tok.config.model.codebook_size)})
 
 
 def token_grid_for(tok_config: ml_collections.ConfigDict, num_frames: int,

@@ -8,8 +8,6 @@ non-finite streak check, SIGTERM and early stops (TrainLoop).
 """
 from __future__ import annotations
 
-import json
-import os
 import signal
 import threading
 from typing import Any, Callable, Iterator, Sequence
@@ -20,13 +18,12 @@ import ml_collections
 import optax
 from absl import logging
 
-from phenaki_jax import batch_log, checkpointing, metrics
+from phenaki_jax import batch_log, checkpointing, metrics, storage
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+    storage.write_json(storage.join(workdir, "config.json"), config.to_dict())
 
 
 def restore_or_set_aside(ckpt: checkpointing.Checkpointer, target: Any, data_iterator: Any,
@@ -119,12 +116,12 @@ class PreemptionWatch:
 class TrainLoop:
   """After each step: the non-finite streak, metric averages, log / eval / checkpoint, stops.
 
-  for step in loop.steps():
-    batch = next(train_iter); loop.record_batch(step, kind, batch)
-    state, step_metrics, nonfinite_streak = train_step(...)
-    if loop.end_step(step, kind, state, step_metrics, nonfinite_streak, run_eval):
-      break
-  loop.close()
+  with TrainLoop(...) as loop:  # closes (commits the last save) even after an error
+    for step in loop.steps():
+      batch = next(train_iter); loop.record_batch(step, kind, batch)
+      state, step_metrics, nonfinite_streak = train_step(...)
+      if loop.end_step(step, kind, state, step_metrics, nonfinite_streak, run_eval):
+        break
 
   `per_kind`: metrics also averaged per batch kind (with the 4:1 image/video
   interleave a single logged step would always be the same kind);
@@ -211,3 +208,18 @@ class TrainLoop:
     self._preemption.close()
     self._ckpt.close()
     self._writer.flush()
+
+  def __enter__(self) -> "TrainLoop":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    """close(); after an error, still let a checkpoint on its way commit, then re-raise."""
+    if exc is None:
+      self.close()
+      return
+    self._preemption.close()
+    try:
+      self._ckpt.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("after the error below, the checkpoint being saved did not commit "
+                      "(%s: %s); the newest committed one is kept", type(e).__name__, e)

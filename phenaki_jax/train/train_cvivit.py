@@ -8,7 +8,6 @@ generator's trainer are train/loop.py.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -19,7 +18,8 @@ import flax.linen as nn
 import optax
 from absl import logging
 
-from phenaki_jax import checkpointing, ema, metrics, optimizers, perf, sharding, train_state
+from phenaki_jax import (checkpointing, ema, metrics, optimizers, perf, sharding, storage,
+                         train_state)
 from phenaki_jax.config import schema
 from phenaki_jax.data import pipeline
 from phenaki_jax.eval import recon as recon_eval
@@ -148,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config = schema.complete(config)
   schema.validate_cvivit(config, jax.device_count(), jax.process_count())
   perf.setup_compilation_cache(config.model.compilation_cache_dir)
-  os.makedirs(workdir, exist_ok=True)
+  storage.check_writable_root(workdir, "--workdir")
   train_loop.save_config(config, workdir)
   writer = metrics.create_writer(workdir)
   rules = config.logical_axis_rules
@@ -175,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("C-ViViT with %.2fM parameters", num_params / 1e6)
 
     # --- Restore, or initialise already sharded.
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+    ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"),
                                       max_to_keep=config.keep_checkpoints,
                                       async_save=config.async_checkpointing)
     restored = train_loop.restore_or_set_aside(ckpt, checkpointing.abstract_with_shardings(
@@ -218,28 +218,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         grid = metrics.reconstruction_grid(evaluator.clips[:n] / 127.5 - 1.0,
                                            result.reconstructions[:n] / 127.5 - 1.0)
         writer.write_images(step, {"eval/reconstructions": grid[None]})
-        metrics.save_png(os.path.join(workdir, "reconstructions", f"step_{step:07d}.png"), grid,
+        metrics.save_png(storage.join(workdir, "reconstructions", f"step_{step:07d}.png"), grid,
                          upscale=max(1, 128 // config.input.resolution))
       logging.info("eval (EMA weights) at step %d: %s", step,
                    " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
       return scalars
 
     # --- Loop.
-    loop = train_loop.TrainLoop(config, workdir, ckpt, writer, train_iter, start_step=start_step,
-                                resumed=restored is not None, per_kind=("train/loss", "train/l2"),
-                                stop_after_step=stop_after_step)
-    for step in loop.steps():
-      local = next(train_iter)
-      kind = "video" if local["frames"].shape[1] > 1 else "image"
-      loop.record_batch(step, kind, local)
-      batch = sharding.host_to_global(local, batch_sharding)
-      state, step_metrics, streak = train_step(state, batch, frozen,
-                                               objective.gan_phase(config, step - 1),
-                                               objective.perceptual_on(config, step - 1))
-      if loop.end_step(step, kind, state, step_metrics, streak,
-                       run_eval if evaluator is not None else None):
-        break
-    loop.close()
+    with train_loop.TrainLoop(config, workdir, ckpt, writer, train_iter, start_step=start_step,
+                              resumed=restored is not None, per_kind=("train/loss", "train/l2"),
+                              stop_after_step=stop_after_step) as loop:
+      for step in loop.steps():
+        local = next(train_iter)
+        kind = "video" if local["frames"].shape[1] > 1 else "image"
+        loop.record_batch(step, kind, local)
+        batch = sharding.host_to_global(local, batch_sharding)
+        state, step_metrics, streak = train_step(state, batch, frozen,
+                                                 objective.gan_phase(config, step - 1),
+                                                 objective.perceptual_on(config, step - 1))
+        if loop.end_step(step, kind, state, step_metrics, streak,
+                         run_eval if evaluator is not None else None):
+          break
   return {"step": int(state.step), "train": loop.last_scalars, "eval": loop.eval_scalars,
           "state": state}
 

@@ -28,7 +28,6 @@ The batch dict (global arrays, leading axis = examples):
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import jax
@@ -38,7 +37,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from phenaki_jax import checkpointing, ema, metrics, optimizers, perf, sharding, train_state
+from phenaki_jax import (checkpointing, ema, metrics, optimizers, perf, sharding, storage,
+                         train_state)
 from phenaki_jax import tokenizer as tokenizer_lib
 from phenaki_jax.config import schema
 from phenaki_jax.config.schema import ConfigError
@@ -95,7 +95,7 @@ def held_out_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     frames, captions = pipeline.eval_clips(config.input, seed=config.seed, count=n)
     return {"frames": frames, "caption": np.asarray(captions)}
   where = config.input.token_shards
-  split = "eval" if os.path.isdir(os.path.join(where, "eval")) else "video"
+  split = "eval" if storage.isdir(storage.join(where, "eval")) else "video"
   if split == "video":
     logging.warning("%s has no held-out 'eval' split (only the built-in data gets one): the "
                     "eval loss is measured on %d training clips", where, n)
@@ -222,13 +222,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config = schema.complete(config)
   schema.validate_maskgit(config, jax.device_count(), jax.process_count())
   perf.setup_compilation_cache(config.model.compilation_cache_dir)
-  os.makedirs(workdir, exist_ok=True)
+  storage.check_writable_root(workdir, "--workdir")
   rules = config.logical_axis_rules
 
-  # --- The frozen tokenizer, checked against the config; the text encoder.
+  # --- The frozen tokenizer, checked against the config and recorded in the
+  # workdir (process 0 chooses its step, every process loads that one); the text encoder.
   tok = tokenizer_lib.load_for_generator(config, workdir)
-  tokenizer_lib.check_tokenizer_match(config, tok.config, f"{config.tokenizer.workdir} (step {tok.step})")
-  tokenizer_lib.write_record(config, workdir, tok)
   text = build_text_encoder(config.text)
   if config.input.data == "tokens":
     check_token_shards(config, tok, text)
@@ -268,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     frozen, frozen_shardings = frozen_inputs(tok, text, config, mesh)
 
     # --- Restore, or initialise already sharded.
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+    ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"),
                                       max_to_keep=config.keep_checkpoints,
                                       async_save=config.async_checkpointing)
     restored = train_loop.restore_or_set_aside(ckpt, checkpointing.abstract_with_shardings(
@@ -312,20 +311,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return scalars
 
     # --- Loop.
-    loop = train_loop.TrainLoop(config, workdir, ckpt, writer, train_iter, start_step=start_step,
-                                resumed=restored is not None,
-                                per_kind=("train/loss", "train/masked_accuracy"),
-                                finish_scalars=objective.finish_bucket_metrics,
-                                stop_after_step=stop_after_step)
-    for step in loop.steps():
-      local = next(train_iter)
-      kind = _batch_kind(local)
-      loop.record_batch(step, kind, local)
-      state, step_metrics, streak = train_step(state, to_device(local, batch_sharding), frozen)
-      if loop.end_step(step, kind, state, step_metrics, streak,
-                       run_eval if eval_batch is not None else None):
-        break
-    loop.close()
+    with train_loop.TrainLoop(config, workdir, ckpt, writer, train_iter, start_step=start_step,
+                              resumed=restored is not None,
+                              per_kind=("train/loss", "train/masked_accuracy"),
+                              finish_scalars=objective.finish_bucket_metrics,
+                              stop_after_step=stop_after_step) as loop:
+      for step in loop.steps():
+        local = next(train_iter)
+        kind = _batch_kind(local)
+        loop.record_batch(step, kind, local)
+        state, step_metrics, streak = train_step(state, to_device(local, batch_sharding), frozen)
+        if loop.end_step(step, kind, state, step_metrics, streak,
+                         run_eval if eval_batch is not None else None):
+          break
   return {"step": int(state.step), "train": loop.last_scalars, "eval": loop.eval_scalars,
           "state": state}
 
