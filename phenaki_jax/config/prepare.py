@@ -36,7 +36,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.num_workers = 0  # Decoding processes on this machine; 0 = one per CPU, 1 = in this process.
   # Several machines preparing one manifest into one output folder: this one's
   # index and how many there are. Unit U belongs to worker U % worker_count;
-  # the last worker to finish writes the merged summary.json.
+  # the last worker to finish writes the merged summary.json. worker_count=0:
+  # one worker per JAX process, this one jax.process_index() (a pod started
+  # with main.py --distributed=on, as launch/tpu_pod.sh run does).
   c.worker_index = 0
   c.worker_count = 1
   c.merge_only = False  # Only merge the workers' reports into summary.json (decodes nothing).
@@ -59,10 +61,15 @@ def _is_int(v) -> bool:
 def check(config: ml_collections.ConfigDict) -> None:
   """The keys that say who does what, checked before any work; the error names the key."""
   count = config.worker_count
-  _require(_is_int(count) and count >= 1, "worker_count", count, "must be a positive integer")
+  _require(_is_int(count) and count >= 0, "worker_count", count,
+           "must be a positive integer, or 0 for one worker per JAX process")
   index = config.worker_index
-  _require(_is_int(index) and 0 <= index < count, "worker_index", index,
-           f"must be an integer in [0, config.worker_count={count})")
+  if count == 0:
+    _require(index == 0, "worker_index", index,
+             "must be left at 0 with config.worker_count=0 (each JAX process is its own worker)")
+  else:
+    _require(_is_int(index) and 0 <= index < count, "worker_index", index,
+             f"must be an integer in [0, config.worker_count={count})")
   _require(_is_int(config.num_workers) and config.num_workers >= 0, "num_workers",
            config.num_workers, "must be >= 0 (0 = one process per CPU)")
   _require(isinstance(config.merge_only, bool), "merge_only", config.merge_only,

@@ -531,6 +531,14 @@ def _log_report(report: dict[str, Any]) -> None:
                report["image_clips"], len(report["skipped"]))
 
 
+def _this_worker(config: ml_collections.ConfigDict) -> Worker:
+  if config.worker_count == 0:
+    # jax only here: the decoding processes import this module too.
+    import jax  # pylint: disable=g-import-not-at-top
+    return Worker(jax.process_index(), jax.process_count())
+  return Worker(int(config.worker_index), int(config.worker_count))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Prepares (or resumes preparing) this worker's units of `config.manifest` into `workdir`.
 
@@ -547,7 +555,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      "phenaki_jax.data.prepare.default_config")
   prepare_config.check(config)
   settings = Settings.from_config(config)
-  worker = Worker(int(config.worker_index), int(config.worker_count))
+  worker = _this_worker(config)
   out_dir = storage.absolute(os.fspath(workdir))
   if config.merge_only:
     if not storage.exists(storage.join(out_dir, "metadata.json")):

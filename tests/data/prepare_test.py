@@ -292,14 +292,23 @@ def test_two_workers_share_one_folder_and_each_resumes_on_its_own(clean_run, tmp
       k: v for k, v in final.items() if k != "elapsed_s"}
 
 
-@pytest.mark.parametrize("key,value", [("worker_index", 2), ("worker_index", -1),
-                                       ("worker_count", 0), ("num_workers", -1)])
-def test_worker_keys_are_checked_before_any_work(tmp_path, key, value):
-  config = _config(worker_count=2)
+@pytest.mark.parametrize("key,value,count", [("worker_index", 2, 2), ("worker_index", -1, 2),
+                                             ("worker_count", -1, 2), ("num_workers", -1, 2),
+                                             ("worker_index", 1, 0)])
+def test_worker_keys_are_checked_before_any_work(tmp_path, key, value, count):
+  config = _config(worker_count=count)
   config[key] = value
   with pytest.raises(ValueError, match=f"config.{key}={value}"):
     prepare.run(config, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_worker_count_0_makes_each_jax_process_a_worker(clean_run, tmp_path):
+  # One JAX process here: worker 0 of 1, the whole manifest (the pod case, N
+  # processes, is worker jax.process_index() of jax.process_count()).
+  summary = prepare.run(_config(worker_count=0), str(tmp_path / "out"))
+  assert summary["complete"] and [w["worker_index"] for w in summary["workers"]] == [0]
+  assert _records(str(tmp_path / "out")) == clean_run[2]
 
 
 def test_units_run_by_another_engine_then_merged(clean_run, tmp_path):
