@@ -196,3 +196,58 @@ def test_slurm_script_needs_config_and_workdir(tmp_path):
   proc = subprocess.run(["bash", SBATCH, "--config=configs/cvivit.py"], capture_output=True,
                         text=True, env=env, timeout=30)
   assert proc.returncode != 0 and "--workdir" in proc.stderr
+
+
+def _readme_pod_runs():
+  """The `launch/tpu_pod.sh run` commands of launch/README.md's walk-through, as argv lists."""
+  text = (REPO / "launch" / "README.md").read_text()
+  block = text.split("## From zero to a running TPU pod job", 1)[1].split("```bash", 2)[2]
+  block = block.split("```", 1)[0].replace("\\\n", " ")
+  env = {}
+  runs = []
+  for line in block.splitlines():
+    line = line.split("#", 1)[0].strip()
+    if "=" in line.split(" ", 1)[0] and not line.startswith("launch/"):
+      key, value = line.split("=", 1)
+      env[key] = shlex.split(value)[0]
+    elif line.startswith("launch/tpu_pod.sh run"):
+      for key, value in env.items():
+        line = line.replace(f"${key}", value)
+      runs.append(shlex.split(line)[2:])
+  return runs
+
+
+def test_the_readme_pod_walk_through_runs_configs_that_exist(no_gcloud, tmp_path):
+  """Each job the walk-through starts names real config files, variants and keys."""
+  from absl import flags
+  from ml_collections import config_flags
+  runs = _readme_pod_runs()
+  assert len(runs) >= 5, runs  # prepare, tokenizer, generator, samples, eval
+  jobs = []
+  for args in runs:
+    (run,) = _dry_run(no_gcloud, "run", *args)
+    remote = shlex.split(_flag(run, "--command").split("nohup python -m phenaki_jax.main", 1)[1]
+                         .split(">", 1)[0])
+    assert all(a.startswith("gs://") for a in
+               [a.split("=", 1)[1] for a in remote if a.startswith("--workdir=")]), remote
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                    sys_argv=["main"] + remote)
+    for name in ("workdir", "distributed"):
+      flags.DEFINE_string(name, None, "", flag_values=fv)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+      fv(["main"] + remote)  # an unknown key or a bad value raises here
+    finally:
+      os.chdir(cwd)
+    config = fv["config"].value
+    jobs.append(config.job)
+    for arg in remote:
+      if arg.startswith("--config.") and "gs://" in arg:
+        key, value = arg[len("--config."):].split("=", 1)
+        node = config
+        for part in key.split("."):
+          node = node[part]
+        assert node == value, (key, node)
+  assert jobs == ["prepare", "cvivit", "maskgit", "sample", "eval_generated"], jobs
