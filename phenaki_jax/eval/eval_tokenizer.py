@@ -155,8 +155,7 @@ def evaluate_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> dict[
       grid = metrics.reconstruction_grid(clips[:n] / 127.5 - 1.0,
                                          result.reconstructions[:n] / 127.5 - 1.0)
       png_path = stem + ".png"
-      with storage.staged_file(png_path, suffix=".png") as local:  # workdir may be gs://
-        metrics.save_png(local, grid, upscale=max(1, 128 // input_cfg.resolution))
+      metrics.save_png(png_path, grid, upscale=max(1, 128 // input_cfg.resolution))
   logging.info("tokenizer %s step %d on %d %s clips: %s (%.0f s) -> %s.json",
                config.tokenizer.workdir, tok.step, len(clips), input_cfg.data,
                _summary(result.metrics), seconds["total"], stem)

@@ -179,17 +179,20 @@ def test_folder_job_writes_report_with_protocol_skips_and_warnings(folder_report
     assert png.size[0] == 720 and png.size[1] > 100
 
 
-def test_checkpoint_job_samples_shapes_prompts_and_scores_them(tmp_path, trained):
+def test_checkpoint_job_samples_shapes_prompts_and_scores_them(tmp_path, trained, bucket):
   gen_dir = trained[1]  # the session's `:tiny` generator (tests/conftest.py), 3 steps
 
   # FVD on: the tiny generator's 5-frame clips are too short, said before sampling.
   with pytest.raises(schema.ConfigError,
                      match=r"config.protocol.num_frames=9 .* generated clips have 5"):
     eval_generated.run(_config(generated=gen_dir), str(tmp_path / "e0"))
-  report = eval_generated.run(_config(generated=gen_dir, **{"protocol.fvd": False,
-                                                        "protocol.num_frames": -1}),
-                         str(tmp_path / "e1"))
+  # The same MaskGIT workdir copied into a bucket, sampled from there.
+  in_bucket = upload_folder(gen_dir, f"{bucket}/generator")
+  report = eval_generated.run(_config(generated=in_bucket, **{"protocol.fvd": False,
+                                                          "protocol.num_frames": -1}),
+                              str(tmp_path / "e1"))
   assert report["generated"]["kind"] == "maskgit" and report["generated"]["step"] == 3
+  assert report["generated"]["path"] == in_bucket and report["name"] == "generator"
   assert report["generated"]["clips"] == 4 and report["reference"]["clips"] == 0
   assert report["reference"]["kind"] == "shapes"
   assert any("protocol.fvd=False" in w for w in report["warnings"])
