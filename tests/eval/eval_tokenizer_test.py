@@ -12,7 +12,7 @@ from phenaki_jax import storage
 from phenaki_jax.config import schema
 from phenaki_jax.eval import eval_tokenizer as run
 from phenaki_jax.train import train_cvivit
-from tests.helpers import REPO, load_config
+from tests.helpers import REPO, load_config, upload_folder
 
 METRICS = {"psnr", "ssim", "lpips", "codebook_usage", "codebook_perplexity", "tokens_per_clip"}
 
@@ -37,11 +37,13 @@ def _eval_config(tokenizer_dir, **overrides):
   return config
 
 
-def test_report_with_fvd_on_9_frame_clips_into_a_bucket(tokenizer_dir, bucket):
+def test_report_with_fvd_on_9_frame_clips_from_and_into_a_bucket(tokenizer_dir, bucket):
   # The tiny tokenizer trained on 5 frames; being causal it encodes 9, the
   # fewest I3D takes, so the whole FVD path runs (2 clips, I3D at 224). The
-  # report goes to a bucket (a local workdir: the command-line test below).
-  config = _eval_config(tokenizer_dir, **{"input.num_frames": 9, "protocol.fvd": True})
+  # tokenizer is read from a copy in a bucket, the report goes there (local
+  # ones: the command-line test below).
+  in_bucket = upload_folder(tokenizer_dir, f"{bucket}/tokenizer")
+  config = _eval_config(in_bucket, **{"input.num_frames": 9, "protocol.fvd": True})
   workdir = f"{bucket}/eval"
   out = run.run(config, workdir)
   report = storage.read_json(f"{workdir}/tokenizer_eval_step_2.json")
@@ -53,7 +55,7 @@ def test_report_with_fvd_on_9_frame_clips_into_a_bucket(tokenizer_dir, bucket):
   assert report["metrics"]["rfvd"] >= 0
   assert report["metrics"]["tokens_per_clip"] == 5 * 4 * 4  # 1 + (9 - 1) / 2 token frames
   assert report["tokenizer"]["step"] == 2 and report["tokenizer"]["weights"] == "ema"
-  assert report["tokenizer"]["workdir"] == os.path.abspath(tokenizer_dir)
+  assert report["tokenizer"]["workdir"] == in_bucket
   assert report["tokenizer"]["token_grid"] == [5, 4, 4]
   p = report["protocol"]
   assert (p["num_clips"], p["fvd"], p["fvd_resolution"], p["fvd_num_frames"]) == (2, True, 224, 9)
