@@ -280,8 +280,8 @@ class Checkpointer:
     return target
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any | None = None,
-                     config: ml_collections.ConfigDict | None = None, *, partial: bool = False
-                     ) -> tuple[Any, int] | None:
+                     config: ml_collections.ConfigDict | None = None, *, partial: bool = False,
+                     max_step: int | None = None) -> tuple[Any, int] | None:
     """Newest checkpoint that restores, or None when there are none at all.
 
     Damaged steps are skipped with a warning naming them; if every step is
@@ -289,9 +289,10 @@ class Checkpointer:
     step whose arrays do not fit `abstract_state` raises
     CheckpointMismatchError naming the first differing array and, given
     `config`, the config keys that changed: older steps would not fit either.
-    `partial` as in restore.
+    `partial` as in restore. `max_step`: only steps up to it are candidates
+    (processes that must restore the same step pass the same bound).
     """
-    steps = self.all_steps()
+    steps = [s for s in self.all_steps() if max_step is None or s <= max_step]
     if not steps:
       return None
     self.check_fits(steps[-1], abstract_state, config, partial=partial)

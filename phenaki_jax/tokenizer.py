@@ -49,15 +49,18 @@ class Tokenizer:
   step: int
 
   @classmethod
-  def load(cls, workdir: str, step: int | None = None, use_ema: bool = True) -> "Tokenizer":
+  def load(cls, workdir: str, step: int | None = None, use_ema: bool = True, *,
+           newest: int | None = None) -> "Tokenizer":
     """Restores the weights from `workdir/checkpoints` (the newest good step by default).
 
     `use_ema` takes the exponential moving average of the weights, which
-    evaluation uses too; False takes the last step's raw weights.
+    evaluation uses too; False takes the last step's raw weights. `newest`
+    (with no `step`): the newest good step up to this one. On several
+    processes every one calls this together (orbax restores collectively).
     """
     ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), max_to_keep=1000,
                                       async_save=False)
-    steps = ckpt.all_steps()
+    steps = [s for s in ckpt.all_steps() if newest is None or s <= newest]
     if not steps:
       raise FileNotFoundError(f"no C-ViViT checkpoint in {workdir}/checkpoints")
     config_step = step if step is not None else steps[-1]
@@ -70,7 +73,7 @@ class Tokenizer:
     with sharding.use_mesh(mesh, config.logical_axis_rules):
       target = {field: train_state.cvivit_abstract_params(config, model, mesh)}
     if step is None:
-      restored, step = ckpt.restore_latest(target, partial=True)
+      restored, step = ckpt.restore_latest(target, partial=True, max_step=newest)
     else:
       restored = ckpt.restore(step, target, partial=True)
     ckpt.close()
@@ -165,34 +168,43 @@ def tokenizer_step_to_load(config: ml_collections.ConfigDict, workdir: str) -> i
 def load_for_generator(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
   """The frozen C-ViViT, checked against the generator config and recorded in WORKDIR.
 
-  Process 0 chooses the step (tokenizer_step_to_load; with none pinned, the
-  newest that restores), checks it fits the config and writes the record
-  (write_record). Every other process waits for it at a barrier, then reads
-  that record back from the (shared) workdir and loads the step it names: no
-  process can pin a different step, even while the tokenizer's own run is
-  still saving newer ones.
+  Process 0 chooses the step: tokenizer_step_to_load, or with none pinned or
+  recorded the newest that restores among the steps it sees now. All
+  processes load that one together (the tokenizer's own run may be saving
+  newer steps meanwhile), process 0 writes the record (write_record), and
+  after a barrier every other process reads it back from the (shared) workdir
+  and checks it names the step it loaded (check_record).
   """
   tok_dir = config.tokenizer.workdir
-  checked_steps(config.tokenizer)  # a wrong tokenizer.workdir fails on every process alike
-  tok = None
-  if jax.process_index() == 0:
-    tok = Tokenizer.load(tok_dir, step=tokenizer_step_to_load(config, workdir))
-    check_tokenizer_match(config, tok.config, f"{tok_dir} (step {tok.step})")
-    write_record(config, workdir, tok)
+  steps = checked_steps(config.tokenizer)  # a wrong tokenizer.workdir fails on every process alike
+  step, newest = tokenizer_step_to_load(config, workdir), steps[-1]
+  if jax.process_count() > 1:
+    chosen = multihost_utils.broadcast_one_to_all(
+        np.asarray([-1 if step is None else step, newest], np.int32))
+    step, newest = (None if int(chosen[0]) < 0 else int(chosen[0])), int(chosen[1])
+  tok = Tokenizer.load(tok_dir, step=step, newest=newest)
+  check_tokenizer_match(config, tok.config, f"{tok_dir} (step {tok.step})")
+  write_record(config, workdir, tok)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("phenaki_jax_tokenizer_record")
-  if tok is None:
-    path = storage.join(workdir, TOKENIZER_RECORD)
-    record = read_record(workdir)
-    if record is None or record.get("workdir") != absolute(tok_dir):
-      raise RuntimeError(
-          f"process {jax.process_index()} does not see the tokenizer record process 0 wrote "
-          f"to {path} ({'missing' if record is None else record}): every process needs the "
-          "same --workdir on shared storage (e.g. gs://...)")
-    tok = Tokenizer.load(tok_dir, step=int(record["step"]))
-    check_tokenizer_match(config, tok.config, f"{tok_dir} (step {tok.step})")
+    if jax.process_index() != 0:
+      check_record(config, workdir, tok)
   logging.info("frozen tokenizer: %s step %d", tok_dir, tok.step)
   return tok
+
+
+def check_record(config: ml_collections.ConfigDict, workdir: str, tok: Tokenizer) -> None:
+  """WORKDIR's record (written by process 0) names the tokenizer step `tok` is; a missing
+  or different record means the processes do not share the workdir."""
+  path = storage.join(workdir, TOKENIZER_RECORD)
+  record = read_record(workdir)
+  want = {"workdir": absolute(config.tokenizer.workdir), "step": int(tok.step)}
+  if record is None or {k: record.get(k) for k in want} != want:
+    raise RuntimeError(
+        f"process {jax.process_index()} loaded tokenizer {want['workdir']} step {want['step']} "
+        f"but {path} holds {'nothing' if record is None else record} after process 0 wrote "
+        "it: every process needs the same --workdir, on storage all of them see (a gs:// "
+        "bucket, or a shared file system)")
 
 
 def load_recorded(generator_workdir: str, tokenizer_workdir: str | None = None

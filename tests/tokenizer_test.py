@@ -223,3 +223,30 @@ def test_load_of_a_missing_step_names_it(legacy_tokenizer):
 def test_load_without_checkpoints_names_the_workdir(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"no C-ViViT checkpoint in .*empty/checkpoints"):
     Tokenizer.load(str(tmp_path / "empty"))
+
+
+# --- Several processes: all load the step process 0 chose, and check its record.
+
+def test_other_processes_check_the_record_names_their_step_in_a_shared_workdir(tmp_path):
+  gen_dir = tmp_path / "generator"
+  gen_dir.mkdir()
+  tok_dir = _tok_workdir(tmp_path, [6])
+  config, tok = _gen_config(tok_dir), types.SimpleNamespace(step=6)
+  # No record: this process's workdir is not the one process 0 wrote to.
+  with pytest.raises(RuntimeError, match=r"loaded tokenizer .* step 6 but .*generator/"
+                                         r"tokenizer.json holds nothing .* same --workdir"):
+    tokenizer_lib.check_record(config, str(gen_dir), tok)
+  for other in ((str(tmp_path / "elsewhere"), 6), (tok_dir, 4)):
+    _write_record(str(gen_dir), *other)
+    with pytest.raises(RuntimeError, match="every process needs the same --workdir"):
+      tokenizer_lib.check_record(config, str(gen_dir), tok)
+  _write_record(str(gen_dir), tok_dir, 6)
+  tokenizer_lib.check_record(config, str(gen_dir), tok)
+
+
+def test_load_up_to_the_newest_step_process_0_saw(legacy_tokenizer):
+  # Step 8 appears after process 0 listed the steps (the tokenizer's run still saving).
+  checkpoints = os.path.join(legacy_tokenizer, "checkpoints")
+  shutil.copytree(os.path.join(checkpoints, "6"), os.path.join(checkpoints, "8"))
+  assert Tokenizer.load(legacy_tokenizer, newest=6).step == 6
+  assert Tokenizer.load(legacy_tokenizer).step == 8
