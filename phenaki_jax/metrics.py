@@ -12,6 +12,7 @@ it) and, offline, retries www.googleapis.com for minutes.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import socket
@@ -79,6 +80,9 @@ class JsonlWriter(metric_writers.MetricWriter):
     pass
 
 
+_EVENT_FILE_IDS = itertools.count()
+
+
 class TensorBoardWriter(metric_writers.MetricWriter):
   """Scalars, images and texts as a TensorBoard event file in `logdir`, local or gs://.
 
@@ -93,14 +97,13 @@ class TensorBoardWriter(metric_writers.MetricWriter):
   def __init__(self, logdir: str, max_file_bytes: int = 4 << 20):
     self._logdir = logdir
     self._max_file_bytes = max_file_bytes
-    self._files = 0
     self._file = None
     self._open_file()
 
   def _open_file(self) -> None:
+    # Unique also for two writers of one process within a second (a resumed run in-process).
     name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-            f"{os.getpid()}.{self._files}.v2")
-    self._files += 1
+            f"{os.getpid()}.{next(_EVENT_FILE_IDS)}.v2")
     self._file = storage.AppendOnlyBytes(storage.join(self._logdir, name))
     self._append([event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")])
 
