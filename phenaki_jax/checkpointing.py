@@ -27,8 +27,21 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from orbax.checkpoint._src.metadata import array_metadata_store  # orbax pinned: setup.py
 
 from phenaki_jax import storage
+
+# Orbax splits every replicated array into one slice per replica, so that the
+# replicas write it together. Each slice is an eager jax op of its own: for the
+# many small arrays of a model (norms, biases, optimizer counters) that costs far
+# more than the write (the :tiny tokenizer on 8 CPU devices: 8.7 s of a 10-step
+# run's 4 saves, 1.3 s without the splitting). Only arrays whose slices reach
+# 1 MiB are split; big ones still are. Orbax's default handler otherwise.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(
+        array_metadata_store=array_metadata_store.Store(),
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
 
 
 class NoUsableCheckpointError(RuntimeError):
