@@ -84,6 +84,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if storage.is_remote(_WORKDIR.value):
+    try:  # first, and one line, not a traceback: a bucket that is not there
+      storage.check_writable_root(_WORKDIR.value, "--workdir")
+    except storage.StorageError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
   # TensorFlow (pulled in by CLU's writers) must not take the accelerator.
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top

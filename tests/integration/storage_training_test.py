@@ -173,6 +173,18 @@ def test_a_missing_bucket_fails_before_anything_compiles_naming_it(gcs_emulator,
     train_cvivit.train_and_evaluate(tokenizer_config(), f"{missing}/tok")  # the trainer's own
 
 
+def test_the_command_line_says_in_one_line_which_bucket_is_missing(gcs_emulator):
+  missing = f"gs://no-such-bucket-{uuid.uuid4().hex[:8]}"
+  proc = subprocess.run([sys.executable, "-m", "phenaki_jax.main",
+                         "--config=configs/cvivit.py:tiny", f"--workdir={missing}/tok"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: --workdir={missing}/tok: bucket {missing} does not exist "
+      "(or these credentials cannot see it)"), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
 def test_a_bucket_vanishing_mid_run_is_named_and_its_committed_checkpoints_resume(
     gcs_emulator, bucket, uninterrupted_tokenizer, monkeypatch):
   workdir = f"{bucket}/tok"
