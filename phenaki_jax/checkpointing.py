@@ -32,11 +32,10 @@ from orbax.checkpoint._src.metadata import array_metadata_store  # orbax pinned:
 from phenaki_jax import storage
 
 # Orbax splits every replicated array into one slice per replica, so that the
-# replicas write it together. Each slice is an eager jax op of its own: for the
-# many small arrays of a model (norms, biases, optimizer counters) that costs far
-# more than the write (the :tiny tokenizer on 8 CPU devices: 8.7 s of a 10-step
-# run's 4 saves, 1.3 s without the splitting). Only arrays whose slices reach
-# 1 MiB are split; big ones still are. Orbax's default handler otherwise.
+# replicas write it together; each slice is an eager jax op of its own, which for
+# a model's many small arrays (norms, biases, counters) costs far more than the
+# write (figures: benchmarks/RESULTS.md, "Checkpoint saves"). Only arrays whose
+# slices reach 1 MiB are split; otherwise Orbax's default handler.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(
