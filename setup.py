@@ -38,6 +38,12 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
+    # The accelerator packages that match the pinned jax, one line per machine:
+    # pip install -e ".[tpu]" (libtpu), ".[cuda12]" or ".[cuda13]" (the
+    # jax-cudaNN plugin and pjrt with NVIDIA's CUDA / cuDNN / NCCL wheels).
+    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    "cuda12": ["jax[cuda12]>=0.10.2,<0.11"],
+    "cuda13": ["jax[cuda13]>=0.10.2,<0.11"],
     # Loading real T5 checkpoints (Hugging Face safetensors + SentencePiece).
     "t5": ["safetensors>=0.8,<0.9", "sentencepiece>=0.2.3,<0.3"],
     # torch/transformers only build the tiny reference models of the parity

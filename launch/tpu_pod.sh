@@ -5,7 +5,7 @@
 #
 # Commands:
 #   create    the TPU VM slice (directly, or through a queued resource with --queued)
-#   install   copy this checkout (or clone --repo) to every worker and pip install it with jax[tpu]
+#   install   copy this checkout (or clone --repo) to every worker and pip install it with its [tpu] extra
 #   run       start training on all workers (--worker=all) under nohup, one log file per worker
 #   logs      show a worker's log (--worker N, default 0; --follow to keep tailing)
 #   stop      stop the job on all workers
@@ -170,13 +170,13 @@ cmd_create() {
 }
 
 cmd_install() {
-  # The TPU images ship Python 3.10+ but not always venv; jax[tpu] brings libtpu.
+  # The TPU images ship Python 3.10+ but not always venv; the [tpu] extra brings
+  # the libtpu that matches the pinned jax (setup.py).
   local setup="set -e; cd ~/$REMOTE_DIR"
   setup+="; python3 -c 'import ensurepip' 2>/dev/null || (sudo apt-get update -q && sudo apt-get install -yq python3-venv)"
   setup+="; [ -d .venv ] || python3 -m venv .venv"
   setup+="; . .venv/bin/activate && pip install -q -U pip"
-  setup+=" && pip install -q -e . 'jax[tpu]>=0.10.2,<0.11'"
-  setup+=" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+  setup+=" && pip install -q -e '.[tpu]'"
   setup+=" && python -c 'import phenaki_jax, jax; print(jax.__version__)'"
   if [[ -n "$REPO_URL" ]]; then
     local fetch="set -e; [ -d ~/$REMOTE_DIR/.git ] || git clone -q $(quote "$REPO_URL") ~/$REMOTE_DIR"

@@ -16,7 +16,7 @@ buffers are counted once.
 
 Targets:
   * --topology=v5p:2x2x2 and the like: compiled by the TPU compiler for that
-    slice (needs libtpu, `pip install "jax[tpu]"`; no TPU needed). That is the
+    slice (needs libtpu, `pip install -e ".[tpu]"`; no TPU needed). That is the
     accelerator's own buffer assignment.
   * otherwise --devices simulated CPU devices (the tool sets XLA_FLAGS before
     JAX starts) in the target mesh shape. XLA:CPU fuses, lays out and handles
@@ -209,7 +209,7 @@ def target_devices(num_devices: int | None, topology: str = "") -> tuple[list[An
     except Exception as e:  # pylint: disable=broad-except
       raise PreflightError(
           f"--topology={topology}: cannot describe this TPU topology ({type(e).__name__}: {e}). "
-          "Compiling for a TPU slice needs libtpu (pip install \"jax[tpu]\"); without it, "
+          "Compiling for a TPU slice needs libtpu (pip install -e \".[tpu]\"); without it, "
           "leave --topology out to compile on simulated CPU devices") from None
     return list(desc.devices), f"TPU topology {topology} ({len(desc.devices)} chips)"
   devices = jax.devices()

@@ -86,7 +86,7 @@ def test_pod_lifecycle_commands(no_gcloud, accelerator, gcloud_type, zone, runti
   install = _dry_run(no_gcloud, "install", *common)
   assert [c[4] for c in install] == ["scp", "ssh"]
   assert all(_flag(c, "--worker") == "all" and _flag(c, "--zone") == zone for c in install)
-  assert "jax[tpu]" in _flag(install[1], "--command")
+  assert "pip install -q -e '.[tpu]'" in _flag(install[1], "--command")
 
   (run,) = _dry_run(no_gcloud, "run", *common, "--config", "configs/cvivit.py:paper",
                     "--workdir", "gs://my-bucket/runs/cvivit-paper",
@@ -251,3 +251,19 @@ def test_the_readme_pod_walk_through_runs_configs_that_exist(no_gcloud, tmp_path
           node = node[part]
         assert node == value, (key, node)
   assert jobs == ["prepare", "cvivit", "maskgit", "sample", "eval_generated"], jobs
+
+
+def test_each_accelerator_extra_brings_the_jax_the_package_pins():
+  """`pip install -e ".[tpu]"` / `".[cuda12]"` / `".[cuda13]"`: jax's own extra, same range."""
+  import ast
+  tree = ast.parse((REPO / "setup.py").read_text())
+  values = {t.id: ast.literal_eval(node.value) for node in tree.body
+            if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)
+            and t.id in ("INSTALL_REQUIRES", "EXTRAS_REQUIRE")}
+  (jax_pin,) = [r for r in values["INSTALL_REQUIRES"] if r.startswith("jax>")]
+  for accelerator in ("tpu", "cuda12", "cuda13"):
+    assert values["EXTRAS_REQUIRE"][accelerator] == [
+        jax_pin.replace("jax", f"jax[{accelerator}]", 1)], accelerator
+  for script in ("tpu_pod.sh", "gpu_slurm.sbatch"):
+    text = (REPO / "launch" / script).read_text()
+    assert "jax[" not in text, f"{script} pins jax by hand; use the extras"
