@@ -26,11 +26,9 @@ import json
 import os
 import posixpath
 import shutil
-import struct
 import tempfile
 from typing import Any, Iterator, Union
 
-from etils import epath
 
 PathLike = Union[str, os.PathLike]
 
@@ -49,10 +47,6 @@ def is_remote(path: PathLike) -> bool:
   return os.fspath(path).startswith(REMOTE_SCHEMES)
 
 
-def path(p: PathLike) -> epath.Path:
-  return epath.Path(os.fspath(p))
-
-
 def _fs(p: str):
   """The fsspec filesystem behind a remote path, its listing cache dropped.
 
@@ -69,7 +63,8 @@ def _bucket(p: str) -> str:
   return "gs://" + p[len("gs://"):].split("/", 1)[0]
 
 
-def _wrap(p: PathLike, doing: str, err: BaseException) -> StorageError:
+def wrap_error(p: PathLike, doing: str, err: BaseException) -> StorageError:
+  """`err` from `doing` `p` as a StorageError naming the path (its bucket if that is gone)."""
   p = os.fspath(p)
   text = str(err) or type(err).__name__
   missing = isinstance(err, FileNotFoundError) or "404" in text or "does not exist" in text
@@ -132,34 +127,26 @@ def resolve(base: PathLike, rel: PathLike) -> str:
 
 # --- Queries.
 
-def exists(p: PathLike) -> bool:
+def _ask(p: PathLike, local_query, remote_method: str) -> bool:
   p = os.fspath(p)
   if not is_remote(p):
-    return os.path.exists(p)
+    return local_query(p)
   try:
-    return _fs(p).exists(p)
+    return getattr(_fs(p), remote_method)(p)
   except Exception as e:  # pylint: disable=broad-except
     raise StorageError(f"checking {p}: {e}") from e
+
+
+def exists(p: PathLike) -> bool:
+  return _ask(p, os.path.exists, "exists")
 
 
 def isdir(p: PathLike) -> bool:
-  p = os.fspath(p)
-  if not is_remote(p):
-    return os.path.isdir(p)
-  try:
-    return _fs(p).isdir(p)
-  except Exception as e:  # pylint: disable=broad-except
-    raise StorageError(f"checking {p}: {e}") from e
+  return _ask(p, os.path.isdir, "isdir")
 
 
 def isfile(p: PathLike) -> bool:
-  p = os.fspath(p)
-  if not is_remote(p):
-    return os.path.isfile(p)
-  try:
-    return _fs(p).isfile(p)
-  except Exception as e:  # pylint: disable=broad-except
-    raise StorageError(f"checking {p}: {e}") from e
+  return _ask(p, os.path.isfile, "isfile")
 
 
 def size(p: PathLike) -> int:
@@ -169,7 +156,7 @@ def size(p: PathLike) -> int:
       return os.path.getsize(p)
     return int(_fs(p).info(p)["size"])
   except Exception as e:  # pylint: disable=broad-except
-    raise _wrap(p, "reading the size of", e) from e
+    raise wrap_error(p, "reading the size of", e) from e
 
 
 def listdir(p: PathLike) -> list[str]:
@@ -186,7 +173,7 @@ def listdir(p: PathLike) -> list[str]:
   except StorageError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise _wrap(p, "listing", e) from e
+    raise wrap_error(p, "listing", e) from e
 
 
 def glob(folder: PathLike, pattern: str) -> list[str]:
@@ -204,7 +191,7 @@ def glob(folder: PathLike, pattern: str) -> list[str]:
       return sorted(_glob.glob(full))
     return sorted("gs://" + m.rstrip("/") for m in _fs(full).glob(full))
   except Exception as e:  # pylint: disable=broad-except
-    raise _wrap(folder, f"matching {pattern} in", e) from e
+    raise wrap_error(folder, f"matching {pattern} in", e) from e
 
 
 # --- Reads.
@@ -217,7 +204,7 @@ def read_bytes(p: PathLike) -> bytes:
         return f.read()
     return _fs(p).cat_file(p)
   except Exception as e:  # pylint: disable=broad-except
-    raise _wrap(p, "reading", e) from e
+    raise wrap_error(p, "reading", e) from e
 
 
 def read_text(p: PathLike) -> str:
@@ -242,7 +229,7 @@ def open_file(p: PathLike, mode: str = "rb"):
       return open(p, mode)
     return _fs(p).open(p, mode)
   except Exception as e:  # pylint: disable=broad-except
-    raise _wrap(p, "opening", e) from e
+    raise wrap_error(p, "opening", e) from e
 
 
 @contextlib.contextmanager
@@ -260,7 +247,7 @@ def local_copy(p: PathLike) -> Iterator[str]:
     try:
       _fs(p).get_file(p, local)
     except Exception as e:  # pylint: disable=broad-except
-      raise _wrap(p, "downloading", e) from e
+      raise wrap_error(p, "downloading", e) from e
     yield local
 
 
@@ -278,90 +265,8 @@ def local_folder_copy(p: PathLike) -> Iterator[str]:
         raise FileNotFoundError("no such folder")
       _fs(p).get(p.rstrip("/") + "/", local, recursive=True)
     except Exception as e:  # pylint: disable=broad-except
-      raise _wrap(p, "downloading", e) from e
+      raise wrap_error(p, "downloading", e) from e
     yield local
-
-
-class SafetensorsReader:
-  """The tensors of a .safetensors file: keys(), shape(key), get_tensor(key) -> numpy.
-
-  Local files are memory-mapped by `safetensors` itself. A remote file is not
-  downloaded: its header is read, then each tensor asked for by a ranged
-  read, so a T5ForConditionalGeneration checkpoint costs no transfer for its
-  decoder.
-  """
-
-  def __init__(self, p: PathLike):
-    self.path = os.fspath(p)
-    self._handle = self._file = None
-    if not is_remote(self.path):
-      from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-      if not os.path.isfile(self.path):
-        raise StorageNotFoundError(f"reading {self.path}: no such file")
-      self._handle = safe_open(self.path, framework="np")
-      return
-    self._file = open_file(self.path, "rb")
-    try:
-      n = struct.unpack("<Q", self._file.read(8))[0]
-      if not 2 <= n <= 1 << 30:
-        raise ValueError(f"header length {n}")
-      header = json.loads(self._file.read(n))
-    except Exception as e:  # pylint: disable=broad-except
-      self.close()
-      raise StorageError(f"reading {self.path}: not a safetensors file ({e})") from e
-    header.pop("__metadata__", None)
-    self._header, self._base = header, 8 + n
-
-  def keys(self) -> list[str]:
-    if self._handle is not None:
-      return list(self._handle.keys())
-    return list(self._header)
-
-  def shape(self, key: str) -> tuple[int, ...]:
-    if self._handle is not None:
-      return tuple(self._handle.get_slice(key).get_shape())
-    return tuple(self._header[key]["shape"])
-
-  def get_tensor(self, key: str):
-    if self._handle is not None:
-      return self._handle.get_tensor(key)
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    entry = self._header[key]
-    begin, end = entry["data_offsets"]
-    try:
-      self._file.seek(self._base + begin)
-      data = self._file.read(end - begin)
-    except Exception as e:  # pylint: disable=broad-except
-      raise _wrap(self.path, f"reading tensor {key} of", e) from e
-    if len(data) != end - begin:
-      raise StorageError(f"reading {self.path}: tensor {key} is cut short")
-    return np.frombuffer(data, _safetensors_dtype(entry["dtype"], self.path)).reshape(
-        entry["shape"]).copy()
-
-  def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-    self._handle = None
-
-  def __enter__(self) -> "SafetensorsReader":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-
-def _safetensors_dtype(name: str, p: str):
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-            "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
-            "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
-            "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
-            "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
-  if name not in dtypes:
-    raise StorageError(f"reading {p}: unsupported safetensors dtype {name}")
-  return np.dtype(dtypes[name]).newbyteorder("<")
 
 
 # --- Writes.
@@ -374,7 +279,7 @@ def makedirs(p: PathLike) -> None:
   try:
     os.makedirs(p, exist_ok=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise _wrap(p, "creating the folder", e) from e
+    raise wrap_error(p, "creating the folder", e) from e
 
 
 def write_bytes(p: PathLike, data: bytes) -> None:
@@ -396,7 +301,7 @@ def write_bytes(p: PathLike, data: bytes) -> None:
         os.remove(tmp)
       raise
   except Exception as e:  # pylint: disable=broad-except
-    raise _wrap(p, "writing", e) from e
+    raise wrap_error(p, "writing", e) from e
 
 
 def write_text(p: PathLike, text: str) -> None:
@@ -420,7 +325,7 @@ def upload(local: str, p: PathLike) -> None:
     shutil.copyfile(local, tmp)
     os.replace(tmp, p)
   except Exception as e:  # pylint: disable=broad-except
-    raise _wrap(p, "writing", e) from e
+    raise wrap_error(p, "writing", e) from e
 
 
 @contextlib.contextmanager
@@ -441,7 +346,7 @@ def staged_file(p: PathLike, suffix: str = "") -> Iterator[str]:
       try:
         os.replace(tmp, p)
       except Exception as e:  # pylint: disable=broad-except
-        raise _wrap(p, "writing", e) from e
+        raise wrap_error(p, "writing", e) from e
     else:
       upload(tmp, p)
   finally:
@@ -449,44 +354,14 @@ def staged_file(p: PathLike, suffix: str = "") -> Iterator[str]:
       os.remove(tmp)
 
 
-class AppendOnlyText:
-  """A text file that grows by lines (metrics.jsonl, batch hashes).
+class AppendOnlyBytes:
+  """A file that only grows (TensorBoard event files; AppendOnlyText's lines).
 
   Local: appended in place. Object storage has no append: the object is
-  rewritten whole from the lines kept here (read back once on open, so a
+  rewritten whole from the bytes kept here (read back once on open, so a
   resumed run keeps what an earlier one wrote); each rewrite is one whole
-  object, so a reader never sees a torn line.
+  object, so a reader never sees a torn record. `size`: the bytes so far.
   """
-
-  def __init__(self, p: PathLike):
-    self.path = os.fspath(p)
-    self._remote = is_remote(self.path)
-    self._text = None
-    if self._remote:
-      self._text = read_text(self.path) if exists(self.path) else ""
-    else:
-      makedirs(os.path.dirname(self.path) or ".")
-
-  def append(self, text: str) -> None:
-    if self._remote:
-      self._text += text
-      write_text(self.path, self._text)
-      return
-    try:
-      with open(self.path, "a") as f:
-        f.write(text)
-    except Exception as e:  # pylint: disable=broad-except
-      raise _wrap(self.path, "appending to", e) from e
-
-  def replace(self, text: str) -> None:
-    """Rewrites the whole file (e.g. a resumed run dropping rows past its step)."""
-    self._text = text if self._remote else None
-    write_text(self.path, text)
-
-
-class AppendOnlyBytes:
-  """AppendOnlyText's binary twin (TensorBoard event files): appended in place
-  locally, rewritten whole on object storage. `size`: the bytes written so far."""
 
   def __init__(self, p: PathLike):
     self.path = os.fspath(p)
@@ -508,8 +383,24 @@ class AppendOnlyBytes:
         with open(self.path, "ab") as f:
           f.write(data)
       except Exception as e:  # pylint: disable=broad-except
-        raise _wrap(self.path, "appending to", e) from e
+        raise wrap_error(self.path, "appending to", e) from e
     self.size += len(data)
+
+  def replace(self, data: bytes) -> None:
+    """Rewrites the whole file (e.g. a resumed run dropping rows past its step)."""
+    write_bytes(self.path, data)
+    self._data = data if self._remote else b""
+    self.size = len(data)
+
+
+class AppendOnlyText(AppendOnlyBytes):
+  """AppendOnlyBytes for UTF-8 lines (metrics.jsonl, batch hashes)."""
+
+  def append(self, text: str) -> None:  # pytype: disable=signature-mismatch
+    super().append(text.encode("utf-8"))
+
+  def replace(self, text: str) -> None:  # pytype: disable=signature-mismatch
+    super().replace(text.encode("utf-8"))
 
 
 # --- Removing and moving.
@@ -522,7 +413,7 @@ def remove(p: PathLike) -> None:
     else:
       os.remove(p)
   except Exception as e:  # pylint: disable=broad-except
-    raise _wrap(p, "removing", e) from e
+    raise wrap_error(p, "removing", e) from e
 
 
 def rmtree(p: PathLike) -> None:
@@ -535,7 +426,7 @@ def rmtree(p: PathLike) -> None:
     elif os.path.exists(p):
       shutil.rmtree(p)
   except Exception as e:  # pylint: disable=broad-except
-    raise _wrap(p, "removing", e) from e
+    raise wrap_error(p, "removing", e) from e
 
 
 def rename(src: PathLike, dst: PathLike) -> None:
@@ -554,7 +445,7 @@ def rename(src: PathLike, dst: PathLike) -> None:
     else:
       os.replace(src, dst)
   except Exception as e:  # pylint: disable=broad-except
-    raise _wrap(src, f"moving to {dst}:", e) from e
+    raise wrap_error(src, f"moving to {dst}:", e) from e
 
 
 def check_writable_root(p: PathLike, what: str) -> None:

@@ -22,7 +22,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
                        "phenaki_jax")
 
 INFRASTRUCTURE = {"sharding", "distributed", "checkpointing", "optimizers", "ema", "metrics",
-                  "perf", "batch_log", "console", "storage", "__init__"}
+                  "perf", "batch_log", "console", "storage", "safetensors_reader", "__init__"}
 LAYER_3 = {"train_state", "tokenizer", "generator", "sampling.story"}
 EVAL_JOBS = {"eval.eval_tokenizer", "eval.eval_generated", "eval.eval_compare"}
 JOBS = {"data.prepare", "data.pretokenize", "sampling.sample", "train.train_cvivit",

@@ -109,8 +109,8 @@ def test_a_write_into_a_vanished_bucket_fails_naming_the_object(gcs_emulator, bu
     storage.write_text(bucket + "/later.txt", "lost")
 
 
-def test_a_reader_never_sees_half_an_object(bucket):
-  # Whole-object uploads: the old content stays readable until the new one is whole.
+def test_a_multi_chunk_overwrite_reads_back_whole(bucket):
+  # Larger than one upload chunk: the object is replaced by all of the new bytes.
   p = bucket + "/tokenizer.json"
   storage.write_json(p, {"step": 1})
   big = {"step": 2, "pad": "x" * (3 << 20)}  # several upload chunks

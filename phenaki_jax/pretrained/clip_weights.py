@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from phenaki_jax import storage
+from phenaki_jax import safetensors_reader, storage
 from phenaki_jax.pretrained import clip
 
 PathLike = str | os.PathLike[str]
@@ -495,7 +495,7 @@ def load_clip_params(path: PathLike,
       raise ImportError(f'CLIP checkpoint {file}: reading .safetensors needs '
                         '`safetensors` (pip install safetensors)') from e
     # bfloat16 tensors come back as ml_dtypes arrays; _to_numpy widens them.
-    with storage.SafetensorsReader(file) as handle:
+    with safetensors_reader.SafetensorsReader(file) as handle:
       shapes = {k: handle.shape(k) for k in handle.keys()}
       return _map(shapes, handle.get_tensor, config, quick_gelu, dtype, file)
   state = _read_torch(file)

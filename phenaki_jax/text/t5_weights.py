@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from phenaki_jax import storage
+from phenaki_jax import safetensors_reader, storage
 from phenaki_jax.models import t5
 from phenaki_jax.text import text_tokenizers
 
@@ -322,7 +322,7 @@ def load_hf_safetensors(path: PathLike,
 
   Only the tensors the encoder needs are read, so a sharded
   T5ForConditionalGeneration checkpoint costs no memory for its decoder (and,
-  on gs://, no transfer: storage.SafetensorsReader reads tensor by tensor).
+  on gs://, no transfer: safetensors_reader.SafetensorsReader reads tensor by tensor).
 
   Args:
     path: a .safetensors file, or a folder with one or more (sharded) files;
@@ -341,7 +341,7 @@ def load_hf_safetensors(path: PathLike,
                       '(pip install safetensors)') from e
   files = _safetensors_files(path)
   source = os.fspath(path)
-  handles = [storage.SafetensorsReader(f) for f in files]
+  handles = [safetensors_reader.SafetensorsReader(f) for f in files]
   try:
     shapes, owner = {}, {}
     for handle in handles:

@@ -18,7 +18,7 @@ import pytest
 from phenaki_jax import batch_log, checkpointing, metrics, sharding, storage
 from phenaki_jax.generator import Generator, SamplingOptions
 from phenaki_jax.train import train_cvivit, train_maskgit
-from tests.helpers import REPO, load_config
+from tests.helpers import REPO, load_config, upload_folder
 from tests.integration.fault_runs import tokenizer_config
 
 
@@ -122,18 +122,11 @@ def test_tokenizer_in_a_bucket_stops_on_sigterm_and_resumes_bitwise(
 
 # --- (b) The generator on a tokenizer in a bucket, itself in a bucket; loading both back.
 
-def _upload_tree(local, remote):
-  for root, _, files in os.walk(local):
-    for name in files:
-      full = os.path.join(root, name)
-      storage.upload(full, storage.join(remote, os.path.relpath(full, local)))
-
-
 def test_generator_trains_and_loads_with_tokenizer_and_workdir_in_a_bucket(
     bucket, trained, generator):
   tok_local, gen_local = trained
   tok, gen = f"{bucket}/tok", f"{bucket}/gen"
-  _upload_tree(tok_local, tok)
+  upload_folder(tok_local, tok)
   config = load_config("maskgit", "tiny")
   config.tokenizer.workdir = tok
   config.total_steps, config.eval_every_steps = 3, 0  # as the session's local generator
