@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from phenaki_jax.data import sources, synthetic, token_shards
+from phenaki_jax.data import global_order, sources, synthetic, token_shards
 
 # Eval clips come from a different seed of the same generator: same
 # distribution, different examples.
@@ -151,16 +151,16 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 def _batched_stream(source: Any, *, batch_size: int, seed: int, process_index: int,
                     process_count: int, input_cfg: ml_collections.ConfigDict,
                     keep_caption: bool = False) -> grain.MapDataset:
-  ds = grain.MapDataset.source(source)
-  # Each process reads a disjoint slice, so N processes see each example once per epoch.
-  ds = ds[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat()
+  # One shuffled, augmented stream on every process; each takes its rows of
+  # every global batch (global_order.py): the order does not depend on the process count.
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   ds = ds.map(SelectFrames(keep_caption))
   if input_cfg.random_crop_min_scale < 1.0 or input_cfg.horizontal_flip:
     # Seeded per (seed, index): a resumed run augments exactly as before.
     ds = ds.random_map(ClipAugment(input_cfg.random_crop_min_scale, input_cfg.horizontal_flip),
                        seed=seed + 1)
-  return ds.batch(batch_size, drop_remainder=True)
+  return global_order.local_batches(ds, global_batch=batch_size, process_index=process_index,
+                                    process_count=process_count)
 
 
 def make_train_dataset(input_cfg: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
@@ -179,7 +179,6 @@ def make_train_dataset(input_cfg: ml_collections.ConfigDict, *, seed: int, proce
   if input_cfg.batch_size % process_count:
     raise ValueError(f"config.input.batch_size={input_cfg.batch_size} must be divisible by "
                      f"the {process_count} processes")
-  local_batch = input_cfg.batch_size // process_count
   video, image = make_sources(input_cfg, seed, text_max_length)
   story_ratio = input_cfg.get("story_ratio", 0.0)
   story = None
@@ -196,7 +195,7 @@ def make_train_dataset(input_cfg: ml_collections.ConfigDict, *, seed: int, proce
       (image, 1.0 - input_cfg.video_ratio),
       (story, input_cfg.video_ratio * story_ratio))):
     if source is not None and weight > 0:
-      streams.append(_batched_stream(source, batch_size=local_batch, seed=seed + 7919 * i,
+      streams.append(_batched_stream(source, batch_size=input_cfg.batch_size, seed=seed + 7919 * i,
                                      process_index=process_index, process_count=process_count,
                                      input_cfg=input_cfg, keep_caption=keep_caption))
       weights.append(weight)
