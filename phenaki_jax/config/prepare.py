@@ -32,6 +32,15 @@ def defaults() -> ml_collections.ConfigDict:
   c.frame_codec = "raw"  # "raw" (zstd'd shards), "png" or "jpeg".
   c.jpeg_quality = 95
   c.clips_per_shard = 1024  # Upper bound on records per shard file.
+  # The evaluation split, written beside the training shards (eval/video,
+  # eval/image): a manifest entry goes there when a hash of its path (relative
+  # to media_root) falls below this fraction, so every clip of a file is on the
+  # same side, whatever the worker count or order, and adding files to a
+  # manifest never moves one that was there. No minimum: a manifest of 50 files
+  # expects 0.5 of them in the split (set e.g. 0.2 for a small one); the
+  # summary says how many it got. 0: no split (the trainers then evaluate on
+  # training clips, and say so).
+  c.eval_fraction = 0.01
   c.files_per_unit = 64  # Manifest entries per resumable work unit.
   c.num_workers = 0  # Decoding processes on this machine; 0 = one per CPU, 1 = in this process.
   # Several machines preparing one manifest into one output folder: this one's
@@ -74,3 +83,7 @@ def check(config: ml_collections.ConfigDict) -> None:
            config.num_workers, "must be >= 0 (0 = one process per CPU)")
   _require(isinstance(config.merge_only, bool), "merge_only", config.merge_only,
            "must be True or False")
+  fraction = config.eval_fraction
+  _require(isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+           and 0.0 <= fraction < 1.0, "eval_fraction", fraction,
+           "must be in [0, 1): the share of manifest files held out for evaluation")

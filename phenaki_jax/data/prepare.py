@@ -17,11 +17,24 @@ Output (DIR):
   metadata.json          settings, manifest hash, record format version
   video/video-UUUUU-PPP.array_record   clips of work unit U, part P
   image/image-UUUUU-PPP.array_record   1-frame (or still) image clips
+  eval/video/..., eval/image/...       the evaluation split, named alike
   units/unit-UUUUU.json  a finished unit's report; its existence = "done"
   workers/worker-IIIII-of-NNNNN.json   worker I's report: its units' reports
   summary.json           the merged report: counts, every shard, every
-                         skipped file with its reason; `complete` once every
+                         skipped file with its reason, the evaluation split
+                         (`eval_split`, `eval_shards`); `complete` once every
                          unit of the manifest is done
+
+The evaluation split. A file is held out when `eval_key` of its path (as
+the manifest gives it, relative to media_root) is below `eval_fraction`:
+a fixed hash of the name alone, so every clip of one video is on the same
+side, any worker (and any engine, `process_unit`) decides alike, and a
+manifest that grows keeps its old files where they were. Held-out files'
+clips go to `eval/<kind>/` only; `shards` in the summary are the training
+shards, `eval_shards` the others, and the top-level counts cover both
+(`eval_split` has the held-out part and the files in it). Readers:
+sources.find_prepared_shards(DIR, split="eval"); the trainers evaluate on
+it (data/pipeline.py eval_source).
 
 Work is cut into deterministic units of `files_per_unit` manifest entries.
 Each unit writes its shards (at most `clips_per_shard` records each) to a
@@ -127,6 +140,7 @@ class Settings:
   jpeg_quality: int
   clips_per_shard: int
   files_per_unit: int
+  eval_fraction: float = 0.0
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> Settings:
@@ -139,7 +153,8 @@ class Settings:
         frame_codec=str(config.frame_codec),
         jpeg_quality=int(config.jpeg_quality),
         clips_per_shard=int(config.clips_per_shard),
-        files_per_unit=int(config.files_per_unit))
+        files_per_unit=int(config.files_per_unit),
+        eval_fraction=float(config.eval_fraction))
     if s.frame_codec not in sources.FRAME_CODECS:
       raise ValueError(f"frame_codec must be one of {sources.FRAME_CODECS}, "
                        f"got {s.frame_codec!r}")
@@ -149,7 +164,35 @@ class Settings:
         raise ValueError(f"{name} must be >= 1, got {getattr(s, name)}")
     if s.fps <= 0:
       raise ValueError(f"fps must be > 0, got {s.fps}")
+    if not 0.0 <= s.eval_fraction < 1.0:
+      raise ValueError(f"eval_fraction must be in [0, 1), got {s.eval_fraction}")
     return s
+
+
+# ----------------------------------------------------------------------------
+# The evaluation split.
+
+EVAL_SPLIT = "eval"
+SPLITS = ("train", EVAL_SPLIT)
+
+
+def eval_key(name: str) -> float:
+  """A file's place in [0, 1) for the split: the first 64 bits of sha256(name).
+
+  A fixed function of the name (not Python's salted hash()), so every
+  process, machine and rerun agrees.
+  """
+  return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def split_of(name: str, fraction: float) -> str:
+  """'eval' for a file held out for evaluation, else 'train'."""
+  return EVAL_SPLIT if fraction > 0 and eval_key(name) < fraction else "train"
+
+
+def shard_folder(split: str, kind: str) -> str:
+  """Where a split's shards of a kind live in the output folder: 'video', 'eval/video'."""
+  return kind if split == "train" else f"{EVAL_SPLIT}/{kind}"
 
 
 # ----------------------------------------------------------------------------
@@ -163,6 +206,9 @@ class ManifestEntry:
   path: str  # resolved path ("" when the entry is unusable)
   caption: str
   problem: str = ""  # why the entry itself is unusable
+  # The path relative to media_root (or the resolved path outside it): what
+  # decides the file's split, so moving the media (to a bucket, say) keeps it.
+  name: str = ""
 
 
 def manifest_format(path: str, fmt: str = "auto") -> str:
@@ -220,7 +266,9 @@ def iter_manifest(path: str, *, fmt: str = "auto", path_column: str = "path",
       resolved = storage.resolve(root, rel)
     except ValueError as e:
       return ManifestEntry(index, line, rel, "", str(e))
-    return ManifestEntry(index, line, resolved, str(row[caption_column]))
+    inside = root.rstrip("/") + "/"
+    name = resolved[len(inside):] if resolved.startswith(inside) else resolved
+    return ManifestEntry(index, line, resolved, str(row[caption_column]), name=name)
 
   raw = storage.open_file(read_from or path, "rb")
   with io.TextIOWrapper(raw, encoding="utf-8",
@@ -313,15 +361,17 @@ def process_unit(out_dir: str, unit: int, entries: list[ManifestEntry],
   """
   start = time.time()
   options = _writer_options(settings.frame_codec)
-  writers = {kind: shard_writer.ShardWriter(storage.join(out_dir, kind),
-                                            f"{kind}-{unit:05d}",
-                                            settings.clips_per_shard, options)
-             for kind in sources.KINDS}
+  writers = {(split, kind): shard_writer.ShardWriter(
+      storage.join(out_dir, shard_folder(split, kind)), f"{kind}-{unit:05d}",
+      settings.clips_per_shard, options) for split in SPLITS for kind in sources.KINDS}
   report = {"unit": unit, "worker": worker, "first_entry": entries[0].index,
             "num_entries": len(entries), "video_files": 0, "image_files": 0,
-            "video_clips": 0, "image_clips": 0, "skipped": []}
+            "video_clips": 0, "image_clips": 0, "skipped": [],
+            "eval_video_files": 0, "eval_image_files": 0, "eval_video_clips": 0,
+            "eval_image_clips": 0, "eval_sources": []}
   for e in entries:
     kind = "image" if video_io.is_image_path(e.path) else "video"
+    split = split_of(e.name or e.path, settings.eval_fraction)
     try:
       if e.problem:
         raise video_io.VideoDecodeError(
@@ -349,16 +399,22 @@ def process_unit(out_dir: str, unit: int, entries: list[ManifestEntry],
       continue
     # Writing happens outside the try: an I/O failure must stop the unit.
     for clip in clips:
-      writers[kind].write(sources.encode_clip_record(
+      writers[split, kind].write(sources.encode_clip_record(
           clip.frames, kind=kind, caption=e.caption, source=e.path,
           line=e.line, start_time=clip.start_time,
           fps=settings.fps if kind == "video" else 0.0,
           codec=settings.frame_codec, jpeg_quality=settings.jpeg_quality))
+    # The top-level counts cover both splits; eval_* the held-out part.
     report[f"{kind}_files"] += 1
     report[f"{kind}_clips"] += len(clips)
+    if split == EVAL_SPLIT:
+      report[f"eval_{kind}_files"] += 1
+      report[f"eval_{kind}_clips"] += len(clips)
+      report["eval_sources"].append(e.path)
   for w in writers.values():
     w.close()
-  report["shards"] = {kind: w.shards for kind, w in writers.items()}
+  report["shards"] = {kind: writers["train", kind].shards for kind in sources.KINDS}
+  report["eval_shards"] = {kind: writers[EVAL_SPLIT, kind].shards for kind in sources.KINDS}
   report["seconds"] = round(time.time() - start, 3)
   storage.write_json(_unit_report_path(out_dir, unit), report)
   return report
@@ -414,6 +470,9 @@ def _check_metadata(out_dir: str, metadata: dict[str, Any]) -> None:
   if not storage.exists(path):
     storage.write_json(path, metadata)
   old = storage.read_json(path)
+  if isinstance(old.get("settings"), dict):
+    # Folders prepared before the evaluation split had none: eval_fraction=0 resumes them.
+    old["settings"] = {"eval_fraction": 0.0, **old["settings"]}
   diff = {k: (old.get(k), metadata[k]) for k in _CHECKED_METADATA
           if old.get(k) != metadata[k]}
   if diff:
@@ -430,39 +489,49 @@ def _own_reports(out_dir: str, worker: Worker) -> dict[int, dict[str, Any]]:
   published before a kill stopped the unit's report, temporary files), so
   each is redone from scratch. One listing per folder, not one per unit.
   """
-  present = {kind: set(_listing(storage.join(out_dir, kind))) for kind in sources.KINDS}
+  folders = [shard_folder(split, kind) for split in SPLITS for kind in sources.KINDS]
+  present = {f: set(_listing(storage.join(out_dir, f))) for f in folders}
   units_dir = storage.join(out_dir, "units")
   mine = sorted(int(m.group(1)) for m in map(_UNIT_REPORT.match, _listing(units_dir))
                 if m and worker.owns(int(m.group(1))))
   reports = {}
   for unit, report in zip(mine, _read_json_many([_unit_report_path(out_dir, u)
                                                  for u in mine])):
-    lost = [s["file"] for kind in sources.KINDS for s in report["shards"][kind]
-            if s["file"] not in present[kind]]
+    lost = [s["file"] for split, key in (("train", "shards"), (EVAL_SPLIT, "eval_shards"))
+            for kind in sources.KINDS for s in report.get(key, {}).get(kind, [])
+            if s["file"] not in present[shard_folder(split, kind)]]
     if lost:
       # Redo rather than silently serve a hole in the data.
       logging.warning("unit %d: shard(s) %s missing; redoing the unit", unit, lost)
       storage.remove(_unit_report_path(out_dir, unit))
       continue
     reports[unit] = report
-  for kind in sources.KINDS:
-    for name in sorted(present[kind]):
+  for folder in folders:
+    for name in sorted(present[folder]):
       m = _SHARD_UNIT.match(name)
       if m and worker.owns(int(m.group(1))) and int(m.group(1)) not in reports:
-        storage.remove(storage.join(out_dir, kind, name))
+        storage.remove(storage.join(out_dir, folder, name))
   return reports
+
+
+EVAL_RULE = ("sha256 of the manifest path relative to media_root, first 64 bits / 2**64 "
+             "< fraction (phenaki_jax/data/prepare.py eval_key)")
 
 
 def _summarize(reports: dict[int, dict[str, Any]], *, units_total: int | None,
                workers: list[dict[str, Any]], complete: bool,
-               elapsed: float) -> dict[str, Any]:
+               elapsed: float, fraction: float) -> dict[str, Any]:
   summary: dict[str, Any] = {
       "complete": complete, "units_done": len(reports), "units_total": units_total,
       "files_read": 0, "files_ok": 0, "video_files": 0, "image_files": 0,
       "clips_written": 0, "video_clips": 0, "image_clips": 0, "files_skipped": 0,
       "skipped_by_reason": {}, "skipped_files": [],
       "shards": {k: [] for k in sources.KINDS},
+      "eval_split": {"fraction": fraction, "rule": EVAL_RULE, "video_files": 0,
+                     "image_files": 0, "video_clips": 0, "image_clips": 0, "files": []},
+      "eval_shards": {k: [] for k in sources.KINDS},
       "workers": workers, "elapsed_s": round(elapsed, 3)}
+  held_out = summary["eval_split"]
   for unit in sorted(reports):
     r = reports[unit]
     summary["files_read"] += r["num_entries"]
@@ -476,6 +545,13 @@ def _summarize(reports: dict[int, dict[str, Any]], *, units_total: int | None,
       summary["shards"][kind] += [
           {"file": f"{kind}/{s['file']}", "records": s["records"]}
           for s in r["shards"][kind]]
+      # Units written before the split existed have no eval_* fields.
+      summary["eval_shards"][kind] += [
+          {"file": f"{shard_folder(EVAL_SPLIT, kind)}/{s['file']}", "records": s["records"]}
+          for s in r.get("eval_shards", {}).get(kind, [])]
+      for what in ("files", "clips"):
+        held_out[f"{kind}_{what}"] += r.get(f"eval_{kind}_{what}", 0)
+    held_out["files"] += r.get("eval_sources", [])
   summary["files_ok"] = summary["video_files"] + summary["image_files"]
   summary["files_skipped"] = len(summary["skipped_files"])
   summary["clips_written"] = summary["video_clips"] + summary["image_clips"]
@@ -509,9 +585,13 @@ def merge(out_dir: str, worker_count: int, *, write_partial: bool = True,
   complete = (len(found) == worker_count and all(w["complete"] for w in worker_reports)
               and len(totals) == 1 and len(reports) == totals.pop())
   units_total = worker_reports[0]["units_total"] if worker_reports else None
+  metadata_path = storage.join(out_dir, "metadata.json")
+  settings = (storage.read_json(metadata_path).get("settings", {})
+              if storage.exists(metadata_path) else {})
   summary = _summarize(reports, units_total=units_total,
                        workers=[_worker_entry(w) for w in worker_reports],
-                       complete=complete, elapsed=elapsed)
+                       complete=complete, elapsed=elapsed,
+                       fraction=float(settings.get("eval_fraction", 0.0)))
   missing = sorted(set(range(worker_count)) - {w["worker_index"] for w in worker_reports})
   unfinished = [w["worker_index"] for w in worker_reports if not w["complete"]]
   if complete or write_partial:
@@ -526,9 +606,10 @@ def merge(out_dir: str, worker_count: int, *, write_partial: bool = True,
 def _log_report(report: dict[str, Any]) -> None:
   for skip in report["skipped"]:
     logging.warning("skipped (%s): %s", skip["reason"], skip["message"])
-  logging.info("unit %d: %d files, %d video clips, %d images, %d skipped",
-               report["unit"], report["num_entries"], report["video_clips"],
-               report["image_clips"], len(report["skipped"]))
+  logging.info("unit %d: %d files, %d video clips, %d images, %d skipped; held out for "
+               "evaluation: %d video clips, %d images", report["unit"], report["num_entries"],
+               report["video_clips"], report["image_clips"], len(report["skipped"]),
+               report["eval_video_clips"], report["eval_image_clips"])
 
 
 def _this_worker(config: ml_collections.ConfigDict) -> Worker:
@@ -676,6 +757,18 @@ def _run_locked(config: ml_collections.ConfigDict, manifest: str, local_manifest
                "" if worker.count == 1 else f" (worker {worker.index} of {worker.count})",
                summary["files_read"], summary["clips_written"],
                summary["files_skipped"], summary["skipped_by_reason"])
+  held_out = summary["eval_split"]
+  if summary["complete"] and settings.eval_fraction > 0:
+    if held_out["video_clips"]:
+      logging.info("evaluation split (eval_fraction=%g): %d video files (%d clips), %d images "
+                   "held out in %s/eval", settings.eval_fraction, held_out["video_files"],
+                   held_out["video_clips"], held_out["image_files"], out_dir)
+    else:
+      # Not an error: a small manifest may have no file below the fraction.
+      logging.warning("evaluation split (eval_fraction=%g): no video of %d fell in it, so the "
+                      "trainers will evaluate on training clips; raise config.eval_fraction "
+                      "(e.g. 0.2 for a few dozen files) and prepare into a new folder",
+                      settings.eval_fraction, summary["video_files"])
   return summary
 
 

@@ -109,7 +109,15 @@ def decode_clip_record(data: bytes) -> dict[str, Any]:
 # Finding shards.
 
 
-def find_prepared_shards(prepared_dir: str) -> dict[str, list[str]]:
+SPLITS = ("train", "eval")
+
+
+def is_prepared_dir(path: str) -> bool:
+  """Whether `path` is a `prepare` output folder (it has metadata.json)."""
+  return storage.isdir(path) and storage.exists(storage.join(path, "metadata.json"))
+
+
+def find_prepared_shards(prepared_dir: str, split: str = "train") -> dict[str, list[str]]:
   """The video and image shard files of a `prepare` output (local or gs://), in order.
 
   Once prepare has finished (every worker, see prepare.py) its summary.json
@@ -117,22 +125,31 @@ def find_prepared_shards(prepared_dir: str) -> dict[str, list[str]]:
   reader never mixes in a stray file; before that, the shards written so
   far, with a warning.
 
+  Args:
+    split: "train" (video/, image/) or "eval": the evaluation split prepare
+      writes beside them (eval/video/, eval/image/; prepare.py eval_fraction).
+      A folder prepared without one has no eval shards.
+
   Returns:
     {"video": [...], "image": [...]}, each sorted (= manifest order); a kind
     with no records has an empty list.
   """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   prepared_dir = os.fspath(prepared_dir)
   if not storage.isdir(prepared_dir):
     raise FileNotFoundError(f"no prepared data directory at {prepared_dir}")
   summary_path = storage.join(prepared_dir, "summary.json")
   summary = storage.read_json(summary_path) if storage.exists(summary_path) else {}
+  listed = "shards" if split == "train" else "eval_shards"
   if summary.get("complete") and "shards" in summary:
     return {kind: sorted(storage.join(prepared_dir, s["file"])
-                         for s in summary["shards"].get(kind, []))
+                         for s in summary.get(listed, {}).get(kind, []))
             for kind in KINDS}
   logging.warning("%s: prepare has not finished (no complete summary.json);"
                   " reading the shards written so far.", prepared_dir)
-  return {kind: _shards_in(storage.join(prepared_dir, kind)) for kind in KINDS}
+  prefix = "" if split == "train" else "eval/"
+  return {kind: _shards_in(storage.join(prepared_dir, prefix + kind)) for kind in KINDS}
 
 
 def _shards_in(folder: str) -> list[str]:

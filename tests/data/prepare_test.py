@@ -294,7 +294,8 @@ def test_two_workers_share_one_folder_and_each_resumes_on_its_own(clean_run, tmp
 
 @pytest.mark.parametrize("key,value,count", [("worker_index", 2, 2), ("worker_index", -1, 2),
                                              ("worker_count", -1, 2), ("num_workers", -1, 2),
-                                             ("worker_index", 1, 0)])
+                                             ("worker_index", 1, 0), ("eval_fraction", 1.0, 1),
+                                             ("eval_fraction", -0.1, 1)])
 def test_worker_keys_are_checked_before_any_work(tmp_path, key, value, count):
   config = _config(worker_count=count)
   config[key] = value
@@ -490,3 +491,99 @@ def test_tfds_clip_source(tmp_path):
   np.testing.assert_array_equal(clone[1]["frames"], clips[1]["frames"])
   batch = next(iter(grain.MapDataset.source(clone).batch(3)))
   assert batch["frames"].shape == (3, 4, 8, 8, 3)
+
+
+# --- The evaluation split.
+
+# eval_key of each good file's manifest path (fixed: sha256): below 0.3 are
+# arm_wrestling (0.11), rocket (0.15) and film_countdown (0.25).
+EVAL_AT_0_3 = {"arm_wrestling_2s.mp4", "film_countdown_2s.mp4", "rocket.jpg"}
+
+
+def _records_by_split(out_dir):
+  """{split: records} with the source names, as _records has them."""
+  out = {}
+  for split in ("train", "eval"):
+    rows = []
+    for kind, paths in sources.find_prepared_shards(out_dir, split).items():
+      if paths:
+        source = sources.ClipShardSource(paths, with_metadata=True)
+        rows += [(kind, os.path.basename(source[i]["source"]), round(float(source[i]["start_time"]), 4),
+                  hashlib.sha1(source[i]["frames"].tobytes()).hexdigest())
+                 for i in range(len(source))]
+    out[split] = rows
+  return out
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("eval_split"))
+  return out, prepare.run(_config(eval_fraction=0.3), out), _records_by_split(out)
+
+
+def test_eval_split_is_decided_by_source_file(clean_run, eval_run):
+  out, summary, by_split = eval_run
+  train = {name for _, name, *_ in by_split["train"]}
+  held_out = {name for _, name, *_ in by_split["eval"]}
+  assert held_out == EVAL_AT_0_3 and not train & held_out  # no file on both sides
+  assert train == {"eye_makeup.avi", "chelsea.png", "camera.png"}
+  # Together the two splits are exactly the clips of a run without one.
+  everything = sorted(r[:3] + r[5:] for r in clean_run[2])
+  assert sorted(r for rows in by_split.values() for r in rows) == everything
+  split = summary["eval_split"]
+  assert (split["fraction"], split["video_files"], split["image_files"]) == (0.3, 2, 1)
+  assert split["video_clips"] == EXPECTED_VIDEO_CLIPS["arm_wrestling_2s.mp4"] + (
+      EXPECTED_VIDEO_CLIPS["film_countdown_2s.mp4"])
+  assert sorted(os.path.basename(f) for f in split["files"]) == sorted(EVAL_AT_0_3)
+  # Top-level counts cover both splits; `shards` are the training ones.
+  assert summary["clips_written"] == clean_run[1]["clips_written"]
+  assert sum(s["records"] for s in summary["shards"]["video"]) == 13
+  assert all(s["file"].startswith("eval/video/") for s in summary["eval_shards"]["video"])
+  # The decision is the name's alone: the same with any other fraction's
+  # threshold, and about `fraction` of many names.
+  names = [f"videos/clip_{i}.mp4" for i in range(20_000)]
+  share = sum(prepare.split_of(n, 0.01) == "eval" for n in names) / len(names)
+  assert abs(share - 0.01) < 0.002, share
+  assert all(prepare.split_of(n, 0.3) == "eval" for n in names if prepare.split_of(n, 0.01) == "eval")
+  assert prepare.split_of("videos/arm_wrestling_2s.mp4", 0.0) == "train"
+
+
+def test_eval_split_same_with_two_workers_and_resume(eval_run, tmp_path):
+  out = str(tmp_path / "out")
+  prepare.run(_config(eval_fraction=0.3, worker_index=0, worker_count=2, max_units=1), out)
+  prepare.run(_config(eval_fraction=0.3, worker_index=1, worker_count=2), out)
+  final = prepare.run(_config(eval_fraction=0.3, worker_index=0, worker_count=2), out)
+  assert final["complete"]
+  assert _records_by_split(out) == eval_run[2]
+  assert final["eval_split"] == eval_run[1]["eval_split"]
+  # A held-out shard lost after the fact: its unit is redone, by its worker.
+  lost = os.path.join(out, final["eval_shards"]["video"][0]["file"])
+  os.remove(lost)
+  unit = int(os.path.basename(lost).split("-")[1])
+  prepare.run(_config(eval_fraction=0.3, worker_index=unit % 2, worker_count=2), out)
+  assert os.path.exists(lost) and _records_by_split(out) == eval_run[2]
+
+
+def test_folder_prepared_before_the_split_resumes_with_fraction_0(clean_run, tmp_path):
+  out = str(tmp_path / "out")
+  shutil.copytree(clean_run[0], out)
+  path = os.path.join(out, "metadata.json")
+  with open(path) as f:
+    meta = json.load(f)
+  del meta["settings"]["eval_fraction"]  # as written before the split existed
+  with open(path, "w") as f:
+    json.dump(meta, f)
+  assert prepare.run(_config(eval_fraction=0.0), out)["complete"]
+  with pytest.raises(ValueError, match="eval_fraction"):
+    prepare.run(_config(eval_fraction=0.3), out)
+
+
+def test_split_name_is_the_path_under_media_root(tmp_path):
+  # The same file listed relative and absolute: one name, so one side; a
+  # moved media folder (another root) keeps the names.
+  manifest = tmp_path / "m.jsonl"
+  video = os.path.join(MEDIA, "videos", "arm_wrestling_2s.mp4")
+  manifest.write_text(json.dumps({"path": "videos/arm_wrestling_2s.mp4", "caption": "a"}) + "\n"
+                      + json.dumps({"path": video, "caption": "b"}) + "\n")
+  entries = list(prepare.iter_manifest(str(manifest), media_root=MEDIA))
+  assert [e.name for e in entries] == ["videos/arm_wrestling_2s.mp4"] * 2
