@@ -6,6 +6,24 @@ steps from newest to oldest and takes the first that restores, saying loudly
 which steps it skipped: a finalized step can be damaged later (lost files) and
 orbax's latest_step() still returns it.
 
+With several processes the step restored is agreed: **all processes take the
+newest step that every process can restore.** Each process reads its part of
+a step with no barrier (the handlers directly, not CheckpointManager.restore),
+then all exchange one success flag (process_allgather) and either all keep the
+step or all drop it and try the next older one. Why not Orbax's restore: it
+ends in a device barrier (sync_global_devices) that a process whose read
+raised never reaches, so the others either wait there until the job dies or,
+worse, meet that process's next attempt at an older step in the same barrier
+and return a different step than it does. Why not "process 0 decides": a step
+process 0 reads can still be damaged in another host's view (a data item only
+that host reads, a lost file on its mount), and then it has to be dropped by
+everyone anyway. Every process calls the same collectives in the same order
+whatever its reads did, so none can hang on another: the list of candidate
+steps is the steps every process lists (exchanged the same way), the shape
+check runs once on the newest and its verdict is shared, and each warning
+names the same steps on every process. A dead peer is not waited for either:
+distributed.py's heartbeat timeout ends the job.
+
 The data item holds one file per process (`process_I-of-N.json`). Restored by
 a different number of processes (a 2-host checkpoint continued on 1 host, or
 on a bigger slice), those files do not match the new per-process slices of
@@ -24,9 +42,11 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store  # orbax pinned: setup.py
 
 from phenaki_jax import storage
@@ -49,6 +69,41 @@ class NoUsableCheckpointError(RuntimeError):
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint's arrays do not fit the model being restored (a config change)."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """A checkpoint step did not restore on at least one process (all processes raise it)."""
+
+
+def _gather(values: np.ndarray) -> np.ndarray:
+  """`values` of every process, stacked (process_count, ...): all processes must call it."""
+  values = np.asarray(values, np.int32)
+  if jax.process_count() == 1:
+    return values[None]
+  return np.asarray(multihost_utils.process_allgather(values))
+
+
+def failed_processes(ok: bool) -> list[int]:
+  """The processes where `ok` is False, the same list on every process (a collective)."""
+  return [i for i, v in enumerate(_gather(np.array([ok])).reshape(-1)) if not v]
+
+
+def _where(processes: list[int]) -> str:
+  if jax.process_count() == 1:
+    return "this process"
+  return f"process(es) {processes} of {jax.process_count()}"
+
+
+def agreed_steps(steps: list[int]) -> tuple[list[int], list[int]]:
+  """(the steps every process lists, the others some process lists): alike on every process."""
+  if jax.process_count() == 1:
+    return sorted(steps), []
+  width = int(_gather(np.array([len(steps)])).max())
+  padded = np.full((max(width, 1),), -1, np.int32)
+  padded[:len(steps)] = sorted(steps)
+  lists = [{int(s) for s in row if s >= 0} for row in _gather(padded)]
+  common = set.intersection(*lists)
+  return sorted(common), sorted(set.union(*lists) - common)
 
 
 def _path_name(path: tuple) -> str:
@@ -135,6 +190,7 @@ class Checkpointer:
     )
     self._options = options
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self.skipped_steps: list[int] = []  # set by restore_latest
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -151,13 +207,22 @@ class Checkpointer:
       items["config"] = ocp.args.JsonSave(config.to_dict())
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None, *,
-              partial: bool = False) -> Any:
-    """Step's state laid out as `abstract_state` says (and the data position, if given).
+  def _read(self, step: int, items: dict[str, Any]) -> dict[str, Any]:
+    """Step's items read by this process alone, with no barrier: may raise here only."""
+    path = epath.Path(self.directory) / str(step)
+    if not path.exists():
+      raise FileNotFoundError(f"checkpoint step {step} not found in {self.directory} (it has "
+                              f"steps {self.all_steps()})")
+    # A fresh handler each time: it keeps the item handlers of the first args it saw.
+    handler = ocp.CompositeCheckpointHandler()
+    try:
+      return handler.restore(path, ocp.args.Composite(**items))
+    finally:
+      handler.close()
 
-    `partial`: `abstract_state` is a dict naming only some of the state's
-    fields (e.g. {'ema_params': ...}); only those are read.
-    """
+  def _restore_here(self, step: int, abstract_state: Any, data_iterator: Any | None,
+                    partial: bool) -> Any:
+    """This process's part of restoring `step` (its shards, its data position)."""
     if partial:
       restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
       items = {"state": ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args,
@@ -169,10 +234,36 @@ class Checkpointer:
       other_count = self._data_saved_by_other_process_count(step)
       if other_count is None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    restored = self._read(step, items)
     if other_count is not None:
       self._carry_data_position(step, other_count, data_iterator)
     return restored["state"]
+
+  def _try_restore(self, step: int, abstract_state: Any, data_iterator: Any | None,
+                   partial: bool) -> tuple[Any, Exception | None, list[int]]:
+    """(state or None, this process's error, the processes where it failed): a collective."""
+    state, error = None, None
+    try:
+      state = self._restore_here(step, abstract_state, data_iterator, partial)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    return state, error, failed_processes(error is None)
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None, *,
+              partial: bool = False) -> Any:
+    """Step's state laid out as `abstract_state` says (and the data position, if given).
+
+    `partial`: `abstract_state` is a dict naming only some of the state's
+    fields (e.g. {'ema_params': ...}); only those are read. With several
+    processes every one calls this together; if the step does not restore on
+    any of them, all raise CheckpointRestoreError naming those processes.
+    """
+    state, error, failed = self._try_restore(step, abstract_state, data_iterator, partial)
+    if failed:
+      here = f" (here: {type(error).__name__}: {error})" if error is not None else ""
+      raise CheckpointRestoreError(f"checkpoint step {step} in {self.directory} does not "
+                                   f"restore on {_where(failed)}{here}") from error
+    return state
 
   def _data_dir(self, step: int) -> epath.Path:
     return epath.Path(self.directory) / str(step) / "data"
@@ -224,8 +315,8 @@ class Checkpointer:
                     "run", change, json.dumps(states[0]), saved_count)
 
   def restore_config(self, step: int) -> dict:
-    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored["config"]
+    """Step's saved config, read by this process alone (no barrier: any process may call it)."""
+    return self._read(step, {"config": ocp.args.JsonRestore()})["config"]
 
   def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
     """Array shapes by path of step's state, from its metadata (no array is read)."""
@@ -280,52 +371,112 @@ class Checkpointer:
     self._manager.close()
     target = ""
     if jax.process_index() == 0:
-      n = 0
-      while storage.exists(f"{self.directory}.unusable-{n}"):
-        n += 1
-      target = f"{self.directory}.unusable-{n}"
+      target = self._unused_aside_name()
       storage.rename(self.directory, target)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices("phenaki_jax_checkpoints_set_aside")
+    self._sync("phenaki_jax_checkpoints_set_aside")
     self._manager = ocp.CheckpointManager(self.directory, options=self._options)
     return target
+
+  def _check_fits_everywhere(self, step: int, abstract_state: Any,
+                             config: ml_collections.ConfigDict | None, partial: bool) -> None:
+    """check_fits on every process, the verdict shared: all raise or none does."""
+    error = None
+    try:
+      self.check_fits(step, abstract_state, config, partial=partial)
+    except CheckpointMismatchError as e:
+      error = e
+    failed = failed_processes(error is None)
+    if error is not None:
+      raise error
+    if failed:
+      raise CheckpointMismatchError(
+          f"checkpoint step {step} in {self.directory} does not fit this model on "
+          f"{_where(failed)}: see that log for the arrays that differ")
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any | None = None,
                      config: ml_collections.ConfigDict | None = None, *, partial: bool = False,
                      max_step: int | None = None) -> tuple[Any, int] | None:
-    """Newest checkpoint that restores, or None when there are none at all.
+    """Newest checkpoint that restores on every process, or None when there are none at all.
 
     Damaged steps are skipped with a warning naming them; if every step is
     damaged this raises rather than silently starting from scratch. A newest
     step whose arrays do not fit `abstract_state` raises
     CheckpointMismatchError naming the first differing array and, given
     `config`, the config keys that changed: older steps would not fit either.
-    `partial` as in restore. `max_step`: only steps up to it are candidates
-    (processes that must restore the same step pass the same bound).
+    `partial` as in restore. `max_step`: only steps up to it are candidates.
+
+    With several processes every one calls this together and all return the
+    same step: the newest that every process lists and restores (module
+    docstring). Afterwards `skipped_steps` holds the listed steps newer than
+    the one restored (damaged, or not listed on every process), alike on
+    every process: a trainer sets them aside, or orbax would not save them again.
     """
-    steps = [s for s in self.all_steps() if max_step is None or s <= max_step]
+    self.skipped_steps = []
+    listed = [s for s in self.all_steps() if max_step is None or s <= max_step]
+    steps, partly_listed = agreed_steps(listed)
+    if partly_listed:
+      logging.warning("checkpoint step(s) %s in %s are not listed on every process: left out",
+                      partly_listed, self.directory)
     if not steps:
+      if partly_listed:
+        raise NoUsableCheckpointError(
+            f"no checkpoint step in {self.directory} is listed on every process (some list "
+            f"{partly_listed}): is it one shared storage path on every host?")
       return None
-    self.check_fits(steps[-1], abstract_state, config, partial=partial)
+    self._check_fits_everywhere(steps[-1], abstract_state, config, partial)
     failures = []
     for step in reversed(steps):
-      try:
-        state = self.restore(step, abstract_state, data_iterator, partial=partial)
-      except Exception as e:  # pylint: disable=broad-except
-        failures.append((step, e))
-        logging.warning("checkpoint step %d in %s does not restore (%s: %s); trying an older one",
-                        step, self.directory, type(e).__name__, str(e)[:300])
-        continue
-      if failures:
-        logging.warning("restored step %d after skipping damaged step(s) %s", step,
-                        [s for s, _ in failures])
-      return state, step
-    details = "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures)
+      state, error, failed = self._try_restore(step, abstract_state, data_iterator, partial)
+      if not failed:
+        if failures:
+          logging.warning("checkpoint: restored step %d after skipping damaged step(s) %s",
+                          step, [s for s, _, _ in failures])
+        self.skipped_steps = sorted(s for s in set(steps) | set(partly_listed) if s > step)
+        return state, step
+      del state
+      failures.append((step, failed, error))
+      here = (f"here {type(error).__name__}: {str(error)[:300]}" if error is not None
+              else "it restored here")
+      logging.warning("checkpoint step %d in %s does not restore on %s (%s); trying an older "
+                      "one", step, self.directory, _where(failed), here)
+    details = "; ".join(
+        f"step {s} on {_where(p)}" + (f" (here {type(e).__name__}: {str(e)[:200]})" if e else "")
+        for s, p, e in failures)
     raise NoUsableCheckpointError(
         f"no checkpoint in {self.directory} restores ({details}); refusing to start from "
         "scratch: set config.fresh_start_if_checkpoints_unusable=True to move them aside "
         f"({self.directory}.unusable-N) and start over")
+
+  def set_aside_steps(self, steps: list[int]) -> str:
+    """Moves these steps into DIR.unusable-N (kept for inspection); all processes call it.
+
+    Orbax saves no step at or below its latest one: a damaged newest step
+    left in place would silently stop every save until training passes it.
+    """
+    self._manager.close()
+    # Every process names the same folder: all look before process 0 makes it.
+    target = self._unused_aside_name()
+    self._sync("phenaki_jax_checkpoints_aside_name")
+    if jax.process_index() == 0:
+      storage.makedirs(target)
+      for step in steps:
+        source = storage.join(self.directory, str(step))
+        if storage.exists(source):
+          storage.rename(source, storage.join(target, str(step)))
+    self._sync("phenaki_jax_checkpoints_set_aside_steps")
+    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    return target
+
+  def _unused_aside_name(self) -> str:
+    n = 0
+    while storage.exists(f"{self.directory}.unusable-{n}"):
+      n += 1
+    return f"{self.directory}.unusable-{n}"
+
+  @staticmethod
+  def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(name)
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process at the same step once a preemption was signalled."""

@@ -18,6 +18,19 @@
 
 `--num_cpu_devices=N` sets `jax_num_cpu_devices` first, so one machine can
 simulate N devices per process (tests, mesh experiments).
+
+A dead peer ends the job, within about `--distributed_heartbeat_timeout_s`
+(60 s): a collective with the dead process fails at once in the others, but
+what ends them is JAX's coordination service, which declares a process dead
+once its heartbeats stop for that long and then aborts every other process
+(SIGABRT, non-zero exit) wherever it is waiting: in a collective, in a
+checkpoint barrier, or in the shutdown barrier at exit (measured on CPU with
+gloo: 10 s of heartbeat timeout -> the survivor exits 10.3 s after its peer's
+SIGKILL). JAX's own default is 100 s. Too short a timeout declares a live but
+stalled host dead (a long GC pause, an overloaded machine); the heartbeats come
+from a native thread, so compiling or a long step does not delay them.
+`--distributed_shutdown_timeout_s` bounds how long a process that finished waits
+at exit for the others to finish too (a slow host writing its last checkpoint).
 """
 from __future__ import annotations
 
@@ -41,6 +54,13 @@ _PROCESS_ID = flags.DEFINE_integer(
 _TIMEOUT_S = flags.DEFINE_integer(
     "distributed_timeout_s", 300,
     "Seconds to wait for the coordinator and all processes at start-up.")
+_HEARTBEAT_TIMEOUT_S = flags.DEFINE_integer(
+    "distributed_heartbeat_timeout_s", 60,
+    "Seconds without heartbeats after which a process counts as dead and the job ends "
+    "(every other process exits with an error).")
+_SHUTDOWN_TIMEOUT_S = flags.DEFINE_integer(
+    "distributed_shutdown_timeout_s", 300,
+    "Seconds a finished process waits at exit for the other processes to finish.")
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", None,
     "Simulated CPU devices per process (sets jax_num_cpu_devices before any device use).")
@@ -208,18 +228,21 @@ def _set_num_cpu_devices(n: int) -> None:
 def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout_s: int = 300,
                num_cpu_devices: int | None = None, mode: str = "auto",
-               env: Mapping[str, str] | None = None) -> Plan:
+               env: Mapping[str, str] | None = None, heartbeat_timeout_s: int = 60,
+               shutdown_timeout_s: int = 300) -> Plan:
   """Joins the multi-process job if there is one; logs the process and device layout.
 
   Must run before anything uses a device. Raises DistributedInitError naming
-  the coordinator when it cannot be reached in `timeout_s` seconds.
+  the coordinator when it cannot be reached in `timeout_s` seconds. Once
+  joined, a process whose heartbeats stop for `heartbeat_timeout_s` ends the
+  job (module docstring).
   """
   if num_cpu_devices:
     _set_num_cpu_devices(num_cpu_devices)
   p = plan(coordinator_address=coordinator_address, num_processes=num_processes,
            process_id=process_id, mode=mode, env=env)
   if p.is_distributed and not jax.distributed.is_initialized():
-    _join(p, timeout_s)
+    _join(p, timeout_s, heartbeat_timeout_s, shutdown_timeout_s)
   how = (f"coordinator {p.coordinator_address}" if p.kind == "explicit"
          else f"{p.kind}: {p.reason}")
   logging.info("process %d of %d (%s); devices: %d local, %d global (%s)", jax.process_index(),
@@ -228,11 +251,15 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
   return p
 
 
-def _join(p: Plan, timeout_s: int) -> None:
-  if timeout_s < 1:
-    raise DistributedInitError(f"--distributed_timeout_s={timeout_s}: must be at least 1")
+def _join(p: Plan, timeout_s: int, heartbeat_timeout_s: int, shutdown_timeout_s: int) -> None:
+  for name, value in (("--distributed_timeout_s", timeout_s),
+                      ("--distributed_heartbeat_timeout_s", heartbeat_timeout_s),
+                      ("--distributed_shutdown_timeout_s", shutdown_timeout_s)):
+    if value < 1:
+      raise DistributedInitError(f"{name}={value}: must be at least 1")
   start = time.monotonic()
-  logging.info("joining the multi-process job as %s (timeout %d s)", _describe(p), timeout_s)
+  logging.info("joining the multi-process job as %s (timeout %d s; a process silent for %d s "
+               "ends the job)", _describe(p), timeout_s, heartbeat_timeout_s)
   if p.kind == "explicit" and p.process_id != 0:
     _wait_for_coordinator(p.coordinator_address, start + timeout_s)
   remaining = max(1, int(round(timeout_s - (time.monotonic() - start))))
@@ -242,13 +269,15 @@ def _join(p: Plan, timeout_s: int) -> None:
   warning = threading.Timer(max(0.5, remaining - 1.0), _report_stuck, args=(p, where, timeout_s))
   warning.daemon = True
   warning.start()
+  timeouts = dict(initialization_timeout=remaining, heartbeat_timeout_seconds=heartbeat_timeout_s,
+                  shutdown_timeout_seconds=shutdown_timeout_s)
   try:
     if p.kind == "explicit":
       jax.distributed.initialize(coordinator_address=p.coordinator_address,
                                  num_processes=p.num_processes, process_id=p.process_id,
-                                 initialization_timeout=remaining)
+                                 **timeouts)
     else:
-      jax.distributed.initialize(initialization_timeout=remaining)
+      jax.distributed.initialize(**timeouts)
   except Exception as e:  # pylint: disable=broad-except
     raise DistributedInitError(f"jax.distributed.initialize failed for {_describe(p)} at {where}: "
                                f"{type(e).__name__}: {e}") from e
@@ -270,4 +299,6 @@ def initialize_from_flags() -> Plan:
   """initialize() with this module's absl flags (main.py calls this first)."""
   return initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                     process_id=_PROCESS_ID.value, timeout_s=_TIMEOUT_S.value,
-                    num_cpu_devices=_NUM_CPU_DEVICES.value, mode=_MODE.value)
+                    num_cpu_devices=_NUM_CPU_DEVICES.value, mode=_MODE.value,
+                    heartbeat_timeout_s=_HEARTBEAT_TIMEOUT_S.value,
+                    shutdown_timeout_s=_SHUTDOWN_TIMEOUT_S.value)

@@ -28,9 +28,14 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def restore_or_set_aside(ckpt: checkpointing.Checkpointer, target: Any, data_iterator: Any,
                          config: ml_collections.ConfigDict) -> tuple[Any, int] | None:
-  """The newest checkpoint that restores; with none usable, set them aside only if allowed."""
+  """The newest checkpoint that restores; with none usable, set them aside only if allowed.
+
+  Newer steps skipped as damaged are moved aside (DIR.unusable-N): left in
+  place, orbax would save no step up to them, and the run would go on
+  without a checkpoint until it passed them. All processes agree on both.
+  """
   try:
-    return ckpt.restore_latest(target, data_iterator, config)
+    restored = ckpt.restore_latest(target, data_iterator, config)
   except checkpointing.NoUsableCheckpointError:
     if not config.fresh_start_if_checkpoints_unusable:
       raise
@@ -38,6 +43,12 @@ def restore_or_set_aside(ckpt: checkpointing.Checkpointer, target: Any, data_ite
     logging.warning("no checkpoint restored; as config.fresh_start_if_checkpoints_unusable "
                     "asks, they were moved to %s and training starts from scratch", where)
     return None
+  if restored is not None and ckpt.skipped_steps:
+    skipped = list(ckpt.skipped_steps)
+    where = ckpt.set_aside_steps(skipped)
+    logging.warning("checkpoint step(s) %s did not restore: moved to %s (kept for inspection) so "
+                    "that this run saves those steps again", skipped, where)
+  return restored
 
 
 def step_rng(seed: int, step: jax.Array | int) -> jax.Array:
