@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from phenaki_jax import storage
 from phenaki_jax.config import errors
 from phenaki_jax.config import sizes
 
@@ -24,9 +25,17 @@ def defaults() -> ml_collections.ConfigDict:
   c.data = "shapes"
   c.video_shards = ""  # a prepare output dir, a shard dir, a glob, or a comma list
   c.image_shards = ""
+  # The held-out clips evaluation reads (data='shards'): '' takes the eval
+  # split configs/prepare.py wrote beside video_shards (its eval/ folder, when
+  # video_shards is a prepare output folder that has one); else a prepare
+  # output folder (its eval split), a shard dir, a glob or a comma list. With
+  # none, evaluation reads training clips, and logs and reports say so
+  # (phenaki_jax/data/pipeline.py eval_source).
+  c.eval_shards = ""
   c.tfds_video = ""  # TFDS name ('name/config:version') or prepared folder
   c.tfds_image = ""
   c.tfds_split = "train"
+  c.tfds_eval_split = ""  # the held-out split evaluation reads; '' : tfds_split (training clips)
   c.tfds_data_dir = ""
   c.tfds_frames_key = "video"  # for image datasets e.g. 'image'
   c.tfds_caption_key = "caption"
@@ -121,3 +130,19 @@ def check(config: ml_collections.ConfigDict) -> None:
       errors.require(bool(i[image_key]), f"input.{image_key}", i[image_key],
                      f"is required when input.data={i.data!r} and input.video_ratio < 1")
   errors.require(i.num_workers >= 0, "input.num_workers", i.num_workers, "must be >= 0")
+  check_eval_shards(config)
+
+
+def check_eval_shards(config: ml_collections.ConfigDict) -> None:
+  """input.eval_shards names held-out shards that exist, for shard data only."""
+  i = config.input
+  if not i.get("eval_shards"):
+    return
+  errors.require(i.data == "shards", "input.eval_shards", i.eval_shards,
+                 f"is for input.data='shards' (this run reads input.data={i.data!r}); "
+                 "leave it ''")
+  for path in [p for p in i.eval_shards.split(",") if p]:
+    if not any(c in path for c in "*?["):  # a glob is checked when it is expanded
+      errors.require(storage.exists(path), "input.eval_shards", i.eval_shards,
+                     f"{path} does not exist (a prepare output folder, a shard folder, a "
+                     "glob or a comma list of shard files)")

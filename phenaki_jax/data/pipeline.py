@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from phenaki_jax import storage
 from phenaki_jax.data import global_order, sources, synthetic, token_shards
 
 # Eval clips come from a different seed of the same generator: same
@@ -206,17 +207,121 @@ def make_train_dataset(input_cfg: ml_collections.ConfigDict, *, seed: int, proce
   return it
 
 
-def eval_videos(input_cfg: ml_collections.ConfigDict, *, seed: int, count: int) -> np.ndarray:
-  """A fixed set of held-out clips, uint8 (count, T, H, W, 3)."""
-  video, _ = make_sources(_with_video_ratio(input_cfg, 1.0), seed + EVAL_SEED_OFFSET)
-  return np.stack([np.asarray(video[i]["frames"], np.uint8) for i in range(count)])
+# --- Evaluation clips: held out when the data has a held-out part, and said so when not.
+
+def eval_source(input_cfg: ml_collections.ConfigDict) -> tuple[str, bool]:
+  """(description, held_out) of the clips `eval_videos` / `eval_clips` read.
+
+  The description starts 'held out: ' or 'training clips: ' and says where
+  the clips come from; logs and reports carry it as it is. Held out: the
+  built-in data's eval seed stream (other samples of the same generator),
+  the eval split configs/prepare.py wrote beside the training shards (or
+  input.eval_shards), a TFDS input.tfds_eval_split, or token shards with an
+  'eval' split. Anything else is the training data.
+  """
+  description, held_out, _ = _eval_plan(input_cfg)
+  return description, held_out
 
 
-def eval_clips(input_cfg: ml_collections.ConfigDict, *, seed: int,
-               count: int) -> tuple[np.ndarray, list[str]]:
-  """The held-out clips of `eval_videos` with their captions."""
-  video, _ = make_sources(_with_video_ratio(input_cfg, 1.0), seed + EVAL_SEED_OFFSET)
-  examples = [video[i] for i in range(count)]
+def _eval_plan(input_cfg: ml_collections.ConfigDict) -> tuple[str, bool, Any]:
+  """(description, held_out, what to read: shard paths or a TFDS split)."""
+  data = input_cfg.data
+  if data == "shapes":
+    return (f"held out: built-in shapes from the eval seed stream (seed + {EVAL_SEED_OFFSET}), "
+            "not the training stream", True, None)
+  if data == "shards":
+    return _eval_shards_plan(input_cfg)
+  if data == "tfds":
+    split = input_cfg.get("tfds_eval_split", "")
+    if split and split != input_cfg.tfds_split:
+      return (f"held out: split {split!r} of TFDS {input_cfg.tfds_video} "
+              "(input.tfds_eval_split)", True, split)
+    return (f"training clips: the training split {input_cfg.tfds_split!r} of TFDS "
+            f"{input_cfg.tfds_video} (set input.tfds_eval_split to a held-out split)", False,
+            input_cfg.tfds_split)
+  if data == "tokens":
+    where = input_cfg.token_shards
+    if storage.isdir(storage.join(where, "eval")):
+      return f"held out: the 'eval' split of the token shards {where}", True, None
+    return (f"training clips: the token shards {where} have no 'eval' split (configs/"
+            "pretokenize.py writes one from held-out clips)", False, None)
+  raise ValueError(f"config.input.data={data!r}: must be 'shapes', 'shards', 'tfds' or 'tokens'")
+
+
+def _split_spec(paths: str) -> Any:
+  return [p for p in paths.split(",") if p] if "," in paths else paths
+
+
+def _eval_shards_plan(input_cfg: ml_collections.ConfigDict) -> tuple[str, bool, Any]:
+  given = input_cfg.get("eval_shards", "")
+  if given:
+    if "," not in given and sources.is_prepared_dir(given):
+      found = sources.find_prepared_shards(given, "eval")["video"]
+      if not found:
+        raise ValueError(
+            f"config.input.eval_shards={given!r}: this prepare output folder has no eval "
+            "split (prepared with eval_fraction=0, before the split existed, or no video fell "
+            "in it); give a folder with one, or shards of held-out videos")
+      return f"held out: the eval split of {given} (input.eval_shards)", True, found
+    if not storage.exists(given) and "," not in given and not any(c in given for c in "*?["):
+      raise ValueError(f"config.input.eval_shards={given!r}: no such file or folder")
+    return f"held out: input.eval_shards={given}", True, _split_spec(given)
+  train = input_cfg.video_shards
+  if "," not in train and sources.is_prepared_dir(train):
+    found = sources.find_prepared_shards(train, "eval")["video"]
+    if found:
+      return (f"held out: the eval split of {train} (configs/prepare.py eval_fraction, by "
+              "source file: no video has clips in both splits)", True, found)
+    why = (f"{train} has no eval split with video clips (prepare it with eval_fraction > 0, "
+           "or set input.eval_shards)")
+  else:
+    why = ("input.video_shards is not a prepare output folder, so it has no eval split "
+           "beside it (set input.eval_shards)")
+  return f"training clips: the training shards {train}; {why}", False, _split_spec(train)
+
+
+def make_eval_source(input_cfg: ml_collections.ConfigDict, seed: int) -> Any:
+  """The random-access source of evaluation video clips (see `eval_source`)."""
+  description, _, what = _eval_plan(input_cfg)
+  if input_cfg.data == "shards":
+    source = sources.ClipShardSource(what, kind="video")
+    _check_clip_shape(source, "video", input_cfg, where=f"eval shards {source.paths[0]}")
+    return source
+  cfg = _with_video_ratio(input_cfg, 1.0)
+  if input_cfg.data == "tfds":
+    cfg.tfds_split = what
+  video, _ = make_sources(cfg, seed + EVAL_SEED_OFFSET)
+  return video
+
+
+def _eval_indices(input_cfg: ml_collections.ConfigDict, source: Any, count: int,
+                  key: str) -> list[int]:
+  if input_cfg.data == "shapes":
+    return list(range(count))  # an endless stream: its first clips
+  n = len(source)
+  if n < count:
+    raise ValueError(f"{key}={count}: the evaluation clips ({eval_source(input_cfg)[0]}) "
+                     f"number only {n}")
+  # Evenly spaced over the split: neighbouring clips are mostly cut from one video.
+  return [i * n // count for i in range(count)]
+
+
+def eval_videos(input_cfg: ml_collections.ConfigDict, *, seed: int, count: int,
+                key: str = "count") -> np.ndarray:
+  """A fixed set of evaluation clips, uint8 (count, T, H, W, 3); `eval_source` says which.
+
+  `key` names the config key of `count` in the error when there are fewer.
+  """
+  video = make_eval_source(input_cfg, seed)
+  return np.stack([np.asarray(video[i]["frames"], np.uint8)
+                   for i in _eval_indices(input_cfg, video, count, key)])
+
+
+def eval_clips(input_cfg: ml_collections.ConfigDict, *, seed: int, count: int,
+               key: str = "count") -> tuple[np.ndarray, list[str]]:
+  """The clips of `eval_videos` with their captions."""
+  video = make_eval_source(input_cfg, seed)
+  examples = [video[i] for i in _eval_indices(input_cfg, video, count, key)]
   return (np.stack([np.asarray(e["frames"], np.uint8) for e in examples]),
           [str(e["caption"]) for e in examples])
 
