@@ -379,6 +379,8 @@ def test_shipped_tiny_variant_runs(tmp_path, monkeypatch):
   summary = prepare.run(config, str(tmp_path / "out"))
   assert summary["complete"] and summary["files_skipped"] == 0
   assert summary["image_clips"] == 3 and summary["video_clips"] > 0
+  assert [os.path.basename(f) for f in summary["eval_split"]["files"]] == [
+      "arm_wrestling_2s.mp4", "rocket.jpg"]
   assert sources.ClipShardSource(str(tmp_path / "out"),
                                  kind="video")[0]["frames"].shape == (
                                      11, 32, 32, 3)
