@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
+from jax.experimental import multihost_utils
 
 from phenaki_jax import storage
 from phenaki_jax.config import schema
@@ -43,18 +44,40 @@ from phenaki_jax import tokenizer as tokenizer_lib
 from phenaki_jax.data import pipeline, shard_writer, token_shards
 from phenaki_jax.text.encoder import build_text_encoder
 
+# Where each process leaves its summary for process 0 (removed once merged).
+PARTS_DIR = ".pretokenize-parts"
+
 # --- The job.
 
+def process_range(count: int, process_index: int, process_count: int) -> range:
+  """The contiguous examples this process encodes: the first count % N processes take one more."""
+  share, extra = divmod(count, process_count)
+  start = process_index * share + min(process_index, extra)
+  return range(start, start + share + (process_index < extra))
+
+
+def shard_prefix(process_index: int, process_count: int) -> str:
+  """Shard names sort in example order: process p's `tokens-pPPP-NNN` after p-1's."""
+  return "tokens" if process_count == 1 else f"tokens-p{process_index:03d}"
+
+
 def _encode_split(name: str, source: Any, count: int, tok: Any, text_fn: Any, batch_size: int,
-                  out_dir: str, records_per_shard: int) -> dict[str, Any]:
-  """Encodes `count` examples of `source` into out_dir/name/; returns its summary."""
-  writer = shard_writer.ShardWriter(storage.join(out_dir, name), "tokens", records_per_shard,
-                               "group_size:1,zstd:3")
+                  out_dir: str, records_per_shard: int, process_index: int = 0,
+                  process_count: int = 1) -> dict[str, Any]:
+  """Encodes this process's share of `count` examples of `source` into out_dir/name/.
+
+  Returns its summary (records, token grid, shards, seconds).
+  """
+  writer = shard_writer.ShardWriter(storage.join(out_dir, name),
+                                    shard_prefix(process_index, process_count),
+                                    records_per_shard, "group_size:1,zstd:3")
+  indices = process_range(count, process_index, process_count)
   grid = None
   start = time.perf_counter()
-  with tqdm.tqdm(total=count, desc=f"pretokenize {name}", unit="clip") as bar:
-    for first in range(0, count, batch_size):
-      chunk = [source[i] for i in range(first, min(first + batch_size, count))]
+  with tqdm.tqdm(total=len(indices), desc=f"pretokenize {name}", unit="clip",
+                 disable=process_index != 0) as bar:
+    for first in range(indices.start, indices.stop, batch_size):
+      chunk = [source[i] for i in range(first, min(first + batch_size, indices.stop))]
       frames = np.stack([np.asarray(e["frames"], np.uint8) for e in chunk])
       captions = [str(e["caption"]) for e in chunk]
       n = len(chunk)
@@ -72,8 +95,41 @@ def _encode_split(name: str, source: Any, count: int, tok: Any, text_fn: Any, ba
       bar.update(n)
   writer.close()
   seconds = time.perf_counter() - start
-  return {"records": count, "token_grid": grid, "shards": writer.shards,
-          "seconds": round(seconds, 2), "clips_per_second": round(count / max(seconds, 1e-9), 2)}
+  return {"records": len(indices), "token_grid": grid, "shards": writer.shards,
+          "seconds": round(seconds, 2)}
+
+
+def merge_splits(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+  """The processes' split summaries (in process order) as one, shards in reading order."""
+  merged = {}
+  for name in parts[0]:
+    mine = [p[name] for p in parts]
+    grids = [m["token_grid"] for m in mine if m["token_grid"] is not None]
+    records = sum(m["records"] for m in mine)
+    seconds = max(m["seconds"] for m in mine)  # the processes ran side by side
+    merged[name] = {"records": records, "token_grid": grids[0] if grids else None,
+                    "shards": [s for m in mine for s in m["shards"]], "seconds": seconds,
+                    "clips_per_second": round(records / max(seconds, 1e-9), 2)}
+    if len(parts) > 1:
+      merged[name]["records_per_process"] = [m["records"] for m in mine]
+  return merged
+
+
+def _gather_splits(splits: dict[str, dict[str, Any]], workdir: str) -> list[dict[str, Any]]:
+  """Every process's split summaries, on process 0 (through files in the workdir, which every
+  host reaches: local on one machine, the bucket on a pod); [] on the others."""
+  count, index = jax.process_count(), jax.process_index()
+  if count == 1:
+    return [splits]
+  part = storage.join(workdir, PARTS_DIR, f"process-{index:03d}.json")
+  storage.write_json(part, splits)
+  multihost_utils.sync_global_devices("phenaki_jax_pretokenize_parts")
+  if index != 0:
+    return []
+  paths = [storage.join(workdir, PARTS_DIR, f"process-{i:03d}.json") for i in range(count)]
+  parts = [storage.read_json(p) for p in paths]
+  storage.rmtree(storage.join(workdir, PARTS_DIR))
+  return parts
 
 
 def make_text_fn(text_cfg: ml_collections.ConfigDict) -> tuple[Any, dict[str, Any]]:
@@ -118,8 +174,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return n
 
   splits = {}
+  # On several processes each encodes a contiguous share on its own devices and
+  # writes its own shards; process 0 writes metadata.json once all are done.
   args = dict(tok=tok, text_fn=text_fn, batch_size=config.batch_size, out_dir=workdir,
-              records_per_shard=config.records_per_shard)
+              records_per_shard=config.records_per_shard, process_index=jax.process_index(),
+              process_count=jax.process_count())
   if video is not None:
     splits["video"] = _encode_split("video", video, count(video, config.num_video_examples,
                                                           "num_video_examples"), **args)
@@ -133,6 +192,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         config.seed + pipeline.EVAL_SEED_OFFSET)
     splits["eval"] = _encode_split("eval", held_out, config.num_eval_examples, **args)
 
+  parts = _gather_splits(splits, workdir)
+  if not parts:
+    logging.info("pretokenized this process's share into %s", workdir)
+    return {"splits": splits, "complete": False}
+  splits = merge_splits(parts)
   meta = {
       "format": token_shards.RECORD_FORMAT, "version": token_shards.RECORD_VERSION,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

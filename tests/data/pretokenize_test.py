@@ -138,3 +138,23 @@ def test_frozen_t5_embeddings_are_cached_and_used_instead_of_the_encoder(tokeniz
   config.text.max_length = 32
   with pytest.raises(schema.ConfigError, match="text.max_length"):
     train_maskgit.train_and_evaluate(config, str(tmp_path / "run2"))
+
+
+@pytest.mark.parametrize("count,processes", [(10, 2), (7, 3), (2, 4), (0, 2)])
+def test_processes_take_contiguous_shares_that_cover_every_example_once(count, processes):
+  shares = [pretokenize.process_range(count, i, processes) for i in range(processes)]
+  assert [i for share in shares for i in share] == list(range(count))
+  assert max(map(len, shares)) - min(map(len, shares)) <= 1
+  names = sorted(pretokenize.shard_prefix(i, processes) + "-000" for i in range(processes))
+  assert names == [pretokenize.shard_prefix(i, processes) + "-000" for i in range(processes)]
+
+
+def test_merged_summary_lists_shards_in_reading_order_and_counts_all():
+  parts = [{"video": {"records": n, "token_grid": [5, 4, 4] if n else None, "seconds": s,
+                      "shards": [{"file": f"tokens-p{i:03d}-000.array_record", "records": n}]}}
+           for i, (n, s) in enumerate(((5, 2.0), (4, 3.0), (0, 0.1)))]
+  merged = pretokenize.merge_splits(parts)["video"]
+  assert merged["records"] == 9 and merged["records_per_process"] == [5, 4, 0]
+  assert merged["token_grid"] == [5, 4, 4] and merged["seconds"] == 3.0
+  assert [s["file"] for s in merged["shards"]] == [
+      f"tokens-p{i:03d}-000.array_record" for i in range(3)]
