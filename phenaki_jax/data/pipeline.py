@@ -209,7 +209,8 @@ def make_train_dataset(input_cfg: ml_collections.ConfigDict, *, seed: int, proce
 
 # --- Evaluation clips: held out when the data has a held-out part, and said so when not.
 
-def eval_source(input_cfg: ml_collections.ConfigDict) -> tuple[str, bool]:
+def eval_source(input_cfg: ml_collections.ConfigDict,
+                trained: ml_collections.ConfigDict | None = None) -> tuple[str, bool]:
   """(description, held_out) of the clips `eval_videos` / `eval_clips` read.
 
   The description starts 'held out: ' or 'training clips: ' and says where
@@ -218,14 +219,37 @@ def eval_source(input_cfg: ml_collections.ConfigDict) -> tuple[str, bool]:
   the eval split configs/prepare.py wrote beside the training shards (or
   input.eval_shards), a TFDS input.tfds_eval_split, or token shards with an
   'eval' split. Anything else is the training data.
+
+  Args:
+    trained: for an evaluation job, the input config the model trained on:
+      other shards (by path) or another TFDS dataset or split than those are
+      held out as a whole; the same ones are read as a trainer reads them.
   """
-  description, held_out, _ = _eval_plan(input_cfg)
+  description, held_out, _ = _eval_plan(input_cfg, trained)
   return description, held_out
 
 
-def _eval_plan(input_cfg: ml_collections.ConfigDict) -> tuple[str, bool, Any]:
+def _other_data(input_cfg: ml_collections.ConfigDict, trained: ml_collections.ConfigDict) -> bool:
+  if input_cfg.data != trained.data:
+    return True
+  if input_cfg.data == "shards":
+    return input_cfg.video_shards != trained.video_shards
+  if input_cfg.data == "tfds":
+    return (input_cfg.tfds_video, input_cfg.tfds_split) != (trained.tfds_video,
+                                                             trained.tfds_split)
+  return False
+
+
+def _eval_plan(input_cfg: ml_collections.ConfigDict,
+               trained: ml_collections.ConfigDict | None = None) -> tuple[str, bool, Any]:
   """(description, held_out, what to read: shard paths or a TFDS split)."""
   data = input_cfg.data
+  if trained is not None and data in ("shards", "tfds") and _other_data(input_cfg, trained):
+    if data == "shards":
+      return (f"held out: other shards ({input_cfg.video_shards}) than the model trained on "
+              "(by path)", True, _split_spec(input_cfg.video_shards))
+    return (f"held out: another TFDS dataset or split ({input_cfg.tfds_video}, "
+            f"{input_cfg.tfds_split!r}) than the model trained on", True, input_cfg.tfds_split)
   if data == "shapes":
     return (f"held out: built-in shapes from the eval seed stream (seed + {EVAL_SEED_OFFSET}), "
             "not the training stream", True, None)
@@ -280,9 +304,10 @@ def _eval_shards_plan(input_cfg: ml_collections.ConfigDict) -> tuple[str, bool, 
   return f"training clips: the training shards {train}; {why}", False, _split_spec(train)
 
 
-def make_eval_source(input_cfg: ml_collections.ConfigDict, seed: int) -> Any:
+def make_eval_source(input_cfg: ml_collections.ConfigDict, seed: int,
+                     trained: ml_collections.ConfigDict | None = None) -> Any:
   """The random-access source of evaluation video clips (see `eval_source`)."""
-  description, _, what = _eval_plan(input_cfg)
+  _, _, what = _eval_plan(input_cfg, trained)
   if input_cfg.data == "shards":
     source = sources.ClipShardSource(what, kind="video")
     _check_clip_shape(source, "video", input_cfg, where=f"eval shards {source.paths[0]}")
@@ -295,33 +320,36 @@ def make_eval_source(input_cfg: ml_collections.ConfigDict, seed: int) -> Any:
 
 
 def _eval_indices(input_cfg: ml_collections.ConfigDict, source: Any, count: int,
-                  key: str) -> list[int]:
+                  key: str, trained: ml_collections.ConfigDict | None) -> list[int]:
   if input_cfg.data == "shapes":
     return list(range(count))  # an endless stream: its first clips
   n = len(source)
   if n < count:
-    raise ValueError(f"{key}={count}: the evaluation clips ({eval_source(input_cfg)[0]}) "
-                     f"number only {n}")
+    raise ValueError(f"{key}={count}: the evaluation clips "
+                     f"({eval_source(input_cfg, trained)[0]}) number only {n}")
   # Evenly spaced over the split: neighbouring clips are mostly cut from one video.
   return [i * n // count for i in range(count)]
 
 
 def eval_videos(input_cfg: ml_collections.ConfigDict, *, seed: int, count: int,
-                key: str = "count") -> np.ndarray:
+                key: str = "count", trained: ml_collections.ConfigDict | None = None
+                ) -> np.ndarray:
   """A fixed set of evaluation clips, uint8 (count, T, H, W, 3); `eval_source` says which.
 
-  `key` names the config key of `count` in the error when there are fewer.
+  `key` names the config key of `count` in the error when there are fewer;
+  `trained` as for `eval_source`.
   """
-  video = make_eval_source(input_cfg, seed)
+  video = make_eval_source(input_cfg, seed, trained)
   return np.stack([np.asarray(video[i]["frames"], np.uint8)
-                   for i in _eval_indices(input_cfg, video, count, key)])
+                   for i in _eval_indices(input_cfg, video, count, key, trained)])
 
 
 def eval_clips(input_cfg: ml_collections.ConfigDict, *, seed: int, count: int,
-               key: str = "count") -> tuple[np.ndarray, list[str]]:
+               key: str = "count", trained: ml_collections.ConfigDict | None = None
+               ) -> tuple[np.ndarray, list[str]]:
   """The clips of `eval_videos` with their captions."""
-  video = make_eval_source(input_cfg, seed)
-  examples = [video[i] for i in _eval_indices(input_cfg, video, count, key)]
+  video = make_eval_source(input_cfg, seed, trained)
+  examples = [video[i] for i in _eval_indices(input_cfg, video, count, key, trained)]
   return (np.stack([np.asarray(e["frames"], np.uint8) for e in examples]),
           [str(e["caption"]) for e in examples])
 

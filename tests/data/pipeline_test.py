@@ -142,3 +142,15 @@ def test_without_an_eval_split_the_description_says_training_clips(prepared):
   assert pipeline.eval_source(_input_cfg()) == (
       f"held out: built-in shapes from the eval seed stream (seed + {pipeline.EVAL_SEED_OFFSET}), "
       "not the training stream", True)
+
+
+def test_an_evaluation_job_names_the_data_its_model_trained_on(prepared):
+  cfg = _input_cfg(data="shards", video_shards=prepared, image_shards=prepared)
+  # Evaluating on the folder the model trained on: its eval split, as a trainer reads.
+  assert pipeline.eval_source(cfg, trained=cfg) == pipeline.eval_source(cfg)
+  # On other shards than it trained on: all of them are held out.
+  trained = _input_cfg(data="shards", video_shards=os.path.join(prepared, "video"))
+  description, held_out = pipeline.eval_source(cfg, trained=trained)
+  assert held_out and description.startswith(f"held out: other shards ({prepared})")
+  clips = pipeline.eval_videos(cfg, seed=0, count=3, trained=trained)
+  assert None not in _sources_of(clips, prepared, "train")
