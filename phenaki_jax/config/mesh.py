@@ -18,10 +18,11 @@ a multiple of the processes and 'act_batch' on the mesh's leading axes.
 `check` tests it for a simulated layout (num_devices, process_count) before
 anything starts; `check_process_layout` tests a real mesh. A TPU mesh
 follows the chips' torus, not the process order, and there the simulation is
-not enough: measured with jax 0.10's mesh_utils on a 4x4x4 v4 layout (16
-hosts of 2x2x1 chips), make_mesh((16, 1, 4)) puts the tensor axis across
-hosts, so every batch shard spans 4 processes; (64, 1, 1) gives each host
-whole shards, but interleaved (host 0 holds shards 0, 4, ...), not a block.
+not enough: jax 0.10's mesh_utils.create_device_mesh over stand-in devices
+with the coordinates of a 4x4x4 v4 slice (16 hosts of 2x2x1 chips) puts the
+tensor axis of (16, 1, 4) across hosts, so every batch shard spans 2
+processes, while (64, 1, 1) gives each host whole shards, but interleaved
+(host 0 holds shards 0, 4, 16, 20), not a block.
 """
 from __future__ import annotations
 
