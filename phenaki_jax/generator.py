@@ -10,6 +10,14 @@ written by the trainer); that tokenizer checkpoint is loaded to turn the
 sampled tokens into frames. Sampling is one jitted MaskGIT decoding loop with
 classifier-free guidance; it compiles once per batch size and token-grid
 shape, and the step count, guidance scale and temperatures are traced values.
+
+Everything lives on one mesh (`Generator.load(mesh=...)`; default all of this
+process's devices): the generator's weights (EMA or raw, nothing else read)
+and the frozen text encoder's by the generator's logical-axis rules, the
+tokenizer's by its own (tokenizer.tokenizer_placement). A batch of prompts is
+split over the mesh's batch axes (padded when it does not divide) and the
+tokens come back replicated, so on several processes, each calling with the
+same prompts and seed, every one gets the same videos.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from phenaki_jax.config import schema
 from phenaki_jax.models import cvivit, maskgit
 from phenaki_jax.sampling import parallel_decode
 from phenaki_jax.text.encoder import TextEncoder, build_text_encoder, encode_text
-from phenaki_jax.tokenizer import Tokenizer
+from phenaki_jax.tokenizer import Placement, Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +106,7 @@ class SamplingOptions:
 
 @dataclasses.dataclass
 class Generator:
-  """A trained MaskGIT generator, its text encoder and its frozen tokenizer, on one device."""
+  """A trained MaskGIT generator, its text encoder and its frozen tokenizer, on one mesh."""
   model: maskgit.MaskGitTransformer
   text: TextEncoder
   params: Any  # {'generator': ..., 'text_encoder': ... when it trained}
@@ -106,49 +114,68 @@ class Generator:
   tokenizer: Tokenizer
   config: ml_collections.ConfigDict
   step: int
+  placement: Placement
   tokenizer_workdir: str = ""
+
+  @staticmethod
+  def read_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+    """The saved config of a configs/maskgit.py run (at `step`, default the newest)."""
+    steps = _checked_steps(workdir, step)
+    ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), max_to_keep=1000,
+                                      async_save=False)
+    try:
+      return schema.complete(ml_collections.ConfigDict(
+          ckpt.restore_config(step if step is not None else steps[-1])))
+    finally:
+      ckpt.close()
 
   @classmethod
   def load(cls, workdir: str, step: int | None = None, use_ema: bool = True,
-           tokenizer_workdir: str | None = None) -> "Generator":
+           tokenizer_workdir: str | None = None, *,
+           mesh: jax.sharding.Mesh | None = None) -> "Generator":
     """Restores a configs/maskgit.py run (the newest good step by default).
 
     The tokenizer is the one recorded in WORKDIR/tokenizer.json (workdir and
     step), unless `tokenizer_workdir` points elsewhere (its newest step).
+    `mesh`: where the weights go and sampling runs; default all of this
+    process's devices in the run's mesh.shape (data-parallel when that does
+    not fit them). On several processes pass a global mesh, and every
+    process calls this (and then each sampling method) together. A given
+    mesh the generator's weights do not split evenly on is an error naming
+    them.
     """
-    steps = checkpointing.finalized_steps(workdir)
-    if not steps:
-      raise FileNotFoundError(
-          f"no generator checkpoint in {storage.join(workdir, 'checkpoints')}; train one: "
-          f"python -m phenaki_jax.main --config=configs/maskgit.py --workdir={workdir}")
-    if step is not None and step not in steps:
-      raise FileNotFoundError(f"{workdir} has no checkpoint step {step}; it has {steps}")
-    ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), max_to_keep=1000,
-                                      async_save=False)
-    config = schema.complete(ml_collections.ConfigDict(
-        ckpt.restore_config(step if step is not None else steps[-1])))
-
-    tok, tok_dir = tokenizer_lib.load_recorded(workdir, tokenizer_workdir)
-    tokenizer_lib.check_tokenizer_match(config, tok.config, f"{tok_dir} (step {tok.step})")
+    _checked_steps(workdir, step)
+    config = cls.read_config(workdir, step)
     text = build_text_encoder(config.text)
     model = train_state.build_maskgit(config)
-    mesh = sharding.make_mesh((1, 1, 1), jax.local_devices()[:1])
+    placement, target_params = generator_placement(config, model, text, mesh)
+    tok, tok_dir = tokenizer_lib.load_recorded(workdir, tokenizer_workdir,
+                                               mesh=placement.mesh)
+    tokenizer_lib.check_tokenizer_match(config, tok.config, f"{tok_dir} (step {tok.step})")
+    ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), max_to_keep=1000,
+                                      async_save=False)
     field = "ema_params" if use_ema else "params"
-    with sharding.use_mesh(mesh, config.logical_axis_rules):
-      target = {field: train_state.maskgit_abstract_params(config, model, text, mesh)}
+    target = {field: target_params}
     if step is None:
       restored, step = ckpt.restore_latest(target, partial=True)
     else:
       restored = ckpt.restore(step, target, partial=True)
     ckpt.close()
-    frozen_text = {} if text.trainable else jax.device_put(text.pretrained)
+    frozen_text = {}
+    if not text.trainable:
+      frozen_text = sharding.place(text.pretrained, frozen_text_shardings(config, text,
+                                                                          placement))
     return cls(model=model, text=text, params=restored[field], frozen_text_params=frozen_text,
-               tokenizer=tok, config=config, step=int(step), tokenizer_workdir=tok_dir)
+               tokenizer=tok, config=config, step=int(step), placement=placement,
+               tokenizer_workdir=tok_dir)
+
+  @property
+  def mesh(self) -> jax.sharding.Mesh:
+    return self.placement.mesh
 
   def __post_init__(self):
-    self._sample = jax.jit(functools.partial(_sample_tokens, self.model, self.text),
-                           static_argnames=("max_steps", "top_k", "schedule",
-                                            "guidance_schedule"))
+    self._sample = jax.jit(sample_fn(self.model, self.text), static_argnames=SAMPLE_STATIC,
+                           out_shardings=self.placement.replicated)
 
   @property
   def memory_token_frames(self) -> int:
@@ -204,23 +231,29 @@ class Generator:
       memory = np.asarray(memory_tokens, np.int32)
       if memory.shape != (b, m, h, w):
         raise ValueError(f"memory_tokens {memory.shape}: expected {(b, m, h, w)}")
+    # Every example's values on every process: batch arrays split over the
+    # mesh's batch axes (padded with copies of the last example: with
+    # partitionable threefry an example's random draws do not depend on the
+    # batch size, so padding changes no real example), scalars replicated.
+    p = self.placement
+    put, rep = p.put_batch, p.put_replicated
     # Nones keep the plain sampler (and its compilation) when an option is off.
     memory_args = None
     if memory is not None and options.memory_guidance_scale > 0:
-      memory_args = (jnp.asarray(memory), jnp.float32(options.memory_guidance_scale))
+      memory_args = (put(memory), rep(np.float32(options.memory_guidance_scale)))
     seam = None
     if prefix_tokens is not None and options.seam_blending:
-      seam = jnp.full((b,), prefix.shape[1], jnp.int32)
-    tokens = self._sample(self.params, self.frozen_text_params, jnp.asarray(ids),
-                          jnp.asarray(mask), jax.random.key(seed), jnp.asarray(start),
-                          jnp.int32(options.num_steps), jnp.float32(options.guidance_scale),
-                          jnp.float32(options.temperature),
-                          jnp.float32(options.choice_temperature),
-                          memory_args, seam,
-                          max_steps=options.max_steps, top_k=options.top_k or None,
-                          schedule=self.config.mask_schedule,
-                          guidance_schedule=options.guidance_schedule)
-    return np.asarray(tokens)
+      seam = put(np.full((b,), prefix.shape[1], np.int32))
+    key = rep(np.asarray(jax.random.key_data(jax.random.key(seed))))
+    scalars = rep((np.int32(options.num_steps), np.float32(options.guidance_scale),
+                   np.float32(options.temperature), np.float32(options.choice_temperature)))
+    with p.context():
+      tokens = self._sample(self.params, self.frozen_text_params, put(ids), put(mask), key,
+                            put(start), *scalars, memory_args, seam,
+                            max_steps=options.max_steps, top_k=options.top_k or None,
+                            schedule=self.config.mask_schedule,
+                            guidance_schedule=options.guidance_schedule)
+    return np.asarray(tokens)[:b]
 
   def decode(self, tokens: Any) -> np.ndarray:
     """Tokens (B, t, h, w) -> uint8 frames (B, 1 + (t−1)·t_p, H, W, 3)."""
@@ -241,6 +274,15 @@ class Generator:
     return self.decode(tokens)
 
 
+# The sampler's static arguments (one compilation per combination).
+SAMPLE_STATIC = ("max_steps", "top_k", "schedule", "guidance_schedule")
+
+
+def sample_fn(model: maskgit.MaskGitTransformer, text: TextEncoder):
+  """The sampler Generator jits (static_argnames=SAMPLE_STATIC); see _sample_tokens."""
+  return functools.partial(_sample_tokens, model, text)
+
+
 def _sample_tokens(model: maskgit.MaskGitTransformer, text: TextEncoder, params: Any,
                    frozen_text_params: Any, text_ids: jax.Array, text_mask: jax.Array,
                    rng: jax.Array, start: jax.Array, num_steps: jax.Array,
@@ -252,10 +294,14 @@ def _sample_tokens(model: maskgit.MaskGitTransformer, text: TextEncoder, params:
                    guidance_schedule: str = "constant") -> jax.Array:
   """MaskGIT decoding with CFG; the conditional and unconditional passes share one batch.
 
+  `rng` is key data (jax.random.key_data), so it can be placed on a mesh as
+  a plain uint32 array.
+
   `memory_args` = (memory tokens (B, m, h, w), memory guidance scale): a
   third pass with text and memory joins the batch (parallel_decode.
   guide_with_memory). `seam_frames` (B,): prefix token frames to blend.
   """
+  rng = jax.random.wrap_key_data(rng)
   context, mask = encode_text(text, params, frozen_text_params,
                               {"text_ids": text_ids, "text_mask": text_mask})
   b = start.shape[0]
@@ -296,3 +342,58 @@ def _sample_tokens(model: maskgit.MaskGitTransformer, text: TextEncoder, params:
       max_steps=max_steps, temperature=temperature, choice_temperature=choice_temperature,
       top_k=top_k, schedule=schedule, **seam_kw)
   return parallel_decode.unflatten_tokens(out.tokens, grid)
+
+
+# --- Where the weights go.
+
+def _checked_steps(workdir: str, step: int | None) -> list[int]:
+  steps = checkpointing.finalized_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(
+        f"no generator checkpoint in {storage.join(workdir, 'checkpoints')}; train one: "
+        f"python -m phenaki_jax.main --config=configs/maskgit.py --workdir={workdir}")
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"{workdir} has no checkpoint step {step}; it has {steps}")
+  return steps
+
+
+def generator_placement(config: ml_collections.ConfigDict, model: maskgit.MaskGitTransformer,
+                        text: TextEncoder, mesh: jax.sharding.Mesh | None = None
+                        ) -> tuple[Placement, Any]:
+  """(placement, abstract generator params with their shardings) on `mesh`.
+
+  By the run's logical-axis rules. With no mesh: tokenizer.inference_mesh,
+  and all those devices data-parallel if the weights do not split evenly on
+  it; a given mesh they do not split on is a ValueError naming the weights.
+  """
+  given = mesh is not None
+  mesh = tokenizer_lib.inference_mesh(config) if mesh is None else mesh
+  boxed = jax.eval_shape(train_state.maskgit_params_init_fn(model, text, config),
+                         jax.random.key(0))
+  placement = Placement.of(mesh, config.logical_axis_rules)
+  abstract = tokenizer_lib.abstract_on(boxed, placement)
+  bad = tokenizer_lib.indivisible(abstract, mesh)
+  if bad and given:
+    raise ValueError(
+        f"the generator's weights do not split evenly on the mesh {dict(mesh.shape)} by its "
+        f"config.logical_axis_rules: {'; '.join(bad[:3])}"
+        f"{f' (and {len(bad) - 3} more)' if len(bad) > 3 else ''}; choose a mesh whose "
+        "fsdp / tensor sizes divide those dimensions")
+  if bad:
+    placement = Placement.of(tokenizer_lib.data_parallel_mesh(mesh), config.logical_axis_rules)
+    abstract = tokenizer_lib.abstract_on(boxed, placement)
+  return placement, abstract
+
+
+def frozen_text_shardings(config: ml_collections.ConfigDict, text: TextEncoder,
+                          placement: Placement) -> Any:
+  """Shardings of a frozen text encoder's params: by the rules, or replicated if they do
+  not split evenly (its sizes are the pretrained T5's, not the generator config's)."""
+  boxed = jax.eval_shape(text.module.init, jax.random.key(0),
+                         jnp.ones((1, config.text.max_length), jnp.int32))["params"]
+  shardings = sharding.tree_shardings(boxed, placement.mesh, placement.rules)
+  abstract = checkpointing.abstract_with_shardings(sharding.strip_boxes(boxed), shardings)
+  if tokenizer_lib.indivisible(abstract, placement.mesh):
+    return jax.tree.map(lambda _: placement.replicated, shardings)
+  return shardings
+

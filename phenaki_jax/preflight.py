@@ -4,6 +4,13 @@
   python -m phenaki_jax.preflight --config=configs/maskgit.py:paper --mesh=1,4,2 \
       --hbm_gib=95 --out=/tmp/maskgit_paper.json
   python -m phenaki_jax.preflight --config=configs/cvivit.py:paper --topology=v5p:2x2x2
+  python -m phenaki_jax.preflight --config=configs/sample.py:paper --topology=v5e:2x4
+
+The sample job (configs/sample.py) has no train step: for it the tool lays
+the generator's, text encoder's and tokenizer's weights out on the sampling
+mesh as Generator.load does and compiles the sampler, the tokenizer's
+decode and encode (sample_preflight); the verdict is weights + the largest
+of those programs, against --hbm_gib or, for a TPU topology, its chips' HBM.
 
 It builds the train step exactly as the trainer does (the trainers' own
 build / optimizer / abstract-state / step functions, the same shardings and
@@ -92,11 +99,13 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from phenaki_jax import checkpointing, optimizers, sharding, storage, train_state  # noqa: E402
+from phenaki_jax import generator as generator_lib  # noqa: E402
 from phenaki_jax import tokenizer as tokenizer_lib  # noqa: E402
 from phenaki_jax.config import mesh as config_mesh  # noqa: E402
+from phenaki_jax.config import sampling as sampling_section  # noqa: E402
 from phenaki_jax.config import schema  # noqa: E402
 from phenaki_jax.config.schema import ConfigError  # noqa: E402
-from phenaki_jax.models import t5  # noqa: E402
+from phenaki_jax.models import cvivit, t5  # noqa: E402
 from phenaki_jax.text import t5_weights, text_tokenizers  # noqa: E402
 from phenaki_jax.text.encoder import TextEncoder, build_text_encoder  # noqa: E402
 from phenaki_jax.train import cvivit_objective, train_cvivit, train_maskgit  # noqa: E402
@@ -467,11 +476,14 @@ def _cost(compiled: Any) -> dict[str, float]:
 def preflight(config: ml_collections.ConfigDict, *, mesh_shape: Sequence[int] | None = None,
               num_devices: int | None = None, topology: str = "", hbm_gib: float | None = None,
               config_name: str = "", tokenizer_config: ml_collections.ConfigDict | None = None,
-              t5_preset: str = DEFAULT_T5) -> Report:
+              t5_preset: str = DEFAULT_T5) -> Report | SampleReport:
   """Compiles the job's train step for the target from shapes only; returns the memory report.
 
+  A configs/sample.py config goes to sample_preflight (its programs, not a
+  train step; a SampleReport).
+
   Args:
-    config: a configs/cvivit.py or configs/maskgit.py config.
+    config: a configs/cvivit.py, configs/maskgit.py or configs/sample.py config.
     mesh_shape: (data, fsdp, tensor), replacing config.mesh.shape.
     num_devices: devices to compile for; default the product of the mesh
       shape (or all of this process's devices when the mesh has a -1).
@@ -484,6 +496,10 @@ def preflight(config: ml_collections.ConfigDict, *, mesh_shape: Sequence[int] | 
     t5_preset: T5 sizes (t5.PRESETS) when the generator uses a pretrained T5
       whose config.json is not at config.text.t5_path.
   """
+  if config.get("job") == "sample":
+    return sample_preflight(config, mesh_shape=mesh_shape, num_devices=num_devices,
+                            topology=topology, hbm_gib=hbm_gib, config_name=config_name,
+                            tokenizer_config=tokenizer_config, t5_preset=t5_preset)
   config = _override_mesh(config, mesh_shape)
   name = config_name or f"config.job={config.job!r}"
   mesh_given = tuple(config.mesh.shape)
@@ -537,6 +553,262 @@ def too_big_message(report: Report) -> str:
           f"{report.hbm_gib:g}" + (" (a CPU-compiled estimate)" if report.estimate else ""))
 
 
+# --- The sampling job (configs/sample.py): what one device holds while it samples.
+
+# HBM per chip of the TPUs the launch scripts know, by device_kind: a
+# topology's verdict without --hbm_gib.
+TPU_HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v5p": 95.0,
+               "TPU v6 lite": 32.0}
+
+
+@dataclasses.dataclass
+class SampleReport:
+  """What one device holds while the sample job runs: weights, and the largest program."""
+  config: str
+  generator: str  # where the generator's config came from
+  tokenizer: str
+  mesh: dict[str, int]
+  target: str
+  estimate: bool
+  batch: int  # prompts per sampling call
+  batch_ways: int
+  params: dict[str, int]  # parameters per network
+  # Weights resident on one device the whole job, per network (from their shardings).
+  weights_bytes_per_device: dict[str, int]
+  weights_layout: dict[str, str]  # 'by its rules' / 'replicated' per network
+  # Per compiled program ('sampling', 'decode', 'encode'): memory_analysis()
+  # per device, plus 'beyond_weights' = all it needs besides the resident weights.
+  programs: dict[str, dict[str, int]]
+  compile_seconds: float
+  notes: list[str]
+  hbm_gib: float | None = None
+  job: str = "sample"
+  date: str = dataclasses.field(default_factory=lambda: datetime.date.today().isoformat())
+
+  @property
+  def weights_bytes(self) -> int:
+    return sum(self.weights_bytes_per_device.values())
+
+  @property
+  def largest_program(self) -> str:
+    return max(self.programs, key=lambda k: self.programs[k]["beyond_weights"])
+
+  @property
+  def total_bytes(self) -> int:
+    """Every weight stays resident; one program runs at a time."""
+    return self.weights_bytes + self.programs[self.largest_program]["beyond_weights"]
+
+  @property
+  def fits(self) -> bool | None:
+    return None if self.hbm_gib is None else self.total_bytes <= self.hbm_gib * GIB
+
+  def to_json(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    out.update(total_bytes=self.total_bytes, total_gib=self.total_bytes / GIB, fits=self.fits)
+    return out
+
+  def table(self) -> str:
+    mesh = ",".join(str(v) for v in self.mesh.values())
+    lines = [
+        f"sampling pre-flight: {self.config} (job sample)",
+        f"  generator from {self.generator}; tokenizer from {self.tokenizer}",
+        f"  mesh (data,fsdp,tensor) = ({mesh}) on {self.target}",
+        f"  batch {self.batch} prompts, split {self.batch_ways} ways "
+        f"({self.batch / self.batch_ways:g} per device; the sampler runs 2 passes each, CFG)",
+        "  parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.params.items()),
+        f"  compile: {self.compile_seconds:.1f} s",
+        "",
+        "  per device                                       size",
+    ]
+    for name, n in self.weights_bytes_per_device.items():
+      lines.append(f"  {name + ' weights (' + self.weights_layout[name] + ')':<46} {_size(n)}")
+    for name, m in self.programs.items():
+      lines.append(f"  {name + ': inputs, outputs, temporaries':<46} {_size(m['beyond_weights'])}"
+                   f"   (temporaries {_size(m['temp']).strip()})")
+    lines.append(f"  {'total (weights + ' + self.largest_program + ', must fit)':<46} "
+                 f"{_size(self.total_bytes)}")
+    if self.hbm_gib is not None:
+      verdict = "fits" if self.fits else "DOES NOT FIT"
+      lines.append(f"  {verdict} in {self.hbm_gib:g} GiB per device "
+                   f"({self.total_bytes / GIB:.2f} GiB needed)")
+    lines += [f"  note: {n}" for n in self.notes]
+    return "\n".join(lines)
+
+  def too_big_message(self) -> str:
+    mesh = ",".join(str(v) for v in self.mesh.values())
+    return (f"error: {self.config} on mesh (data,fsdp,tensor)=({mesh}) needs "
+            f"{self.total_bytes / GIB:.2f} GiB per device (weights "
+            f"{self.weights_bytes / GIB:.2f} + {self.largest_program} "
+            f"{self.programs[self.largest_program]['beyond_weights'] / GIB:.2f} GiB), more "
+            f"than {self.hbm_gib:g} GiB" + (" (a CPU-compiled estimate)" if self.estimate else ""))
+
+
+def generator_config_for(config: ml_collections.ConfigDict, config_arg: str = ""
+                         ) -> tuple[ml_collections.ConfigDict, str, str]:
+  """(the generator's config for a sample config, where it came from, the config
+  file argument its tokenizer's shapes are looked up by: '' for a saved one).
+
+  The saved config of config.generator.workdir's checkpoint when there is
+  one; else configs/maskgit.py with the sample config's variant (tiny ->
+  tiny, paper -> paper; one maskgit.py lacks -> its default), next to the
+  sample config's file.
+  """
+  g = config.generator
+  steps = checkpointing.finalized_steps(g.workdir) if g.workdir else []
+  if steps:
+    step = g.step if g.step in steps else steps[-1]
+    return (generator_lib.Generator.read_config(g.workdir, step), f"{g.workdir} step {step}",
+            "")
+  path, _, variant = config_arg.partition(":")
+  folder = storage.dirname(path) if path else "configs"
+  source = storage.join(folder, "maskgit.py") + (f":{variant}" if variant else "")
+  try:
+    loaded = _load_config_file(source)
+  except ConfigError:
+    source = storage.join(folder, "maskgit.py")
+    loaded = _load_config_file(source)
+  return schema.complete(loaded), source, source
+
+
+def _program_memory(compiled: Any, inputs: Any) -> dict[str, int]:
+  """memory_analysis() per device, and 'beyond_weights': the program's own inputs
+  (not the weights, resident anyway: jit passes it only those it reads),
+  outputs, temporaries and code."""
+  m = _memory(compiled)
+  m["inputs"] = _per_device_bytes(inputs)
+  m["beyond_weights"] = (m["inputs"] + m["output"] - m["alias"] + m["temp"]
+                         + m["generated_code"])
+  return m
+
+
+def sample_preflight(config: ml_collections.ConfigDict, *,
+                     mesh_shape: Sequence[int] | None = None, num_devices: int | None = None,
+                     topology: str = "", hbm_gib: float | None = None, config_name: str = "",
+                     tokenizer_config: ml_collections.ConfigDict | None = None,
+                     t5_preset: str = DEFAULT_T5,
+                     generator_config: ml_collections.ConfigDict | None = None
+                     ) -> SampleReport:
+  """Compiles the sample job's programs from shapes for the target; what one device holds.
+
+  The generator's weights (EMA or raw: the same shapes), its frozen text
+  encoder's and the tokenizer's, laid out on the sampling mesh exactly as
+  Generator.load lays them (generator.generator_placement,
+  frozen_text_shardings, tokenizer.tokenizer_placement); then the jitted
+  sampler (the whole decoding loop with CFG: its temporaries are one step's
+  activations), the tokenizer's decode of one batch of tokens and its
+  encode of one batch of clips (a story's context, the tokenizer ceiling),
+  each compiled ahead of time. Nothing is loaded.
+  """
+  config = _override_mesh(config, mesh_shape)
+  name = config_name or "configs/sample.py"
+  if generator_config is None:
+    gen_config, gen_source, gen_arg = generator_config_for(config, config_name)
+  else:
+    gen_config, gen_source, gen_arg = (schema.complete(generator_config),
+                                       "the given generator config", "")
+  if tokenizer_config is None:
+    tok_config, tok_source = tokenizer_config_for(gen_config, gen_arg)
+  else:
+    tok_config, tok_source = schema.complete(tokenizer_config), "the given tokenizer config"
+  tokenizer_lib.check_tokenizer_match(gen_config, tok_config, tok_source)
+  given = tuple(config.mesh.shape)
+  if num_devices is None and not topology and -1 not in given:
+    num_devices = int(np.prod(given))
+  devices, target = target_devices(None, topology) if topology else target_devices(
+      num_devices, "")
+  try:
+    shape = sampling_section.check_mesh(config, gen_config, len(devices))
+  except ConfigError as e:
+    where = f" [--mesh, {len(devices)} devices]" if mesh_shape is not None else (
+        f" [{len(devices)} devices]")
+    raise ConfigError(f"{e}{where}") from None
+  mesh = sharding.make_mesh(shape, devices)
+  if hbm_gib is None and topology:
+    hbm_gib = TPU_HBM_GIB.get(devices[0].device_kind)
+  options = generator_lib.SamplingOptions.from_config(config.sampling)
+
+  notes = [f"weights: the generator's {'EMA' if config.generator.use_ema else 'raw'} "
+           "parameters only (no optimizer state), all three networks resident while one "
+           "program runs at a time"]
+  text, text_note = _text_encoder(gen_config, t5_preset)
+  if text_note:
+    notes.append(text_note)
+  model = train_state.build_maskgit(gen_config)
+  try:
+    placement, gen_params = generator_lib.generator_placement(gen_config, model, text, mesh)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh.shape={tuple(config.mesh.shape)}: {e}") from None
+  frozen_text = {}
+  if not text.trainable:
+    boxed = jax.eval_shape(text.module.init, jax.random.key(0),
+                           jnp.ones((1, gen_config.text.max_length), jnp.int32))["params"]
+    frozen_text = _abstract(sharding.strip_boxes(boxed), generator_lib.frozen_text_shardings(
+        gen_config, text, placement))
+  tok_model = train_state.build_cvivit(tok_config)
+  tok_placement, tok_params = tokenizer_lib.tokenizer_placement(
+      tok_config, tokenizer_lib.cvivit_abstract_boxed(tok_config, tok_model), mesh)
+
+  gen_own = {k: v for k, v in gen_params.items() if k == "generator"}
+  weights = {"generator": _per_device_bytes(gen_own)}
+  layout = {"generator": "by its rules"}
+  params = {"generator": _count(gen_own)}
+  text_tree = gen_params.get("text_encoder") or frozen_text
+  if text_tree:
+    weights["text encoder"] = _per_device_bytes(text_tree)
+    params["text encoder"] = _count(text_tree)
+    split = any(x.sharding.spec != jax.sharding.PartitionSpec()
+                for x in jax.tree.leaves(text_tree))
+    layout["text encoder"] = ("trained, " if text.trainable else "frozen, ") + (
+        "by the rules" if split else "replicated")
+  weights["tokenizer"] = _per_device_bytes(tok_params)
+  params["tokenizer"] = _count(tok_params)
+  layout["tokenizer"] = ("by its rules" if tuple(tok_placement.rules) == tuple(
+      sharding.as_rules(tok_config.logical_axis_rules)) else "replicated, batch split")
+
+  b = config.batch_size
+  t, h, w = tuple(gen_config.model.token_grid)
+  length = gen_config.text.max_length
+  batch = lambda p, shape_, dtype: jax.ShapeDtypeStruct(shape_, dtype,
+                                                        sharding=p.batch_sharding)
+  rep = lambda shape_, dtype: jax.ShapeDtypeStruct(shape_, dtype, sharding=placement.replicated)
+  key = jax.random.key_data(jax.random.key(0))
+  sampler = jax.jit(generator_lib.sample_fn(model, text),
+                    static_argnames=generator_lib.SAMPLE_STATIC,
+                    out_shardings=placement.replicated)
+  sample_args = (gen_params, frozen_text, batch(placement, (b, length), jnp.int32),
+                 batch(placement, (b, length), jnp.bool_), rep(key.shape, key.dtype),
+                 batch(placement, (b, t, h, w), jnp.int32), rep((), jnp.int32),
+                 rep((), jnp.float32), rep((), jnp.float32), rep((), jnp.float32), None, None)
+  sample_kw = dict(max_steps=options.max_steps, top_k=options.top_k or None,
+                   schedule=gen_config.mask_schedule,
+                   guidance_schedule=options.guidance_schedule)
+  ti = tok_config.input
+  frames = cvivit.num_frames_of(t, int(tok_config.model.temporal_patch_size))
+  tok_rep = tok_placement.replicated
+  programs, seconds = {}, 0.0
+  for prog, fn, args, kw, where in (
+      ("sampling", sampler, sample_args, sample_kw, placement),
+      ("decode", jax.jit(tokenizer_lib.decode_fn(tok_model), out_shardings=tok_rep),
+       (tok_params, batch(tok_placement, (b, t, h, w), jnp.int32)), {}, tok_placement),
+      ("encode", jax.jit(tokenizer_lib.encode_fn(tok_model), out_shardings=tok_rep),
+       (tok_params, batch(tok_placement, (b, frames, ti.resolution, ti.resolution, 3),
+                          jnp.uint8)), {}, tok_placement)):
+    with where.context():
+      begin = time.monotonic()
+      compiled = fn.lower(*args, **kw).compile()
+      seconds += time.monotonic() - begin
+    # Arguments past the weights (sampler: params, frozen text; tokenizer: params).
+    programs[prog] = _program_memory(compiled, args[2 if prog == "sampling" else 1:])
+  estimate = not topology and jax.default_backend() == "cpu"
+  if estimate:
+    notes.append(CPU_ESTIMATE_NOTE)
+  return SampleReport(
+      config=name, generator=gen_source, tokenizer=tok_source, mesh=dict(mesh.shape),
+      target=target, estimate=estimate, batch=b, batch_ways=placement.batch_ways,
+      params=params, weights_bytes_per_device=weights, weights_layout=layout,
+      programs=programs, compile_seconds=seconds, notes=notes, hbm_gib=hbm_gib)
+
+
 # --- Command line.
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -569,7 +841,8 @@ def main(argv: Sequence[str]) -> int:
     storage.write_text(f.out, json.dumps(report.to_json(), indent=2) + "\n")
     print(f"  written: {f.out}")
   if report.fits is False:
-    print(too_big_message(report), file=sys.stderr)
+    print(too_big_message(report) if isinstance(report, Report) else report.too_big_message(),
+          file=sys.stderr)
     return 1
   return 0
 

@@ -6,15 +6,25 @@
   video = tok.decode(codes)                    # -> float32 (B, 1+k·t_p, H, W, 3) in [-1, 1]
 
 Loading restores the weights only (orbax partial restore: no optimizer, no
-discriminator). Every job that needs a tokenizer comes here: the generator's
-trainer and its Generator (through the record a generator run keeps of the
-tokenizer step it trained on, TOKENIZER_RECORD), evaluation and pre-tokenising
-(load_from_config).
+discriminator), straight into their shardings on a mesh: the caller's
+(`mesh=`; on several processes a global mesh, every process calling load
+together), else all of this process's devices (inference_mesh). encode /
+decode / reconstruct run jitted on that mesh: the batch is split over the
+mesh's batch axes (a host batch is the whole batch, the same on every
+process; one that does not divide is padded and cut back) and the results
+come back replicated, so every process can read them with np.asarray.
+
+Every job that needs a tokenizer comes here: the generator's trainer and its
+Generator (through the record a generator run keeps of the tokenizer step it
+trained on, TOKENIZER_RECORD), evaluation and pre-tokenising
+(load_from_config). The placement helpers (Placement, inference_mesh,
+indivisible) serve phenaki_jax/generator.py and the sampling pre-flight too.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,14 +32,123 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
 
 from phenaki_jax import checkpointing, sharding, storage, train_state
+from phenaki_jax.config import mesh as config_mesh
 from phenaki_jax.config import schema
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.models import cvivit
 
 # Where a generator run records the tokenizer checkpoint it trains on.
 TOKENIZER_RECORD = "tokenizer.json"
+
+
+# --- Where inference runs: a mesh, and the rules that lay weights and batches out on it.
+
+def inference_mesh(config: ml_collections.ConfigDict,
+                   devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The default mesh of Tokenizer.load / Generator.load.
+
+  `devices` (this process's own by default: each process of a multi-host job
+  then loads a whole copy, as a process-local caller wants) in the config's
+  mesh.shape, its -1 resolved to their count; all of them data-parallel when
+  that shape does not fit the count.
+  """
+  devices = list(jax.local_devices() if devices is None else devices)
+  try:
+    shape = config_mesh.resolve_mesh_shape(config.mesh.shape, len(devices))
+  except ValueError:
+    shape = (len(devices), 1, 1)
+  return sharding.make_mesh(shape, devices)
+
+
+def data_parallel_mesh(mesh: Mesh) -> Mesh:
+  """The same devices, all on the 'data' axis."""
+  return sharding.make_mesh((mesh.devices.size, 1, 1), list(mesh.devices.flat))
+
+
+def batch_only_rules(rules: sharding.Rules) -> list:
+  """`rules` with every logical axis but the batch's unsplit: whole weights on each device."""
+  return [[name, axes if name == "act_batch" else None] for name, axes in rules]
+
+
+def _ways(mesh: Mesh, axes: Any) -> int:
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def indivisible(abstract: Any, mesh: Mesh) -> list[str]:
+  """'path shape over spec' of each abstract leaf its NamedSharding cannot split evenly."""
+  bad = []
+  for path, x in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    spec = tuple(x.sharding.spec)
+    if any(d % _ways(mesh, a) for d, a in zip(x.shape, spec)):
+      bad.append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)} over {spec}")
+  return bad
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """A mesh and the logical-axis rules a model's weights and batches follow on it."""
+  mesh: Mesh
+  rules: tuple[tuple[str, Any], ...]
+
+  @classmethod
+  def of(cls, mesh: Mesh, rules: sharding.Rules) -> "Placement":
+    return cls(mesh, sharding.as_rules(rules))
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return sharding.batch_sharding(self.mesh, self.rules)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return sharding.replicated(self.mesh)
+
+  @property
+  def batch_ways(self) -> int:
+    """How many ways a batch is split (the mesh axes the 'act_batch' rule names)."""
+    return _ways(self.mesh, self.batch_sharding.spec[0])
+
+  def context(self) -> Iterator[None]:
+    """Mesh and rules entered, as the jitted model functions need when they trace."""
+    return sharding.use_mesh(self.mesh, self.rules)
+
+  def padded_size(self, n: int) -> int:
+    return -(-n // self.batch_ways) * self.batch_ways
+
+  def put_batch(self, x: Any) -> jax.Array:
+    """A whole batch (the same on every process) -> one global array split over the batch axes.
+
+    A batch that does not divide by batch_ways is padded with copies of its
+    last example; callers cut the results back (`[:n]`).
+    """
+    want = self.batch_sharding
+    if (isinstance(x, jax.Array) and not x.is_fully_addressable
+        and not x.is_fully_replicated):
+      # A global array split over processes (another job's batch): reshard on
+      # device; no process could read it whole anyway.
+      if x.shape[0] % self.batch_ways:
+        raise ValueError(f"a global batch of {x.shape[0]} does not split {self.batch_ways} "
+                         f"ways over the mesh {dict(self.mesh.shape)}")
+      return x if x.sharding.is_equivalent_to(want, x.ndim) else jax.device_put(x, want)
+    if (isinstance(x, jax.Array) and x.shape[0] % self.batch_ways == 0
+        and x.sharding.is_equivalent_to(want, x.ndim)):
+      return x  # laid out as wanted already (e.g. the output of another call)
+    x = np.asarray(x)
+    pad = self.padded_size(x.shape[0]) - x.shape[0]
+    if pad:
+      x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    return sharding.place(x, want)
+
+  def put_replicated(self, tree: Any) -> Any:
+    return sharding.place(tree, jax.tree.map(lambda _: self.replicated, tree))
+
+
+def _cut(x: jax.Array, n: int) -> jax.Array:
+  return x if x.shape[0] == n else x[:n]
 
 
 def reconstruct_fn(model: cvivit.CViViT) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
@@ -40,23 +159,77 @@ def reconstruct_fn(model: cvivit.CViViT) -> Callable[[Any, jax.Array], tuple[jax
   return reconstruct
 
 
+def encode_fn(model: cvivit.CViViT) -> Callable[[Any, jax.Array], jax.Array]:
+  """(params, uint8 or float frames) -> codes; what Tokenizer.encode jits."""
+  return lambda p, v: model.apply({"params": p}, _as_float(v), method=model.encode)[1]["codes"]
+
+
+def decode_fn(model: cvivit.CViViT) -> Callable[[Any, jax.Array], jax.Array]:
+  """(params, codes) -> frames in [-1, 1]; what Tokenizer.decode jits."""
+  return lambda p, c: jnp.clip(model.apply({"params": p}, c, method=model.decode), -1.0, 1.0)
+
+
+def _as_float(frames: jax.Array) -> jax.Array:
+  """uint8 [0, 255] -> float [-1, 1] on device (a uint8 batch travels at a quarter the bytes)."""
+  if frames.dtype == jnp.uint8:
+    return frames.astype(jnp.float32) / 127.5 - 1.0
+  return frames.astype(jnp.float32)
+
+
+def tokenizer_placement(config: ml_collections.ConfigDict, abstract_boxed: Any,
+                        mesh: Mesh) -> tuple[Placement, Any]:
+  """(placement, abstract params with their shardings) of a tokenizer on `mesh`.
+
+  By the tokenizer's own rules when its weights split evenly there; else
+  (e.g. its 8 heads on a generator's 16-way tensor axis) whole weights on
+  every device and only the batch split: the tokenizer is small next to the
+  generator it serves.
+  """
+  placement = Placement.of(mesh, config.logical_axis_rules)
+  abstract = abstract_on(abstract_boxed, placement)
+  bad = indivisible(abstract, mesh)
+  if bad:
+    logging.info("tokenizer weights do not split evenly on mesh %s (%s, ...): replicated, "
+                 "batch split only", dict(mesh.shape), bad[0])
+    placement = Placement.of(mesh, batch_only_rules(config.logical_axis_rules))
+    abstract = abstract_on(abstract_boxed, placement)
+  return placement, abstract
+
+
+def abstract_on(abstract_boxed: Any, placement: Placement) -> Any:
+  """ShapeDtypeStructs of a boxed (eval_shape) tree, with their shardings by the placement."""
+  return checkpointing.abstract_with_shardings(
+      sharding.strip_boxes(abstract_boxed),
+      sharding.tree_shardings(abstract_boxed, placement.mesh, placement.rules))
+
+
+def cvivit_abstract_boxed(config: ml_collections.ConfigDict, model: cvivit.CViViT) -> Any:
+  """The tokenizer's parameter shapes, boxed with their logical axis names."""
+  r = config.input.resolution
+  dummy = jnp.zeros((1, config.input.num_frames, r, r, 3), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
+
+
 @dataclasses.dataclass
 class Tokenizer:
-  """A C-ViViT with its parameters, on this process's first device."""
+  """A C-ViViT with its parameters laid out on `placement.mesh`."""
   model: cvivit.CViViT
   params: Any
   config: ml_collections.ConfigDict
   step: int
+  placement: Placement
 
   @classmethod
   def load(cls, workdir: str, step: int | None = None, use_ema: bool = True, *,
-           newest: int | None = None) -> "Tokenizer":
+           newest: int | None = None, mesh: Mesh | None = None) -> "Tokenizer":
     """Restores the weights from `workdir/checkpoints` (the newest good step by default).
 
     `use_ema` takes the exponential moving average of the weights, which
     evaluation uses too; False takes the last step's raw weights. `newest`
-    (with no `step`): the newest good step up to this one. On several
-    processes every one calls this together (orbax restores collectively).
+    (with no `step`): the newest good step up to this one. `mesh`: where the
+    weights go (default inference_mesh: this process's devices); a global
+    mesh on several processes. On several processes every one calls this
+    together (orbax restores collectively).
     """
     ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), max_to_keep=1000,
                                       async_save=False)
@@ -66,49 +239,61 @@ class Tokenizer:
     config_step = step if step is not None else steps[-1]
     config = schema.complete(ml_collections.ConfigDict(ckpt.restore_config(config_step)))
     model = train_state.build_cvivit(config)
-    # This process's own first device: on a multi-host job jax.devices()[0]
-    # belongs to process 0.
-    mesh = sharding.make_mesh((1, 1, 1), jax.local_devices()[:1])
+    mesh = inference_mesh(config) if mesh is None else mesh
+    placement, params = tokenizer_placement(config, cvivit_abstract_boxed(config, model), mesh)
     field = "ema_params" if use_ema else "params"
-    with sharding.use_mesh(mesh, config.logical_axis_rules):
-      target = {field: train_state.cvivit_abstract_params(config, model, mesh)}
+    target = {field: params}
     if step is None:
       restored, step = ckpt.restore_latest(target, partial=True, max_step=newest)
     else:
       restored = ckpt.restore(step, target, partial=True)
     ckpt.close()
-    return cls(model=model, params=restored[field], config=config, step=int(step))
+    return cls(model=model, params=restored[field], config=config, step=int(step),
+               placement=placement)
+
+  @property
+  def mesh(self) -> Mesh:
+    return self.placement.mesh
 
   def __post_init__(self):
-    self._encode = jax.jit(lambda p, v: self.model.apply({"params": p}, v,
-                                                         method=self.model.encode)[1]["codes"])
-    self._decode = jax.jit(lambda p, c: self.model.apply({"params": p}, c,
-                                                         method=self.model.decode))
-    self._reconstruct = jax.jit(reconstruct_fn(self.model))
+    out = self.placement.replicated
+    self._encode = jax.jit(encode_fn(self.model), out_shardings=out)
+    self._decode = jax.jit(decode_fn(self.model), out_shardings=out)
+    self._reconstruct = jax.jit(lambda p, v: reconstruct_fn(self.model)(p, _as_float(v)),
+                                out_shardings=(out, out))
 
-  @staticmethod
-  def _as_float(frames: Any) -> jax.Array:
-    if isinstance(frames, jax.Array) and jnp.issubdtype(frames.dtype, jnp.floating):
-      return frames  # already on device (e.g. an evaluator's batch): no host round trip
-    frames = np.asarray(frames)
-    if frames.dtype == np.uint8:
-      return jnp.asarray(frames, jnp.float32) / 127.5 - 1.0
-    return jnp.asarray(frames, jnp.float32)
+  def _run(self, fn: Callable, x: Any, dtype: Any = None) -> Any:
+    n = int(np.shape(x)[0])
+    if dtype is not None and not isinstance(x, jax.Array):
+      x = np.asarray(x, dtype)
+    with self.placement.context():
+      out = fn(self.params, self.placement.put_batch(x))
+    return jax.tree.map(lambda y: _cut(y, n), out)
 
   def encode(self, frames: Any) -> jax.Array:
     """uint8 [0, 255] or float [-1, 1] frames (B, T, H, W, 3) -> codes (B, 1+k, h, w)."""
-    return self._encode(self.params, self._as_float(frames))
+    return self._run(self._encode, _host_frames(frames))
 
   def decode(self, codes: Any) -> jax.Array:
     """Codes (B, 1+k, h, w) -> float frames (B, 1+k·t_p, H, W, 3) in [-1, 1]."""
-    return jnp.clip(self._decode(self.params, jnp.asarray(codes, jnp.int32)), -1.0, 1.0)
+    if isinstance(codes, jax.Array) and codes.dtype != jnp.int32:
+      codes = codes.astype(jnp.int32)
+    return self._run(self._decode, codes, np.int32)
 
   def reconstruct(self, frames: Any) -> jax.Array:
     return self.decode(self.encode(frames))
 
   def reconstruct_with_codes(self, frames: Any) -> tuple[jax.Array, jax.Array]:
     """Frames -> (reconstruction in [-1, 1], codes), one jitted pass through the whole model."""
-    return self._reconstruct(self.params, self._as_float(frames))
+    return self._run(self._reconstruct, _host_frames(frames))
+
+
+def _host_frames(frames: Any) -> Any:
+  """uint8 stays uint8 (converted on device); other host values become float32."""
+  if isinstance(frames, jax.Array):
+    return frames
+  frames = np.asarray(frames)
+  return frames if frames.dtype == np.uint8 else frames.astype(np.float32)
 
 
 def checked_steps(tok_cfg: ml_collections.ConfigDict) -> list[int]:
@@ -125,11 +310,14 @@ def checked_steps(tok_cfg: ml_collections.ConfigDict) -> list[int]:
   return steps
 
 
-def load_from_config(tok_cfg: ml_collections.ConfigDict) -> Tokenizer:
-  """The checkpoint config.tokenizer names (workdir, step, use_ema), or errors naming the key."""
+def load_from_config(tok_cfg: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Tokenizer:
+  """The checkpoint config.tokenizer names (workdir, step, use_ema), or errors naming the key.
+
+  `mesh` as for Tokenizer.load.
+  """
   checked_steps(tok_cfg)
   step = None if tok_cfg.step < 0 else tok_cfg.step
-  return Tokenizer.load(tok_cfg.workdir, step=step, use_ema=tok_cfg.use_ema)
+  return Tokenizer.load(tok_cfg.workdir, step=step, use_ema=tok_cfg.use_ema, mesh=mesh)
 
 
 # --- The tokenizer a generator trains on (recorded in its workdir).
@@ -165,8 +353,12 @@ def tokenizer_step_to_load(config: ml_collections.ConfigDict, workdir: str) -> i
   return int(record["step"])
 
 
-def load_for_generator(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
+def load_for_generator(config: ml_collections.ConfigDict, workdir: str,
+                       mesh: Mesh | None = None) -> Tokenizer:
   """The frozen C-ViViT, checked against the generator config and recorded in WORKDIR.
+
+  `mesh`: where its weights go (Tokenizer.load; the trainer's global mesh, or
+  by default each process's own devices).
 
   Process 0 chooses the step: tokenizer_step_to_load, or with none pinned or
   recorded the newest that restores among the steps it sees now. All
@@ -182,7 +374,7 @@ def load_for_generator(config: ml_collections.ConfigDict, workdir: str) -> Token
     chosen = multihost_utils.broadcast_one_to_all(
         np.asarray([-1 if step is None else step, newest], np.int32))
     step, newest = (None if int(chosen[0]) < 0 else int(chosen[0])), int(chosen[1])
-  tok = Tokenizer.load(tok_dir, step=step, newest=newest)
+  tok = Tokenizer.load(tok_dir, step=step, newest=newest, mesh=mesh)
   check_tokenizer_match(config, tok.config, f"{tok_dir} (step {tok.step})")
   write_record(config, workdir, tok)
   if jax.process_count() > 1:
@@ -207,11 +399,14 @@ def check_record(config: ml_collections.ConfigDict, workdir: str, tok: Tokenizer
         "bucket, or a shared file system)")
 
 
-def load_recorded(generator_workdir: str, tokenizer_workdir: str | None = None
-                  ) -> tuple[Tokenizer, str]:
-  """(tokenizer, its workdir): the one a generator trained on, or `tokenizer_workdir`'s newest."""
+def load_recorded(generator_workdir: str, tokenizer_workdir: str | None = None,
+                  mesh: Mesh | None = None) -> tuple[Tokenizer, str]:
+  """(tokenizer, its workdir): the one a generator trained on, or `tokenizer_workdir`'s newest.
+
+  `mesh` as for Tokenizer.load.
+  """
   if tokenizer_workdir:
-    return Tokenizer.load(tokenizer_workdir), tokenizer_workdir
+    return Tokenizer.load(tokenizer_workdir, mesh=mesh), tokenizer_workdir
   path = storage.join(generator_workdir, TOKENIZER_RECORD)
   record = read_record(generator_workdir)
   if record is None:
@@ -223,7 +418,7 @@ def load_recorded(generator_workdir: str, tokenizer_workdir: str | None = None
         f"the generator in {generator_workdir} trained on tokenizer step {record['step']} of "
         f"{record['workdir']} (recorded in {path}), which that workdir no longer has (it has "
         f"{steps}); its tokens would decode wrongly with another step")
-  return Tokenizer.load(record["workdir"], step=record["step"]), record["workdir"]
+  return Tokenizer.load(record["workdir"], step=record["step"], mesh=mesh), record["workdir"]
 
 
 def write_record(config: ml_collections.ConfigDict, workdir: str, tok: Tokenizer) -> None:

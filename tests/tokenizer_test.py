@@ -167,14 +167,17 @@ def legacy_tokenizer(tmp_path):
 
 @pytest.fixture
 def restores(monkeypatch):
-  """Every Checkpointer.restore call Tokenizer.load makes: (step, target, partial)."""
-  calls, restore = [], checkpointing.Checkpointer.restore
+  """Every checkpoint read Tokenizer.load makes: (step, target, partial).
 
-  def spy(self, step, abstract_state, data_iterator=None, *, partial=False):
+  Checkpointer.restore and restore_latest both read through _restore_here.
+  """
+  calls, restore = [], checkpointing.Checkpointer._restore_here  # pylint: disable=protected-access
+
+  def spy(self, step, abstract_state, data_iterator, partial):
     calls.append((step, abstract_state, partial))
-    return restore(self, step, abstract_state, data_iterator, partial=partial)
+    return restore(self, step, abstract_state, data_iterator, partial)
 
-  monkeypatch.setattr(checkpointing.Checkpointer, "restore", spy)
+  monkeypatch.setattr(checkpointing.Checkpointer, "_restore_here", spy)
   return calls
 
 
@@ -189,10 +192,12 @@ def test_load_restores_the_weights_only(legacy_tokenizer, restores):
   # One partial restore of the EMA weights: no optimizer, no discriminator read.
   assert [(step, list(target), partial) for step, target, partial in restores] == [
       (6, ["ema_params"], True)]
-  assert [f.name for f in dataclasses.fields(tok)] == ["model", "params", "config", "step"]
-  mesh = sharding.make_mesh((1, 1, 1), jax.local_devices()[:1])
-  with sharding.use_mesh(mesh, tok.config.logical_axis_rules):
-    want = train_state.cvivit_abstract_params(tok.config, tok.model, mesh)
+  assert [f.name for f in dataclasses.fields(tok)] == ["model", "params", "config", "step",
+                                                       "placement"]
+  # By default on all of this process's devices, in the run's mesh shape (-1, 1, 1).
+  assert tok.mesh.devices.size == len(jax.local_devices()) == 8
+  want = tokenizer_lib.abstract_on(tokenizer_lib.cvivit_abstract_boxed(tok.config, tok.model),
+                                   tok.placement)
   assert jax.tree.structure(tok.params) == jax.tree.structure(want)
   assert jax.tree.map(lambda x: (x.shape, x.dtype), tok.params) == jax.tree.map(
       lambda x: (x.shape, x.dtype), want)
@@ -200,6 +205,41 @@ def test_load_restores_the_weights_only(legacy_tokenizer, restores):
   assert not _keys(tok.params) & {"opt_state", "mu", "nu", "count", "disc_params",
                                   "disc_opt_state", "ema_params", "params"}
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(tok.params))
+
+
+def _mesh(shape):
+  return sharding.make_mesh(shape, jax.devices()[:int(np.prod(shape))])
+
+
+def test_load_onto_a_mesh_with_model_axes_gives_the_one_device_codes_and_frames(
+    legacy_tokenizer, restores):
+  """The weights restored straight into their shards (fsdp and tensor by the rules, or
+  whole when they do not split); the same codes and frames as on one device, for a
+  batch of 3 that the 4 batch shards of (2,2,2) split only once padded."""
+  frames = np.random.default_rng(0).integers(0, 256, (3, 5, 16, 16, 3), np.uint8)
+  one = Tokenizer.load(legacy_tokenizer, mesh=_mesh((1, 1, 1)))
+  codes = np.asarray(one.encode(frames))
+  video = np.asarray(one.decode(codes))
+  for shape, layout in (((2, 2, 2), "rules"), ((1, 1, 8), "whole")):
+    tok = Tokenizer.load(legacy_tokenizer, mesh=_mesh(shape))
+    assert tuple(tok.mesh.shape.values()) == shape
+    specs = {tuple(x.sharding.spec) for x in jax.tree.leaves(tok.params)}
+    if layout == "rules":  # split by fsdp ('embed') and tensor ('heads', 'mlp')
+      assert tok.placement.batch_ways == 4
+      assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs)
+    else:  # its 2 heads do not split 8 ways: whole weights, the batch split over data only
+      assert tok.placement.batch_ways == 1
+      assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(tok.params))
+    got = tok.encode(frames)
+    assert got.shape == codes.shape and got.sharding.is_fully_replicated
+    np.testing.assert_array_equal(np.asarray(got), codes)
+    np.testing.assert_allclose(np.asarray(tok.decode(codes)), video, atol=1e-5)
+    if layout == "rules":  # one more compilation: on one mesh only
+      recon, recon_codes = tok.reconstruct_with_codes(frames)
+      np.testing.assert_array_equal(np.asarray(recon_codes), codes)
+      np.testing.assert_allclose(np.asarray(recon), video, atol=1e-5)
+  # Every load read the EMA weights only.
+  assert [list(target) for _, target, _ in restores] == [["ema_params"]] * 3
 
 
 def test_load_takes_the_ema_or_the_raw_weights(legacy_tokenizer, restores):
@@ -216,7 +256,8 @@ def test_load_takes_the_ema_or_the_raw_weights(legacy_tokenizer, restores):
 
 
 def test_load_of_a_missing_step_names_it(legacy_tokenizer):
-  with pytest.raises(FileNotFoundError, match=r"checkpoints/5\b"):
+  with pytest.raises(FileNotFoundError, match=r"checkpoint step 5 not found in .*tokenizer/"
+                                              r"checkpoints \(it has steps \[6\]\)"):
     Tokenizer.load(legacy_tokenizer, step=5)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from phenaki_jax.config import errors
+from phenaki_jax.config import mesh as mesh_section
 
 # γ(r) of MaskGIT's masks (phenaki_jax/sampling/mask_schedule.py), for training and decoding.
 MASK_SCHEDULES = ("cosine", "linear", "square")
@@ -43,7 +44,35 @@ def prompt_defaults() -> ml_collections.ConfigDict:
   c.prompts_file = ""  # one prompt a line
   c.seed = 0  # batch i samples with seed + i
   c.batch_size = 8  # clips per sampling call (a short last batch is padded)
+  # The mesh sampling runs on, over every device of every process: (data,
+  # fsdp, tensor), one -1 takes the remaining devices. Weights are laid out
+  # by the generator's logical_axis_rules: 'fsdp' and 'tensor' split them,
+  # and the batch goes over 'data' and 'fsdp', so batch_size must divide by
+  # data·fsdp; 'tensor' splits weights without splitting the batch (the way
+  # to sample a few prompts with a model one chip cannot hold).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)
   return c
+
+
+def check_mesh(config: ml_collections.ConfigDict, generator_config: ml_collections.ConfigDict,
+               num_devices: int) -> tuple[int, ...]:
+  """config.mesh.shape fits the devices and config.batch_size splits over it; its shape.
+
+  `generator_config`'s rules say which mesh axes split the batch.
+  """
+  try:
+    shape = mesh_section.resolve_mesh_shape(config.mesh.shape, num_devices)
+  except ValueError as e:
+    raise errors.ConfigError(f"{e} (the sampling mesh, over all {num_devices} devices)"
+                             ) from None
+  ways = mesh_section.batch_ways(generator_config, shape)
+  errors.require(config.batch_size % ways == 0, "batch_size", config.batch_size,
+                 f"must be divisible by the {ways} ways the mesh {shape} (config.mesh.shape="
+                 f"{tuple(config.mesh.shape)}) splits the batch over data·fsdp; set "
+                 f"config.batch_size to a multiple of {ways}, or put devices on the 'tensor' "
+                 "axis, which splits the weights and not the batch")
+  return shape
 
 
 def story_defaults() -> ml_collections.ConfigDict:

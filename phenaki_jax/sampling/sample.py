@@ -1,5 +1,11 @@
 """The sampling job (configs/sample.py): prompts in, videos out.
 
+It runs on one mesh over every device of every process (config.mesh.shape;
+the generator's weights, its frozen text encoder and tokenizer laid out by
+their rules, each prompt batch split over the batch axes). In a multi-host
+job every process runs it with the same config: all of them compute the
+same batches (the sampler is collective), and only process 0 writes files.
+
 Writes into WORKDIR, a local folder or gs:// (a story, config.story / config.storyboard, writes story.mp4,
 story.gif, story.png and story.json instead; see phenaki_jax/sampling/story.py):
   0000.mp4, 0000.gif, 0001.mp4, ...  one video per sample, in prompt order
@@ -11,6 +17,7 @@ story.gif, story.png and story.json instead; see phenaki_jax/sampling/story.py):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import io
@@ -27,7 +34,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from phenaki_jax.config import schema
 from phenaki_jax import metrics
+from phenaki_jax import sharding
 from phenaki_jax import storage
+from phenaki_jax.config import mesh as config_mesh
+from phenaki_jax.config import sampling as sampling_section
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import video_io
 from phenaki_jax.eval import shapes_score
@@ -122,8 +132,44 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
   storage.write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Samples every prompt, writes the files; returns the report (as in samples.json)."""
+def is_writer() -> bool:
+  """Process 0 writes the job's files; the others compute the same and write nothing."""
+  return jax.process_index() == 0
+
+
+def load_generator(config: ml_collections.ConfigDict,
+                   devices: Sequence[jax.Device] | None = None,
+                   check_batch: bool = True) -> Generator:
+  """config.generator on the sampling mesh (config.mesh.shape over `devices`, default
+  every device of every process), its shape and config.batch_size checked first,
+  before any weight is read."""
+  g = config.generator
+  step = None if g.step < 0 else g.step
+  devices = list(jax.devices() if devices is None else devices)
+  gen_config = Generator.read_config(g.workdir, step)
+  if check_batch:
+    shape = sampling_section.check_mesh(config, gen_config, len(devices))
+  else:
+    try:
+      shape = config_mesh.resolve_mesh_shape(config.mesh.shape, len(devices))
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  mesh = sharding.make_mesh(shape, devices)
+  try:
+    return Generator.load(g.workdir, step=step, use_ema=g.use_ema,
+                          tokenizer_workdir=g.tokenizer_workdir or None, mesh=mesh)
+  except ValueError as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"config.mesh.shape={tuple(config.mesh.shape)}: {e}") from None
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+  """Samples every prompt, writes the files; returns the report (as in samples.json).
+
+  `devices`: the sampling mesh's devices (default every device of every process).
+  """
   start = time.perf_counter()
   config = schema.complete(config)
   schema.validate_sample(config)
@@ -133,17 +179,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   prompts = [] if story_mode else read_prompts(config)
   formats = [f.strip() for f in config.output.formats.split(",") if f.strip()]
 
-  g = config.generator
-  gen = Generator.load(g.workdir, step=None if g.step < 0 else g.step, use_ema=g.use_ema,
-                       tokenizer_workdir=g.tokenizer_workdir or None)
+  # A story samples one window at a time: config.batch_size is not used.
+  gen = load_generator(config, devices, check_batch=not story_mode)
+  logging.info("sampling on mesh %s over %d devices of %d process(es)", dict(gen.mesh.shape),
+               gen.mesh.devices.size, jax.process_count())
   if story_mode:
     return run_story(config, workdir, gen, segments, options, formats, start)
+  return run_prompts(config, workdir, gen, prompts, options, formats, start)
+
+
+def run_prompts(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
+                prompts: list[str], options: SamplingOptions, formats: list[str],
+                start: float) -> dict[str, Any]:
+  """Every prompt × samples_per_prompt in batches: the videos, samples.png, samples.json."""
+  g = config.generator
   num_frames = None if config.num_frames < 0 else config.num_frames
   logging.info("sampling %d prompt(s) x %d from %s step %d (%d steps, guidance %.3g)",
                len(prompts), config.samples_per_prompt, g.workdir, gen.step, options.num_steps,
                options.guidance_scale)
   jobs = [(p, k) for p in prompts for k in range(config.samples_per_prompt)]
-  storage.makedirs(workdir)
+  writer = is_writer()
+  if writer:
+    storage.makedirs(workdir)
 
   records, videos, readings, sample_seconds = [], [], [], 0.0
   bs = config.batch_size
@@ -164,9 +221,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       for fmt in formats:
         name = f"{index:04d}.{fmt}"
         path = storage.join(workdir, name)  # video_io writes each file whole, local or gs://
-        if fmt == "mp4":
+        if writer and fmt == "mp4":
           video_io.write_video(path, video, fps=config.output.fps)
-        else:
+        elif writer:
           video_io.write_gif(path, video, fps=config.output.fps)
         files.append(name)
       record = {"index": index, "prompt": prompt, "sample": k, "batch_seed": batch_seed,
@@ -179,11 +236,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       records.append(record)
       videos.append(video)
 
-  upscale = max(1, 128 // videos[0].shape[1])
-  grid = labelled_strips(videos, [f"{r['index']:04d} {r['prompt']}" for r in records],
-                         upscale=upscale)
-  write_png(storage.join(workdir, "samples.png"), grid)
+  if writer:
+    upscale = max(1, 128 // videos[0].shape[1])
+    grid = labelled_strips(videos, [f"{r['index']:04d} {r['prompt']}" for r in records],
+                           upscale=upscale)
+    write_png(storage.join(workdir, "samples.png"), grid)
   scored = [r["shapes"]["correct"] for r in records if "shapes" in r]
+  # Every process: the tokenizer runs collectively on the mesh.
   ceiling = (tokenizer_ceiling(gen, list(dict.fromkeys(r["prompt"] for r in records
                                                       if "shapes" in r)),
                                videos[0].shape[0], videos[0].shape[1], bs) if scored else None)
@@ -205,9 +264,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "seconds": {"sampling": round(sample_seconds, 3),
                   "total": round(time.perf_counter() - start, 3)},
       "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
+      "mesh": dict(gen.mesh.shape),
+      "processes": jax.process_count(),
       "config": config.to_dict(),
   }
-  _write_json(storage.join(workdir, "samples.json"), report)
+  if writer:
+    _write_json(storage.join(workdir, "samples.json"), report)
   if scored:
     logging.info("shapes prompt accuracy over %d clips: %s", len(scored),
                  _format_accuracy(report["shapes_accuracy"]))
@@ -221,6 +283,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                sample_seconds)
   return report
 
+
+
+class _Discard:
+  """The story's frame sink on the processes that write nothing."""
+
+  def write(self, frames: np.ndarray) -> None:
+    del frames
 
 
 def read_story(config: ml_collections.ConfigDict) -> list[story_lib.Segment]:
@@ -242,7 +311,9 @@ def run_story(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
   d = config.story_defaults
   segments = [s if s.num_frames or s.seconds else dataclasses.replace(s, num_frames=d.num_frames)
               for s in segments]
-  storage.makedirs(workdir)
+  writer = is_writer()
+  if writer:
+    storage.makedirs(workdir)
   mp4 = storage.join(workdir, "story.mp4")
   scores = {}
 
@@ -255,27 +326,32 @@ def run_story(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
 
   t0 = time.perf_counter()
   # Frames stream into the mp4, which appears whole (local or gs://) when the writer closes.
-  with video_io.VideoWriter(mp4, fps=config.output.fps) as writer:
+  # Every process generates the story (collectively); only process 0 keeps the frames.
+  video = (video_io.VideoWriter(mp4, fps=config.output.fps) if writer
+           else contextlib.nullcontext(_Discard()))
+  with video as sink:
     try:
       result = story_lib.generate_story(
-          gen, segments, sink=writer.write, options=options, seed=config.seed,
+          gen, segments, sink=sink.write, options=options, seed=config.seed,
           context_frames=d.context_frames, fps=config.output.fps, on_segment=score)
     except ValueError as e:
       raise ConfigError(f"story_defaults / storyboard: {e}") from None
   seconds = time.perf_counter() - t0
   files = ["story.mp4"]
   if "gif" in formats:
-    # A GIF is written whole: for very long stories use mp4 only.
-    video_io.write_gif(storage.join(workdir, "story.gif"),
-                       video_io.read_video(mp4, fps=None), fps=config.output.fps)
+    if writer:
+      # A GIF is written whole: for very long stories use mp4 only.
+      video_io.write_gif(storage.join(workdir, "story.gif"),
+                         video_io.read_video(mp4, fps=None), fps=config.output.fps)
     files.append("story.gif")
   by_segment: dict[str, list[np.ndarray]] = {}
   for label, frame in result.strip_frames:
     by_segment.setdefault(label, []).append(frame)
-  upscale = max(1, 128 // result.strip_frames[0][1].shape[0])
-  strip = labelled_strips([np.stack(v) for v in by_segment.values()], list(by_segment),
-                          upscale=upscale)
-  write_png(storage.join(workdir, "story.png"), strip)
+  if writer:
+    upscale = max(1, 128 // result.strip_frames[0][1].shape[0])
+    strip = labelled_strips([np.stack(v) for v in by_segment.values()], list(by_segment),
+                            upscale=upscale)
+    write_png(storage.join(workdir, "story.png"), strip)
   for i, record in enumerate(result.segments):
     if i in scores:
       record["shapes"] = scores[i]
@@ -292,9 +368,12 @@ def run_story(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
       "shapes_accuracy": shapes_score.accuracy(scored) if scored else None,
       "sampling": dict(options.__dict__),
       "seconds": {"sampling": round(seconds, 3), "total": round(time.perf_counter() - start, 3)},
+      "mesh": dict(gen.mesh.shape),
+      "processes": jax.process_count(),
       "config": config.to_dict(),
   }
-  _write_json(storage.join(workdir, "story.json"), report)
+  if writer:
+    _write_json(storage.join(workdir, "story.json"), report)
   logging.info("story of %d segments, %d frames -> %s (%.1f s)", len(segments),
                result.num_frames, mp4, seconds)
   return report

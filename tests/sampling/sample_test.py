@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phenaki_jax import storage
+from phenaki_jax import checkpointing, sharding, storage
 from phenaki_jax.config import schema
 from phenaki_jax.data import video_io
 from phenaki_jax.eval import shapes_score
-from phenaki_jax.generator import SamplingOptions
+from phenaki_jax.generator import Generator, SamplingOptions
 from phenaki_jax.sampling import sample as sample_job
 from phenaki_jax.text import encoder as text_encoder
 from tests.helpers import REPO, load_config
@@ -165,6 +165,9 @@ def test_sample_job_same_seed_same_files_locally_and_in_a_bucket(trained, tmp_pa
     ("sampling.guidance_schedule", "cosine", "config.sampling.guidance_schedule='cosine'"),
     ("output.formats", "avi", "config.output.formats='avi'"),
     ("num_frames", 0, "config.num_frames=0"),
+    # Before any weight is read: a batch the 8 devices' mesh cannot split, a mesh they cannot fill.
+    ("batch_size", 2, r"config.batch_size=2: must be divisible by the 8 ways the mesh \(8, 1, 1\)"),
+    ("mesh.shape", (3, 1, 1), r"config.mesh.shape=\(3, 1, 1\).*the sampling mesh, over all 8"),
 ])
 def test_bad_sample_config_fails_naming_the_key(trained, tmp_path, key, value, message):
   config = _sample_config(trained[1], **{key: value})
@@ -232,3 +235,91 @@ def test_tokenizer_ceiling_scores_the_reconstructions_of_the_prompts_clips():
   assert squared == {"colour": 1.0, "shape": 0.5, "size": 1.0, "motion": 1.0, "all": 0.5,
                      "num_clips": 2.0}
   assert sample_job.tokenizer_ceiling(_FakeGenerator(lambda x: x), prompts[2:], 11, 64, 3) is None
+
+
+# --- On a mesh: the weights sharded by the rules, the batch split, the same videos.
+
+def _mesh(shape):
+  return sharding.make_mesh(shape, jax.devices()[:int(np.prod(shape))])
+
+
+@pytest.fixture
+def reads(monkeypatch):
+  """Every checkpoint read: (step, target) (Checkpointer.restore / restore_latest read
+  through _restore_here)."""
+  calls, restore = [], checkpointing.Checkpointer._restore_here  # pylint: disable=protected-access
+
+  def spy(self, step, abstract_state, data_iterator, partial):
+    assert partial  # a part of the checkpoint only
+    calls.append((step, abstract_state))
+    return restore(self, step, abstract_state, data_iterator, partial)
+
+  monkeypatch.setattr(checkpointing.Checkpointer, "_restore_here", spy)
+  return calls
+
+
+def test_on_a_mesh_with_model_axes_the_sample_job_writes_the_one_device_videos(
+    trained, generator, reads, tmp_path):
+  """config.mesh.shape=(2,2,2): weights split by fsdp and tensor, the batch 4 ways (3
+  prompts padded in a batch of 4); the videos of one device, and the tokens of the
+  default mesh (8-way data parallel, the batch padded to 8)."""
+  keys = {"batch_size": 4, "prompts": "a dog runs on a beach;a cat sleeps;a bird flies",
+          "output.formats": "mp4"}
+  config = _sample_config(trained[1], **keys, **{"mesh.shape": (2, 2, 2)})
+  sharded = sample_job.load_generator(config)
+  config_one = _sample_config(trained[1], **keys)  # (-1, 1, 1) over the one device
+  one = sample_job.load_generator(config_one, devices=jax.devices()[:1])
+  # The EMA weights only, of the generator (and its trained text encoder) and the tokenizer.
+  assert [sorted(target) for _, target in reads] == [["ema_params"]] * 4
+  assert set(sharded.params) == {"generator", "text_encoder"}
+  axes = {a for x in jax.tree.leaves(sharded.params) for s in x.sharding.spec if s
+          for a in ((s,) if isinstance(s, str) else s)}
+  assert {"fsdp", "tensor"} <= axes
+  assert sharded.tokenizer.mesh is sharded.mesh and sharded.placement.batch_ways == 4
+  assert dict(one.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+
+  prompts = sample_job.read_prompts(config)
+  options = SamplingOptions.from_config(config.sampling)
+  eight = sample_job.run_prompts(config, str(tmp_path / "eight"), sharded, prompts, options,
+                                 ["mp4"], 0.0)
+  single = sample_job.run_prompts(config_one, str(tmp_path / "one"), one, prompts, options,
+                                  ["mp4"], 0.0)
+  assert eight["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert eight["samples"] == single["samples"] and len(single["samples"]) == 3
+  for record in single["samples"]:
+    name = record["files"][0]
+    np.testing.assert_array_equal(video_io.read_video(str(tmp_path / "eight" / name), fps=None),
+                                  video_io.read_video(str(tmp_path / "one" / name), fps=None))
+  batch = prompts + prompts[-1:]  # the job's one padded batch, its seed
+  np.testing.assert_array_equal(generator.sample_tokens(batch, seed=config.seed, options=options),
+                                one.sample_tokens(batch, seed=config.seed, options=options))
+
+
+def test_a_mesh_the_generator_weights_do_not_split_on_is_refused(trained, reads):
+  # The :tiny generator's 2 heads cannot split 8 ways; nothing is read.
+  with pytest.raises(ValueError, match=r"do not split evenly on the mesh \{'data': 1, 'fsdp': 1, "
+                                       r"'tensor': 8\} by its config.logical_axis_rules: .*"
+                                       r"\['kernel'\] \(32, 2, 16\) over \('fsdp', 'tensor'"):
+    Generator.load(trained[1], mesh=_mesh((1, 1, 8)))
+  assert not reads
+
+
+def test_processes_other_than_0_sample_the_same_and_write_nothing(generator, tmp_path,
+                                                                  monkeypatch):
+  """What every process but process 0 of a multi-host job does (the 2-process run is
+  tests/integration): the same batches and report, no file."""
+  config = schema.complete(_sample_config("unused"))
+  options = SamplingOptions.from_config(config.sampling)
+  written = sample_job.run_prompts(config, str(tmp_path / "p0"), generator, PROMPTS, options,
+                                   ["mp4", "gif"], 0.0)
+  monkeypatch.setattr(sample_job, "is_writer", lambda: False)
+  other = sample_job.run_prompts(config, str(tmp_path / "p1"), generator, PROMPTS, options,
+                                 ["mp4", "gif"], 0.0)
+  assert other["samples"] == written["samples"]
+  story = sample_job.run_story(config, str(tmp_path / "p1"), generator,
+                               sample_job.read_story(_sample_config("unused", story=PROMPTS[0])),
+                               options, ["mp4", "gif"], 0.0)
+  assert story["files"] == ["story.mp4", "story.gif"] and story["num_frames"] == 5
+  assert not (tmp_path / "p1").exists()
+  assert sorted(os.listdir(tmp_path / "p0")) == [
+      "0000.gif", "0000.mp4", "0001.gif", "0001.mp4", "samples.json", "samples.png"]
