@@ -17,6 +17,9 @@ Scores depend on the CLIP model: report which one (`CLIPBundle.source`).
 Frames stream through one jitted preprocess+encode function in fixed-size
 batches (the last one padded), so device memory is bounded by `batch_size`
 frames whatever the number of clips, and it compiles once per frame size.
+Each batch is split over a mesh with devices of every process and the
+embeddings come back replicated (`CLIPBundle`), so the scores do not depend
+on the process count.
 """
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from phenaki_jax import storage
+from phenaki_jax.eval import placement as placement_lib
 from phenaki_jax.pretrained import clip
 from phenaki_jax.pretrained import clip_tokenizer
 from phenaki_jax.pretrained import clip_weights
@@ -38,12 +43,21 @@ SCALE = 100.0
 
 @dataclasses.dataclass
 class CLIPBundle:
-  """A loaded CLIP: module, device params, tokenizer and jitted encoders."""
+  """A loaded CLIP: module, params, tokenizer and jitted encoders.
+
+  Each batch of frames (or captions) is one global array split over the
+  batch axis of `mesh` (a mesh with devices of every process), the params
+  are replicated on it and the embeddings come back replicated, so every
+  process scores the same (eval/placement.py). Without a mesh, each batch
+  size gets placement.default_mesh; with one, batch sizes must divide over
+  its batch ways. Every process must pass the same frames and captions.
+  """
   module: clip.CLIP
   params: Any
   tokenizer: clip_tokenizer.CLIPTokenizer
   config: clip.CLIPConfig
   source: str = '<params>'
+  mesh: Optional[Mesh] = None
 
   def __post_init__(self):
     module, size = self.module, self.config.image_size
@@ -57,25 +71,42 @@ class CLIPBundle:
       return module.apply({'params': params}, ids,
                           method=clip.CLIP.encode_text)
 
-    self._frames_fn = jax.jit(frames_fn)
-    self._text_fn = jax.jit(text_fn)
+    self._raw = {'frames': frames_fn, 'text': text_fn}
+    if self.mesh is not None:
+      # Replicated on the mesh now (every process loaded the same values).
+      self.params = placement_lib.Placement(self.mesh).put_replicated(self.params)
+    # One (placement, replicated params, jitted encoders) per mesh.
+    self._placed: dict[Mesh, tuple[placement_lib.Placement, Any, dict[str, Any]]] = {}
+
+  def _on_mesh(self, batch_size: int):
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    mesh = (self.mesh if self.mesh is not None
+            else placement_lib.default_mesh(batch_size, 'clip.batch_size'))
+    if mesh not in self._placed:
+      pl = placement_lib.Placement(mesh)
+      fns = {k: jax.jit(f, in_shardings=(pl.replicated, pl.batch),
+                        out_shardings=pl.replicated) for k, f in self._raw.items()}
+      self._placed[mesh] = (pl, pl.put_replicated(self.params), fns)
+    pl, params, fns = self._placed[mesh]
+    pl.check_batch(batch_size, 'clip.batch_size')
+    return pl, params, fns
 
   def encode_frames(self, frames: np.ndarray, batch_size: int = 64
                     ) -> np.ndarray:
     """uint8 frames (M, H, W, 3) -> L2-normalised embeddings (M, E) float32."""
-    return _batched(self._frames_fn, self.params, frames, batch_size)
+    return _batched(self._on_mesh(batch_size), 'frames', frames, batch_size)
 
   def encode_texts(self, texts: Sequence[str], batch_size: int = 64
                    ) -> np.ndarray:
     """Captions -> L2-normalised embeddings (len(texts), E) float32."""
     ids = self.tokenizer.encode_batch(list(texts), self.config.context_length)
-    return _batched(self._text_fn, self.params, ids, batch_size)
+    return _batched(self._on_mesh(batch_size), 'text', ids, batch_size)
 
 
-def _batched(fn, params, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-  """Runs `fn` over rows of `inputs` in fixed-size (zero-padded) batches."""
-  if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+def _batched(on_mesh, which: str, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+  """Runs encoder `which` over rows of `inputs` in fixed-size (zero-padded) batches."""
+  pl, params, fns = on_mesh
   n = inputs.shape[0]
   outputs = []
   for start in range(0, n, batch_size):
@@ -85,7 +116,10 @@ def _batched(fn, params, inputs: np.ndarray, batch_size: int) -> np.ndarray:
       # One shape for every call: a short last batch would compile again.
       pad = np.zeros((batch_size - real,) + chunk.shape[1:], chunk.dtype)
       chunk = np.concatenate([chunk, pad])
-    outputs.append(np.asarray(fn(params, chunk))[:real])
+    # Under our mesh: the caller may be inside another (a sampling generator's).
+    with jax.set_mesh(pl.mesh):
+      out = fns[which](params, pl.put_batch(chunk))
+    outputs.append(placement_lib.to_host(out)[:real])
   if not outputs:
     return np.zeros((0, 0), np.float32)
   return np.concatenate(outputs).astype(np.float32)
@@ -101,7 +135,8 @@ def load_clip(path: str | os.PathLike[str],
               merges_path: Optional[str | os.PathLike[str]] = None,
               quick_gelu: Optional[bool] = None,
               dtype: Any = jnp.float32,
-              config: Optional[clip.CLIPConfig] = None) -> CLIPBundle:
+              config: Optional[clip.CLIPConfig] = None,
+              mesh: Optional[Mesh] = None) -> CLIPBundle:
   """Loads a ViT CLIP checkpoint and its BPE tokenizer.
 
   Args:
@@ -115,6 +150,8 @@ def load_clip(path: str | os.PathLike[str],
     dtype: compute dtype (parameters stay float32; embeddings are float32).
     config: the architecture, only for checkpoints whose heads are not
       64 wide (it is otherwise inferred from the shapes).
+    mesh: where scoring runs (see `CLIPBundle`); the params are replicated
+      on it.
 
   Returns:
     A `CLIPBundle` for `clip_score`.
@@ -130,9 +167,8 @@ def load_clip(path: str | os.PathLike[str],
     raise ValueError(f'CLIP checkpoint {path}: the tokenizer emits '
                      f'{tokenizer.vocab_size} ids but the token embedding has '
                      f'{config.vocab_size} rows')
-  return CLIPBundle(module=config.make_module(dtype=dtype),
-                    params=jax.device_put(params), tokenizer=tokenizer,
-                    config=config, source=path)
+  return CLIPBundle(module=config.make_module(dtype=dtype), params=params,
+                    tokenizer=tokenizer, config=config, source=path, mesh=mesh)
 
 
 def clip_score(bundle: CLIPBundle, videos: np.ndarray, texts: Sequence[str],

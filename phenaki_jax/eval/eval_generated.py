@@ -36,15 +36,14 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from phenaki_jax.config import errors, schema
 from phenaki_jax.pretrained import perceptual
-from phenaki_jax import sharding
 from phenaki_jax import storage
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import synthetic, video_io
 from phenaki_jax.eval import fvd as fvd_lib
+from phenaki_jax.eval import placement as placement_lib
 from phenaki_jax.eval import report as report_lib
 from phenaki_jax.eval import shapes_score, story_metrics
 from phenaki_jax.eval.clip_score import clip_score, load_clip
@@ -152,23 +151,25 @@ def resolve_protocol(config: ml_collections.ConfigDict, first: Item | None,
   return p
 
 
-# --- FVD features, split over the local devices.
+# --- FVD features, split over the devices of every process.
 
 class I3DLogits:
   """(N, T, r, r, 3) uint8 clips -> (N, 400) float64 I3D logits, in fixed-size batches.
 
-  A batch is split over as many local devices as divide the batch size (one
-  compilation for every batch: the last is padded). The weights are replicated
-  jit arguments; the 224-px frames exist only inside the jitted call.
+  A batch is one global array split over an evaluation mesh with devices of
+  every process (placement.default_mesh: all of them when they divide the
+  batch size); one compilation for every batch, the last is padded. Every
+  process streams the same clips and gets the same logits back (replicated),
+  so the report does not depend on the process count. The weights are
+  replicated jit arguments; the 224-px frames exist only inside the jitted call.
   """
 
   def __init__(self, p: Protocol):
-    devices = jax.local_devices()
-    n = max(k for k in range(1, len(devices) + 1) if p.batch_size % k == 0)
-    self.batch_size, self.num_devices = p.batch_size, n
-    mesh = sharding.make_mesh((n, 1, 1), devices[:n])
-    self.batch_sharding = NamedSharding(mesh, P(("data",)))
-    self.replicated = NamedSharding(mesh, P())
+    self.batch_size = p.batch_size
+    self.placement = placement_lib.Placement(
+        placement_lib.default_mesh(p.batch_size, "protocol.batch_size"))
+    self.placement.check_batch(p.batch_size, "protocol.batch_size")
+    self.num_devices = self.placement.num_devices
     self._variables = None
     size, antialias = p.fvd_resolution, p.resize == "bilinear_antialias"
 
@@ -179,15 +180,17 @@ class I3DLogits:
         x = jax.image.resize(x, (b, t, size, size, c), "bilinear", antialias=antialias)
       return perceptual.i3d_features(variables, x, endpoint="Logits", resolution=size)
 
-    self._fn = jax.jit(logits, out_shardings=self.replicated)
+    self._fn = jax.jit(logits, in_shardings=(self.placement.replicated, self.placement.batch),
+                       out_shardings=self.placement.replicated)
 
   def __call__(self, clips: np.ndarray) -> np.ndarray:
     if self._variables is None:
-      self._variables = jax.device_put(perceptual.i3d_variables(), self.replicated)
+      self._variables = self.placement.put_replicated(perceptual.i3d_variables())
     n = len(clips)
     batch = np.pad(clips, [(0, self.batch_size - n)] + [(0, 0)] * 4, mode="edge")
-    out = self._fn(self._variables, jax.device_put(batch, self.batch_sharding))
-    return np.asarray(out, np.float64)[:n]
+    with jax.set_mesh(self.placement.mesh):  # a sampling generator may have entered its own
+      out = self._fn(self._variables, self.placement.put_batch(batch))
+    return placement_lib.to_host(out).astype(np.float64)[:n]
 
 
 def fvd_runs(gen: np.ndarray, ref: np.ndarray, p: Protocol) -> tuple[list[float], int]:
@@ -366,8 +369,9 @@ def summarise(gen: SetResult) -> dict[str, Any]:
 def load_clip_scorer(config: ml_collections.ConfigDict) -> ClipScorer | None:
   if not config.clip.path:
     return None
-  # Imported only when asked for: the CLIP model is optional.
-  bundle = load_clip(config.clip.path, config.clip.merges_path or None)
+  # Frames and captions split over devices of every process, as I3D's clips.
+  mesh = placement_lib.default_mesh(config.clip.batch_size, "clip.batch_size")
+  bundle = load_clip(config.clip.path, config.clip.merges_path or None, mesh=mesh)
   return ClipScorer(bundle, config.clip.batch_size, clip_score)
 
 

@@ -18,10 +18,12 @@ import numpy as np
 from absl import logging
 
 from phenaki_jax import metrics
+from phenaki_jax import sharding
 from phenaki_jax import storage
 from phenaki_jax.config import schema
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import pipeline
+from phenaki_jax.eval import placement as placement_lib
 from phenaki_jax.eval import recon
 from phenaki_jax import tokenizer as tokenizer_lib
 
@@ -102,6 +104,20 @@ def held_out_clips(input_cfg: ml_collections.ConfigDict, *, seed: int,
   return pipeline.eval_videos(input_cfg, seed=seed, count=count)
 
 
+def mesh_reconstruct(tok: tokenizer_lib.Tokenizer, placement: placement_lib.Placement):
+  """tok's reconstruct_with_codes on the evaluation mesh: weights replicated, batch split.
+
+  Tokenizer.load restores onto this process's first device; the evaluator's
+  batches span the devices of every process, so the weights are copied onto
+  its mesh, replicated (every process restored the same values).
+  """
+  params = placement.put_replicated(tok.params)
+  fn = jax.jit(tokenizer_lib.reconstruct_fn(tok.model),
+               in_shardings=(placement.replicated, placement.batch),
+               out_shardings=(placement.batch, placement.replicated))
+  return lambda frames: fn(params, frames)
+
+
 # --- The job.
 
 def _summary(metrics_: dict[str, float]) -> str:
@@ -120,14 +136,18 @@ def evaluate_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = time.perf_counter()
   config = schema.complete(config)
   schema.validate_eval_tokenizer(config)
+  # The evaluation mesh first: a batch it cannot split fails before anything loads.
+  mesh = placement_lib.default_mesh(config.protocol.batch_size, "protocol.batch_size")
   tok = tokenizer_lib.load_from_config(config.tokenizer)
   logging.info("evaluating tokenizer %s step %d", config.tokenizer.workdir, tok.step)
   input_cfg = resolve_input(config.input, tok.config)
   source = describe_source(input_cfg, tok.config, config.seed)
   clips = held_out_clips(input_cfg, seed=config.seed, count=config.protocol.num_clips)
   evaluator = recon.ReconstructionEvaluator(
-      clips, config.protocol, codebook_size=tok.config.model.codebook_size, source=source)
-  result = evaluator(tok.reconstruct_with_codes)
+      clips, config.protocol, codebook_size=tok.config.model.codebook_size, source=source,
+      mesh=mesh)
+  with sharding.use_mesh(mesh, tok.config.logical_axis_rules):
+    result = evaluator(mesh_reconstruct(tok, evaluator.placement))
 
   tokenizer_info = {"workdir": storage.absolute(config.tokenizer.workdir), "step": int(tok.step),
                     "weights": "ema" if config.tokenizer.use_ema else "raw",
@@ -142,7 +162,8 @@ def evaluate_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "metrics": result.metrics,
       "protocol": result.protocol,
       "seconds": seconds,
-      "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
+      "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}) x "
+                f"{evaluator.placement.num_devices}",
       "config": config.to_dict(),
   }
   stem = storage.join(workdir, f"tokenizer_eval_step_{tok.step}")

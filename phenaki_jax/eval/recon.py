@@ -9,9 +9,14 @@ pass over the clips in fixed-size batches. The same code serves the trainer
   evaluator = ReconstructionEvaluator(clips, protocol, codebook_size=K)   # once
   result = evaluator(reconstruct_fn)       # each eval: metrics, protocol, uint8 recons
 
-`reconstruct_fn(frames)` takes a host float32 array (B, T, H, W, 3) in [-1, 1] and returns
-(reconstruction in [-1, 1], integer codes (B, ...)). The I3D statistics of the
-inputs are computed on the first call and reused by later ones.
+`reconstruct_fn(frames)` takes a float32 batch (B, T, H, W, 3) in [-1, 1]: one
+global jax.Array split over the batch axis of the evaluator's mesh (a
+trainer's mesh, or by default devices of every process; eval/placement.py),
+and returns (reconstruction in [-1, 1], integer codes (B, ...)) as global
+arrays on that mesh (any layout) or host arrays. Per-clip metrics come back
+replicated, so every process sums the same figures whatever the process and
+device counts. The I3D statistics of the inputs are computed on the first
+call and reused by later ones.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ import numpy as np
 from phenaki_jax.config import schema
 from phenaki_jax.pretrained import perceptual
 from phenaki_jax.eval import fvd as fvd_lib
+from phenaki_jax.eval import placement as placement_lib
+from phenaki_jax.sharding import Rules
 
 ReconstructFn = Callable[[jax.Array], tuple[Any, Any]]
 
@@ -112,7 +119,7 @@ def _batch_metrics(lpips_params: Any, inputs: jax.Array, recons: jax.Array, *,
                    lpips_net: str | None, lpips_frames: tuple[int, ...]) -> dict[str, jax.Array]:
   """Per-clip PSNR / SSIM / LPIPS of a batch: uint8 inputs, [-1, 1] float recons."""
   x = inputs.astype(jnp.float32) / 255.0
-  y = (jnp.clip(recons.astype(jnp.float32), -1.0, 1.0) + 1.0) / 2.0
+  y = (_clipped(recons) + 1.0) / 2.0
   b, t = x.shape[:2]
   out = {"psnr": psnr(x, y),
          "ssim": ssim(x.reshape(b * t, *x.shape[2:]), y.reshape(b * t, *y.shape[2:]))
@@ -126,6 +133,20 @@ def _batch_metrics(lpips_params: Any, inputs: jax.Array, recons: jax.Array, *,
         lambda ab: perceptual.lpips_distance(lpips_params, ab[0], ab[1], net=lpips_net), pairs)
     out["lpips"] = per_frame.mean(0)
   return out
+
+
+def _clipped(recons: jax.Array) -> jax.Array:
+  return jnp.clip(recons.astype(jnp.float32), -1.0, 1.0)
+
+
+def _batch_eval(lpips_params: Any, inputs: jax.Array, recons: jax.Array, *,
+                lpips_net: str | None, lpips_frames: tuple[int, ...]
+                ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+  """(per-clip metrics, uint8 reconstructions, clipped float reconstructions) of a batch."""
+  recons = _clipped(recons)
+  metrics = _batch_metrics(lpips_params, inputs, recons, lpips_net=lpips_net,
+                           lpips_frames=lpips_frames)
+  return metrics, jnp.round((recons + 1.0) * 127.5).astype(jnp.uint8), recons
 
 
 # --- Codebook statistics (host, exact integer counts).
@@ -168,13 +189,19 @@ class ReconstructionEvaluator:
   `source`: where the clips came from (data, shards, seed, …), copied into
   the protocol. Pretrained weights may be passed in (e.g. the trainer's,
   already on device); otherwise they load when first needed.
+
+  `mesh` + `rules`: where the work runs (a trainer passes its own; default:
+  placement.default_mesh over devices of every process). Each batch is split
+  over the mesh's batch axis, so `batch_size` must divide by its ways; every
+  process must pass the same clips.
   """
 
   def __init__(self, clips_uint8: np.ndarray, protocol_cfg: Mapping[str, Any] | None, *,
                codebook_size: int, batch_size: int | None = None,
                lpips_params: Any | None = None, i3d_variables: Any | None = None,
                source: Mapping[str, Any] | None = None, config_prefix: str = "protocol.",
-               clip_frames_key: str = "input.num_frames"):
+               clip_frames_key: str = "input.num_frames", mesh: jax.sharding.Mesh | None = None,
+               rules: Rules | None = None):
     clips = np.asarray(clips_uint8)
     if clips.dtype != np.uint8 or clips.ndim != 5 or clips.shape[-1] != 3 or not len(clips):
       raise ValueError(f"expected uint8 clips (N, T, H, W, 3) with N > 0; got {clips.dtype} "
@@ -185,6 +212,17 @@ class ReconstructionEvaluator:
     self.batch_size = int(batch_size or p["batch_size"])
     if self.batch_size <= 0:
       raise ValueError(f"config.{config_prefix}batch_size={self.batch_size}: must be > 0")
+    batch_key = f"{config_prefix}batch_size"
+    # Before anything compiles: the batch must split over the mesh.
+    if mesh is None:
+      self.placement = placement_lib.Placement(
+          placement_lib.default_mesh(self.batch_size, batch_key))
+    else:
+      self.placement = placement_lib.Placement(
+          mesh, placement_lib.DEFAULT_RULES if rules is None else rules)
+    self.placement.check_batch(
+        self.batch_size, batch_key,
+        "" if mesh is None else " (config.mesh.shape, config.logical_axis_rules)")
     n, t, h, w, _ = clips.shape
     if min(h, w) < SSIM_WINDOW:
       raise ValueError(f"frames of {h}x{w} are smaller than the {SSIM_WINDOW}x{SSIM_WINDOW} "
@@ -202,10 +240,8 @@ class ReconstructionEvaluator:
             f"config.{config_prefix}lpips_net={self.lpips_net!r} needs frames of at least "
             f"{need}x{need}; the clips are {h}x{w} ('vgg16' works from 16x16; or set "
             f"config.{config_prefix}lpips=False)")
-    # One device for all metrics (see fvd.I3DFeatureExtractor on why).
-    self.device = jax.local_devices()[0]
     self._lpips_params = (None if lpips_params is None
-                          else jax.device_put(lpips_params, self.device))
+                          else self.placement.put_replicated(lpips_params))
 
     self.fvd: fvd_lib.I3DFeatureExtractor | None = None
     if p["fvd"]:
@@ -225,7 +261,8 @@ class ReconstructionEvaluator:
             f"config.{config_prefix}fvd=False")
       self.fvd = fvd_lib.I3DFeatureExtractor(
           num_frames=frames, resolution=int(p["fvd_resolution"]), batch_size=self.batch_size,
-          variables=i3d_variables, frames_key=frames_key)
+          variables=i3d_variables, frames_key=frames_key, placement=self.placement,
+          batch_key=batch_key)
     self._input_stats: fvd_lib.FeatureStats | None = None
     self._input_stats_seconds = 0.0
 
@@ -250,8 +287,14 @@ class ReconstructionEvaluator:
       self._protocol["fvd_note"] = (f"FVD not computed (config.{config_prefix}fvd=False); "
                                     f"I3D needs clips of >= "
                                     f"{perceptual.I3D_MIN_FRAMES_FOR_LOGITS} frames")
+    pl = self.placement
+    # Inputs split over the batch axis; the metrics and uint8 reconstructions
+    # come back replicated (identical host copies on every process); the
+    # float reconstructions stay split, for the I3D features.
     self._metrics_fn = jax.jit(functools.partial(
-        _batch_metrics, lpips_net=self.lpips_net, lpips_frames=self.lpips_frames))
+        _batch_eval, lpips_net=self.lpips_net, lpips_frames=self.lpips_frames),
+        in_shardings=(pl.replicated, pl.batch, pl.batch),
+        out_shardings=(pl.replicated, pl.replicated, pl.batch))
 
   @property
   def protocol(self) -> dict[str, Any]:
@@ -259,7 +302,7 @@ class ReconstructionEvaluator:
 
   def _lpips(self) -> Any:
     if self.lpips_net and self._lpips_params is None:
-      self._lpips_params = jax.device_put(perceptual.lpips_params(self.lpips_net), self.device)
+      self._lpips_params = self.placement.put_replicated(perceptual.lpips_params(self.lpips_net))
     return self._lpips_params
 
   def input_stats(self) -> fvd_lib.FeatureStats:
@@ -287,28 +330,31 @@ class ReconstructionEvaluator:
     recon_stats = fvd_lib.FeatureStats(dim=400) if self.fvd is not None else None
     recons, token_grid = [], None
     lpips_params = self._lpips()
+    pl = self.placement
     for batch, n in self._batches():
       start = time.perf_counter()
-      # A host array in the caller's mesh context: reconstruct_fn's own jit
-      # places it (e.g. a trainer's, sharded over its mesh).
-      recon, codes = reconstruct_fn(batch.astype(np.float32) / 127.5 - 1.0)
-      codes = np.asarray(codes)[:n]
-      if recon.shape != batch.shape:
+      # One global batch split over the mesh, built from this process's host
+      # copy (the same on every process); reconstruct_fn runs in the caller's
+      # context (a trainer's mesh and rules).
+      frames = pl.put_batch(batch.astype(np.float32) / 127.5 - 1.0)
+      recon, codes = reconstruct_fn(frames)
+      if tuple(recon.shape) != batch.shape:
         raise ValueError(f"reconstruct_fn returned shape {recon.shape} for clips {batch.shape}")
+      codes = placement_lib.to_host(codes)[:n]
       token_grid = tuple(int(s) for s in codes.shape[1:])
       counts += code_histogram(codes, self.codebook_size)
-      # The metrics run on one device outside any mesh (see fvd.I3DFeatureExtractor).
-      with jax.set_mesh(None):
-        recon = jnp.clip(jax.device_put(recon, self.device).astype(jnp.float32), -1.0, 1.0)
-        recons.append(np.asarray(jnp.round((recon + 1.0) * 127.5)).astype(np.uint8)[:n])
-        seconds["reconstruct"] += time.perf_counter() - start
+      seconds["reconstruct"] += time.perf_counter() - start
 
-        start = time.perf_counter()
-        per_clip = jax.device_get(self._metrics_fn(
-            lpips_params, jax.device_put(batch, self.device), recon))
-        for k, v in per_clip.items():
-          sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v, np.float64)[:n]))
-        seconds["metrics"] += time.perf_counter() - start
+      start = time.perf_counter()
+      # Our shardings name our mesh, which may not be the caller's context.
+      with jax.set_mesh(pl.mesh):
+        per_clip, recon_uint8, recon = self._metrics_fn(
+            lpips_params, pl.put_batch(batch), pl.put_batch(recon))
+      recons.append(placement_lib.to_host(recon_uint8)[:n])
+      for k, v in per_clip.items():
+        sums[k] = sums.get(k, 0.0) + float(np.sum(
+            placement_lib.to_host(v).astype(np.float64)[:n]))
+      seconds["metrics"] += time.perf_counter() - start
 
       if recon_stats is not None:
         start = time.perf_counter()
@@ -333,8 +379,12 @@ def evaluate_reconstructions(reconstruct_fn: ReconstructFn, clips_uint8: np.ndar
                              protocol_cfg: Mapping[str, Any] | None, *, codebook_size: int,
                              batch_size: int | None = None, lpips_params: Any | None = None,
                              i3d_variables: Any | None = None,
-                             source: Mapping[str, Any] | None = None) -> ReconstructionEval:
+                             source: Mapping[str, Any] | None = None,
+                             mesh: jax.sharding.Mesh | None = None,
+                             rules: Rules | None = None
+                             ) -> ReconstructionEval:
   """One-off evaluation; build a ReconstructionEvaluator to reuse the input I3D stats."""
   return ReconstructionEvaluator(clips_uint8, protocol_cfg, codebook_size=codebook_size,
                                  batch_size=batch_size, lpips_params=lpips_params,
-                                 i3d_variables=i3d_variables, source=source)(reconstruct_fn)
+                                 i3d_variables=i3d_variables, source=source, mesh=mesh,
+                                 rules=rules)(reconstruct_fn)

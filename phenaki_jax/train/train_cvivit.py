@@ -18,8 +18,8 @@ import flax.linen as nn
 import optax
 from absl import logging
 
-from phenaki_jax import (checkpointing, ema, metrics, optimizers, perf, sharding, storage,
-                         train_state)
+from phenaki_jax import (checkpointing, distributed, ema, metrics, optimizers, perf, sharding,
+                         storage, train_state)
 from phenaki_jax.config import schema
 from phenaki_jax.data import pipeline
 from phenaki_jax.eval import recon as recon_eval
@@ -178,6 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"),
                                       max_to_keep=config.keep_checkpoints,
                                       async_save=config.async_checkpointing)
+    distributed.wait_for_all("restore")  # after each process's own set-up (see wait_for_all)
     restored = train_loop.restore_or_set_aside(ckpt, checkpointing.abstract_with_shardings(
         abstract_state, state_shardings), train_iter, config)
     if restored is None:
@@ -195,15 +196,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          in_shardings=(state_shardings, batch_sharding, replicated),
                          out_shardings=(state_shardings, replicated, replicated),
                          donate_argnums=(0,), static_argnums=(3, 4))
+    # Evaluation on the training mesh: the evaluator splits each batch of its
+    # clips (the same host copy on every process) over the batch axis, as
+    # training does; reconstructions stay split for the metrics, which come
+    # back replicated, so every process logs the same figures.
     reconstruct = jax.jit(reconstruct_fn(model),
-                          in_shardings=(state_shardings.ema_params, replicated),
-                          out_shardings=(replicated, replicated))
+                          in_shardings=(state_shardings.ema_params, batch_sharding),
+                          out_shardings=(batch_sharding, replicated))
     evaluator = None
     if config.eval_every_steps > 0:
       clips = pipeline.eval_videos(config.input, seed=config.seed,
                                    count=config.eval_protocol.num_clips)
       evaluator = recon_eval.ReconstructionEvaluator(
-          clips, config.eval_protocol, codebook_size=model.codebook_size,
+          clips, config.eval_protocol, codebook_size=model.codebook_size, mesh=mesh,
+          rules=rules,
           lpips_params=frozen.get("lpips") if (config.eval_protocol.lpips_net
                                                == config.loss.lpips_net) else None,
           source={"data": config.input.data, "seed": config.seed, "held_out": True},

@@ -116,10 +116,9 @@ def test_batch_size_and_order_independent(bundle, tmp_path):
     _assert_same(got, want)
   # One compile per frame shape and batch size: the short last batch is
   # padded, not recompiled (5 * 2 frames in batches of 7 -> 7, 3).
-  compiled = bundle._frames_fn._cache_size()
   _assert_same(clip_score.clip_score(bundle, videos, texts, batch_size=7),
                want)
-  assert bundle._frames_fn._cache_size() == compiled + 1
+  assert bundle._on_mesh(7)[2]['frames']._cache_size() == 1
 
   perm = np.array([3, 0, 4, 1, 2])
   got = clip_score.clip_score(bundle, videos[perm], [texts[i] for i in perm],
@@ -160,3 +159,23 @@ def test_load_clip_from_a_bucket_is_the_local_model(bundle, checkpoint, bucket):
                                 bundle.tokenizer.encode_batch(TEXTS))
   with pytest.raises(FileNotFoundError, match=f'{bucket}/clip/missing.safetensors'):
     clip_score.load_clip(f'{remote}/missing.safetensors')
+
+
+def test_the_same_scores_on_meshes_of_8_and_1_devices(checkpoint):
+  """Frames and captions split over a mesh: the scores do not depend on its size."""
+  from phenaki_jax.eval import placement
+  folder, _ = checkpoint
+  videos = _videos(n=4, t=2, seed=3)
+  scores = []
+  for n in (8, 1):
+    mesh = placement.default_mesh(n, 'clip.batch_size')
+    assert mesh.devices.size == n
+    got = clip_score.load_clip(folder / 'clip.safetensors', mesh=mesh)
+    assert all(x.sharding.is_fully_replicated and x.sharding.mesh == mesh
+               for x in jax.tree.leaves(got.params))
+    scores.append(clip_score.clip_score(got, videos, TEXTS, batch_size=8))
+  np.testing.assert_allclose(scores[1]['cosine'], scores[0]['cosine'], rtol=1e-5, atol=1e-6)
+  on_2 = clip_score.load_clip(folder / 'clip.safetensors',
+                              mesh=placement.default_mesh(2, 'clip.batch_size'))
+  with pytest.raises(ValueError, match=r'config.clip.batch_size=3: .* 2 ways'):
+    clip_score.clip_score(on_2, videos, TEXTS, batch_size=3)

@@ -46,7 +46,7 @@ def fake_clip(monkeypatch, tmp_path):
   """
   calls = []
 
-  def load_clip(path, merges_path=None):
+  def load_clip(path, merges_path=None, mesh=None):
     return {"path": path, "merges": merges_path}
 
   def clip_score(bundle, videos, texts, batch_size):
@@ -134,7 +134,8 @@ def folder_report(folders, gcs_emulator):
   weights = f"{bucket}/clip.npz"
   storage.write_bytes(weights, b"fake")
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(eval_generated, "load_clip", lambda path, merges_path=None: {"path": path})
+    patch.setattr(eval_generated, "load_clip",
+                  lambda path, merges_path=None, mesh=None: {"path": path})
     patch.setattr(eval_generated, "clip_score", lambda bundle, videos, texts, bs: {
         "clip_score": np.full(len(videos), 25.0), "cosine": np.full(len(videos), 0.25)})
     config = _config(generated=gen, reference=ref, **{"protocol.resolution": 32,

@@ -1,6 +1,7 @@
 """Fréchet distance against a SciPy reference; streaming statistics; I3D features."""
 import time
 
+import jax
 import numpy as np
 import pytest
 import scipy.linalg
@@ -70,10 +71,17 @@ def test_streamed_and_merged_statistics_equal_the_whole_set():
     streamed.update(x[:, :4])
 
 
-def test_i3d_logits_at_224_are_deterministic_and_finite():
+@pytest.fixture(scope="module")
+def one_device_extractor():
+  """Batches of one 9-frame clip (the fewest frames I3D classifies) at 224, on one device."""
+  return fvd.I3DFeatureExtractor(num_frames=9, resolution=224, batch_size=1)
+
+
+def test_i3d_logits_at_224_are_deterministic_and_finite(one_device_extractor):
   """One 9-frame clip, the smallest I3D classifies, at the standard 224 resolution."""
   clip = np.random.default_rng(0).integers(0, 256, size=(1, 9, 32, 32, 3), dtype=np.uint8)
-  extractor = fvd.I3DFeatureExtractor(num_frames=9, resolution=224, batch_size=1)
+  extractor = one_device_extractor
+  assert extractor.placement.num_devices == 1
   first = extractor(clip)
   start = time.perf_counter()
   second = extractor(clip)
@@ -83,6 +91,23 @@ def test_i3d_logits_at_224_are_deterministic_and_finite():
   np.testing.assert_array_equal(first, second)
   # uint8 and the same clip in [-1, 1] are one input.
   np.testing.assert_allclose(extractor(clip / 127.5 - 1.0), first, rtol=1e-5, atol=1e-4)
+
+
+def test_i3d_features_split_over_two_devices_equal_one_devices(one_device_extractor):
+  """A batch split over a 2-device mesh (as a host array, and as the global
+  array an evaluator hands over) gives each clip's features as on one device."""
+  from phenaki_jax import sharding
+  from phenaki_jax.eval import placement
+  clips = np.random.default_rng(1).integers(0, 256, size=(2, 9, 32, 32, 3), dtype=np.uint8)
+  two = placement.Placement(sharding.make_mesh((-1, 1, 1), jax.devices()[:2]))
+  extractor = fvd.I3DFeatureExtractor(num_frames=9, resolution=224, batch_size=2, placement=two,
+                                      variables=one_device_extractor.variables)
+  want = one_device_extractor(clips)
+  np.testing.assert_allclose(extractor(clips), want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(extractor(two.put_batch(clips)), want, rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match=r"config.eval_protocol.batch_size=3: .* 2 ways"):
+    fvd.I3DFeatureExtractor(num_frames=9, batch_size=3, placement=two,
+                            batch_key="eval_protocol.batch_size")
 
 
 def test_i3d_protocol_errors_name_the_config_keys():
