@@ -182,3 +182,12 @@ def test_an_array_file_missing_in_one_view_makes_both_processes_take_the_same_st
     # An explicit step that does not restore on one process raises on both.
     assert f"process {i} step 4: checkpoint step 4 in " in log, log[-3000:]
     assert "does not restore on process(es) [1] of 2" in log, log[-3000:]
+
+
+def test_heartbeat_and_shutdown_timeouts_must_be_positive():
+  from phenaki_jax import distributed
+  p = distributed.plan(coordinator_address="127.0.0.1:1", num_processes=2, process_id=0, env={})
+  for heartbeat, shutdown, name in ((0, 300, "--distributed_heartbeat_timeout_s=0"),
+                                    (60, 0, "--distributed_shutdown_timeout_s=0")):
+    with pytest.raises(distributed.DistributedInitError, match=name):
+      distributed._join(p, 10, heartbeat, shutdown)  # pylint: disable=protected-access
