@@ -1,4 +1,5 @@
-"""The memory pre-flight: the real train steps compiled from shapes on 4 simulated devices.
+"""The memory pre-flight: the real train steps (and the sample job's programs) compiled
+from shapes on 4 simulated devices.
 
 Compiles run in subprocesses that start JAX with 4 CPU devices (this test
 process has conftest's 8), each bounded by a timeout. The :tiny,l2vq tokenizer
@@ -41,6 +42,8 @@ runs = {
     "cvivit_fsdp": ("cvivit", "tiny,l2vq", (1, 4, 1)),
     "maskgit_dp": ("maskgit", "tiny", (4, 1, 1)),
     "maskgit_fsdp": ("maskgit", "tiny", (1, 4, 1)),
+    # The sample job: the :tiny generator's 2 heads split over 'tensor'.
+    "sample": ("sample", "tiny", (2, 1, 2)),
 }
 out = {}
 for name, (job, variant, mesh) in runs.items():
@@ -64,6 +67,8 @@ def api_reports(tmp_path_factory):
 
 def test_reports_have_positive_sizes_and_say_they_are_cpu_estimates(api_reports):
   for name, r in api_reports.items():
+    if name == "sample":
+      continue
     m = r["memory"]
     assert m["argument"] > 0 and m["temp"] > 0, name
     assert m["total"] == m["argument"] + m["output"] - m["alias"] + m["temp"] + \
@@ -139,3 +144,38 @@ def test_mesh_flag_sets_the_simulated_device_count():
   assert preflight._cpu_device_count_from_argv(["--mesh=-1,4,1"]) is None
   assert preflight._cpu_device_count_from_argv(["--mesh=-1,4,1", "--devices=16"]) == 16
   assert preflight._cpu_device_count_from_argv(["--topology=v5p:2x2x1", "--devices=4"]) is None
+
+
+def test_sample_report_holds_the_three_networks_weights_and_the_largest_program(api_reports):
+  r = api_reports["sample"]
+  assert r["job"] == "sample" and r["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert r["generator"] == "configs/maskgit.py:tiny" and r["tokenizer"] == "configs/cvivit.py:tiny"
+  assert r["batch"] == 8 and r["batch_ways"] == 2  # over data; 'tensor' splits weights only
+  assert set(r["weights_bytes_per_device"]) == {"generator", "text encoder", "tokenizer"}
+  # float32 weights: split by 'tensor' (heads, mlp, vocab), under 4 bytes a parameter.
+  for net in ("generator", "tokenizer"):
+    assert r["weights_bytes_per_device"][net] < 4 * r["params"][net], net
+  assert r["weights_layout"]["tokenizer"] == "by its rules"
+  assert set(r["programs"]) == {"sampling", "decode", "encode"}
+  for name, m in r["programs"].items():
+    assert m["temp"] > 0 and m["inputs"] > 0 and m["beyond_weights"] >= m["temp"], name
+  largest = max(m["beyond_weights"] for m in r["programs"].values())
+  assert r["total_bytes"] == sum(r["weights_bytes_per_device"].values()) + largest
+  assert r["fits"] is None and r["estimate"]
+  # The verdict and the message a too-small --hbm_gib gets.
+  fields = {k: v for k, v in r.items() if k not in ("total_bytes", "total_gib", "fits")}
+  report = preflight.SampleReport(**{**fields, "hbm_gib": 1e-4})
+  assert report.fits is False and "DOES NOT FIT in 0.0001 GiB" in report.table()
+  assert report.too_big_message().startswith(
+      "error: configs/sample.py:tiny on mesh (data,fsdp,tensor)=(2,1,2) needs ")
+
+
+def test_sample_preflight_refuses_a_batch_the_mesh_cannot_split_before_compiling():
+  config = load_config("sample", "tiny")
+  config.batch_size = 6  # conftest's 8 devices, (4,2,1): data·fsdp = 8 ways
+  with pytest.raises(ConfigError, match=r"config\.batch_size=6: must be divisible by the 8 "
+                                        r"ways.*\[--mesh, 8 devices\]"):
+    preflight.preflight(config, mesh_shape=(4, 2, 1), config_name="configs/sample.py:tiny")
+  with pytest.raises(ConfigError, match=r"config\.mesh\.shape=\(1, 1, 8\): the generator's "
+                                        r"weights do not split evenly"):
+    preflight.preflight(config, mesh_shape=(1, 1, 8), config_name="configs/sample.py:tiny")

@@ -279,7 +279,8 @@ def run_prompts(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
   if report["object_area_ratio"]:
     logging.info("object area over the dataset's, by prompt size: %s", " ".join(
         f"{k} {v:.2f}x" for k, v in report["object_area_ratio"].items() if k != "num_clips"))
-  logging.info("wrote %d sample(s) to %s (%.1f s sampling)", len(records), workdir,
+  logging.info("%s %d sample(s) %s %s (%.1f s sampling)", "wrote" if writer else "sampled",
+               len(records), "to" if writer else "for process 0 to write to", workdir,
                sample_seconds)
   return report
 
