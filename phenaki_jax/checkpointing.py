@@ -9,20 +9,20 @@ orbax's latest_step() still returns it.
 With several processes the step restored is agreed: **all processes take the
 newest step that every process can restore.** Each process reads its part of
 a step with no barrier (the handlers directly, not CheckpointManager.restore),
-then all exchange one success flag (process_allgather) and either all keep the
-step or all drop it and try the next older one. Why not Orbax's restore: it
-ends in a device barrier (sync_global_devices) that a process whose read
-raised never reaches, so the others either wait there until the job dies or,
-worse, meet that process's next attempt at an older step in the same barrier
-and return a different step than it does. Why not "process 0 decides": a step
-process 0 reads can still be damaged in another host's view (a data item only
-that host reads, a lost file on its mount), and then it has to be dropped by
-everyone anyway. Every process calls the same collectives in the same order
-whatever its reads did, so none can hang on another: the list of candidate
-steps is the steps every process lists (exchanged the same way), the shape
-check runs once on the newest and its verdict is shared, and each warning
-names the same steps on every process. A dead peer is not waited for either:
-distributed.py's heartbeat timeout ends the job.
+then all exchange their outcome (`exchange`: the coordination service's
+key-value store) and either all keep the step or all drop it and try the
+next older one. Why not Orbax's restore: it ends in a barrier of a fixed name
+that a process whose read raised skips, so that process's attempt at the next
+older step meets the others in it, and they return different steps (seen
+with 2 processes: process 0 at step 4, process 1 at step 2, both carrying
+on). Why not "process 0 decides": a step process 0 reads can still be damaged
+in another host's view (a data item only that host reads, a file lost on its
+mount), and then all must drop it anyway. Every process runs the same
+exchanges in the same order whatever its reads did, so none waits for one
+that never comes: the candidates are the steps every process lists, the
+shape check's verdict is shared, and each warning is the same text on every
+process, the failing processes' errors included. A dead peer ends the job
+(distributed.py's heartbeat timeout).
 
 The data item holds one file per process (`process_I-of-N.json`). Restored by
 a different number of processes (a 2-host checkpoint continued on 1 host, or
@@ -36,18 +36,18 @@ beginning. Either way a warning says so.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
 import grain
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store  # orbax pinned: setup.py
+from orbax.checkpoint._src.multihost import multihost as ocp_multihost
 
 from phenaki_jax import storage
 
@@ -75,33 +75,51 @@ class CheckpointRestoreError(RuntimeError):
   """A checkpoint step did not restore on at least one process (all processes raise it)."""
 
 
-def _gather(values: np.ndarray) -> np.ndarray:
-  """`values` of every process, stacked (process_count, ...): all processes must call it."""
-  values = np.asarray(values, np.int32)
+# How long a process waits for the others' part of an agreement (their reads
+# of a step): far more than hosts reading one step ever differ by. A dead peer
+# ends the job sooner (distributed.py's heartbeat timeout).
+AGREEMENT_TIMEOUT_S = 600
+_exchanges = itertools.count()  # every process runs the same exchanges in the same order
+
+
+def exchange(value: Any, timeout_s: int = AGREEMENT_TIMEOUT_S) -> list[Any]:
+  """`value` (JSON-able) of every process, in process order: all processes must call it.
+
+  Through the coordination service's key-value store, not a device
+  collective: no program to compile, any size of value, a timeout of our
+  own, and on the CPU backend no gloo collective that fails when a peer comes
+  more than 30 s late (one host still reading its shards of a step).
+  """
   if jax.process_count() == 1:
-    return values[None]
-  return np.asarray(multihost_utils.process_allgather(values))
+    return [value]
+  client = ocp_multihost.get_jax_distributed_client()
+  key = f"phenaki_jax/checkpointing/{next(_exchanges)}"
+  client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(value))
+  return [json.loads(client.blocking_key_value_get(f"{key}/{i}", timeout_s * 1000))
+          for i in range(jax.process_count())]
 
 
-def failed_processes(ok: bool) -> list[int]:
-  """The processes where `ok` is False, the same list on every process (a collective)."""
-  return [i for i, v in enumerate(_gather(np.array([ok])).reshape(-1)) if not v]
+def _failures(error: Exception | None) -> dict[int, str]:
+  """{process: its error} for every process where it failed, alike on every process."""
+  mine = None if error is None else f"{type(error).__name__}: {str(error)[:300]}"
+  return {i: e for i, e in enumerate(exchange(mine)) if e is not None}
 
 
-def _where(processes: list[int]) -> str:
+def _where(failed: dict[int, str]) -> str:
   if jax.process_count() == 1:
     return "this process"
-  return f"process(es) {processes} of {jax.process_count()}"
+  return f"process(es) {sorted(failed)} of {jax.process_count()}"
+
+
+def _errors(failed: dict[int, str]) -> str:
+  if jax.process_count() == 1:
+    return "; ".join(failed.values())
+  return "; ".join(f"process {i}: {e}" for i, e in sorted(failed.items()))
 
 
 def agreed_steps(steps: list[int]) -> tuple[list[int], list[int]]:
   """(the steps every process lists, the others some process lists): alike on every process."""
-  if jax.process_count() == 1:
-    return sorted(steps), []
-  width = int(_gather(np.array([len(steps)])).max())
-  padded = np.full((max(width, 1),), -1, np.int32)
-  padded[:len(steps)] = sorted(steps)
-  lists = [{int(s) for s in row if s >= 0} for row in _gather(padded)]
+  lists = [set(x) for x in exchange(sorted(int(s) for s in steps))]
   common = set.intersection(*lists)
   return sorted(common), sorted(set.union(*lists) - common)
 
@@ -240,14 +258,14 @@ class Checkpointer:
     return restored["state"]
 
   def _try_restore(self, step: int, abstract_state: Any, data_iterator: Any | None,
-                   partial: bool) -> tuple[Any, Exception | None, list[int]]:
-    """(state or None, this process's error, the processes where it failed): a collective."""
+                   partial: bool) -> tuple[Any, Exception | None, dict[int, str]]:
+    """(state or None, this process's error, {process: error} where it failed): all call it."""
     state, error = None, None
     try:
       state = self._restore_here(step, abstract_state, data_iterator, partial)
     except Exception as e:  # pylint: disable=broad-except
       error = e
-    return state, error, failed_processes(error is None)
+    return state, error, _failures(error)
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None, *,
               partial: bool = False) -> Any:
@@ -260,9 +278,8 @@ class Checkpointer:
     """
     state, error, failed = self._try_restore(step, abstract_state, data_iterator, partial)
     if failed:
-      here = f" (here: {type(error).__name__}: {error})" if error is not None else ""
       raise CheckpointRestoreError(f"checkpoint step {step} in {self.directory} does not "
-                                   f"restore on {_where(failed)}{here}") from error
+                                   f"restore on {_where(failed)} ({_errors(failed)})") from error
     return state
 
   def _data_dir(self, step: int) -> epath.Path:
@@ -385,13 +402,12 @@ class Checkpointer:
       self.check_fits(step, abstract_state, config, partial=partial)
     except CheckpointMismatchError as e:
       error = e
-    failed = failed_processes(error is None)
-    if error is not None:
+    failed = exchange(None if error is None else str(error))
+    first = next((i for i, e in enumerate(failed) if e is not None), None)
+    if first == jax.process_index():
       raise error
-    if failed:
-      raise CheckpointMismatchError(
-          f"checkpoint step {step} in {self.directory} does not fit this model on "
-          f"{_where(failed)}: see that log for the arrays that differ")
+    if first is not None:
+      raise CheckpointMismatchError(f"on process {first}: {failed[first]}")
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any | None = None,
                      config: ml_collections.ConfigDict | None = None, *, partial: bool = False,
@@ -435,13 +451,9 @@ class Checkpointer:
         return state, step
       del state
       failures.append((step, failed, error))
-      here = (f"here {type(error).__name__}: {str(error)[:300]}" if error is not None
-              else "it restored here")
       logging.warning("checkpoint step %d in %s does not restore on %s (%s); trying an older "
-                      "one", step, self.directory, _where(failed), here)
-    details = "; ".join(
-        f"step {s} on {_where(p)}" + (f" (here {type(e).__name__}: {str(e)[:200]})" if e else "")
-        for s, p, e in failures)
+                      "one", step, self.directory, _where(failed), _errors(failed))
+    details = "; ".join(f"step {s} on {_where(f)} ({_errors(f)[:300]})" for s, f, _ in failures)
     raise NoUsableCheckpointError(
         f"no checkpoint in {self.directory} restores ({details}); refusing to start from "
         "scratch: set config.fresh_start_if_checkpoints_unusable=True to move them aside "
@@ -475,8 +487,8 @@ class Checkpointer:
 
   @staticmethod
   def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(name)
+    """Every process waits here for all the others (an exchange of nothing but the name)."""
+    exchange(name)
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process at the same step once a preemption was signalled."""
