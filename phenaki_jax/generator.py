@@ -392,7 +392,7 @@ def frozen_text_shardings(config: ml_collections.ConfigDict, text: TextEncoder,
   boxed = jax.eval_shape(text.module.init, jax.random.key(0),
                          jnp.ones((1, config.text.max_length), jnp.int32))["params"]
   shardings = sharding.tree_shardings(boxed, placement.mesh, placement.rules)
-  abstract = checkpointing.abstract_with_shardings(sharding.strip_boxes(boxed), shardings)
+  abstract = tokenizer_lib.with_shardings(sharding.strip_boxes(boxed), shardings)
   if tokenizer_lib.indivisible(abstract, placement.mesh):
     return jax.tree.map(lambda _: placement.replicated, shardings)
   return shardings

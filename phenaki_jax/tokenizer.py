@@ -198,9 +198,14 @@ def tokenizer_placement(config: ml_collections.ConfigDict, abstract_boxed: Any,
 
 def abstract_on(abstract_boxed: Any, placement: Placement) -> Any:
   """ShapeDtypeStructs of a boxed (eval_shape) tree, with their shardings by the placement."""
-  return checkpointing.abstract_with_shardings(
-      sharding.strip_boxes(abstract_boxed),
-      sharding.tree_shardings(abstract_boxed, placement.mesh, placement.rules))
+  return with_shardings(sharding.strip_boxes(abstract_boxed),
+                        sharding.tree_shardings(abstract_boxed, placement.mesh, placement.rules))
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `abstract`'s leaves carrying `shardings` (a restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
 
 
 def cvivit_abstract_boxed(config: ml_collections.ConfigDict, model: cvivit.CViViT) -> Any:
