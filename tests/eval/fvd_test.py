@@ -93,21 +93,39 @@ def test_i3d_logits_at_224_are_deterministic_and_finite(one_device_extractor):
   np.testing.assert_allclose(extractor(clip / 127.5 - 1.0), first, rtol=1e-5, atol=1e-4)
 
 
-def test_i3d_features_split_over_two_devices_equal_one_devices(one_device_extractor):
-  """A batch split over a 2-device mesh (as a host array, and as the global
-  array an evaluator hands over) gives each clip's features as on one device."""
+def test_i3d_features_the_same_on_meshes_of_8_2_and_1_devices(monkeypatch):
+  """Batches split over the mesh (from a host array, the last padded, and as
+  the global array an evaluator hands over) give each clip the same features
+  on every process and mesh size. I3D is a cheap stand-in here (its
+  placement is under test; the real one compiles for tens of seconds per
+  mesh and runs on several processes in tests/integration/multiprocess_test.py)."""
+  import jax.numpy as jnp
   from phenaki_jax import sharding
   from phenaki_jax.eval import placement
-  clips = np.random.default_rng(1).integers(0, 256, size=(2, 9, 32, 32, 3), dtype=np.uint8)
-  two = placement.Placement(sharding.make_mesh((-1, 1, 1), jax.devices()[:2]))
-  extractor = fvd.I3DFeatureExtractor(num_frames=9, resolution=224, batch_size=2, placement=two,
-                                      variables=one_device_extractor.variables)
-  want = one_device_extractor(clips)
-  np.testing.assert_allclose(extractor(clips), want, rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(extractor(two.put_batch(clips)), want, rtol=1e-5, atol=1e-4)
+  from phenaki_jax.pretrained import perceptual
+
+  def cheap_i3d(variables, clips, *, endpoint, resolution):
+    return jnp.tanh(clips.reshape(clips.shape[0], -1) @ variables["w"])
+
+  monkeypatch.setattr(perceptual, "i3d_features", cheap_i3d)
+  rng = np.random.default_rng(1)
+  clips = rng.integers(0, 256, size=(11, 9, 8, 8, 3), dtype=np.uint8)
+  variables = {"w": (rng.normal(size=(9 * 8 * 8 * 3, 400)) / 40).astype(np.float32)}
+  features = {}
+  for n in (8, 2, 1):
+    on = placement.Placement(sharding.make_mesh((-1, 1, 1), jax.devices()[:n]))
+    extractor = fvd.I3DFeatureExtractor(num_frames=9, batch_size=8, placement=on,
+                                        variables=variables)
+    features[n] = extractor(clips)  # 2 batches, the last padded
+    np.testing.assert_array_equal(extractor(on.put_batch(clips[:8])), features[n][:8])
+  assert features[1].shape == (11, 400) and np.std(features[1]) > 0
+  for n in (8, 2):
+    # (float32 sums of 1,728 products, blocked differently per batch size)
+    np.testing.assert_allclose(features[n], features[1], rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match=r"config.eval_protocol.batch_size=3: .* 2 ways"):
-    fvd.I3DFeatureExtractor(num_frames=9, batch_size=3, placement=two,
-                            batch_key="eval_protocol.batch_size")
+    fvd.I3DFeatureExtractor(num_frames=9, batch_size=3, batch_key="eval_protocol.batch_size",
+                            placement=placement.Placement(
+                                sharding.make_mesh((-1, 1, 1), jax.devices()[:2])))
 
 
 def test_i3d_protocol_errors_name_the_config_keys():

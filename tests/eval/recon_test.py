@@ -199,27 +199,36 @@ def _cheap_i3d(variables, clips, *, endpoint, resolution):
   return jnp.tanh(clips.reshape(clips.shape[0], -1) @ variables["w"])
 
 
+def _cheap_lpips(params, a, b, *, net):
+  """Stands in for LPIPS in placement tests: a weighted mean absolute difference per image."""
+  del net
+  return jnp.mean(jnp.abs(a - b) * params["weights"], axis=(1, 2, 3))
+
+
 def test_the_same_figures_on_meshes_of_8_2_and_1_devices(monkeypatch):
   """One global batch split over the mesh, results replicated: the metrics
   (and the reconstructions, codes and I3D statistics behind them) are the
   same whatever the number of devices, and whichever mesh axes the rules
-  put the batch on. The real I3D is replaced by a cheap projection (its
-  placement, not its numerics, is under test; fvd_test runs the real one
-  on two meshes)."""
+  put the batch on. I3D and LPIPS are cheap stand-ins with weights of their
+  own (their placement is under test, not their numerics, which compile for
+  tens of seconds per mesh; the trainer-mesh test above runs the real ones
+  on a mesh, tests/integration/multiprocess_test.py on several processes)."""
   import jax
   from phenaki_jax import sharding
   from phenaki_jax.config import rules as rules_lib
   monkeypatch.setattr(perceptual, "i3d_features", _cheap_i3d)
+  monkeypatch.setattr(perceptual, "lpips_distance", _cheap_lpips)
   rng = np.random.default_rng(0)
-  clips = rng.integers(0, 256, (6, 9, 16, 16, 3), dtype=np.uint8)  # one batch, padded
+  clips = rng.integers(0, 256, (10, 9, 16, 16, 3), dtype=np.uint8)  # 2 batches, the last padded
   i3d = {"w": (rng.normal(size=(9 * 16 * 16 * 3, 400)) / 50).astype(np.float32)}
+  lpips = {"weights": rng.uniform(size=(3,)).astype(np.float32)}
 
   @jax.jit
   def reconstruct(x):
     codes = (x[:, ::4, ::8, ::8, 0] > 0).astype(jnp.int32)
     return jnp.clip(0.8 * x + 0.1 * jnp.sin(7 * x), -1, 1), codes
 
-  protocol = {"batch_size": 8, "fvd": True, "lpips_net": "vgg16", "lpips_frames_per_clip": 1}
+  protocol = {"batch_size": 8, "fvd": True, "lpips_net": "vgg16", "lpips_frames_per_clip": 3}
   tokenizer_rules = rules_lib.as_lists(rules_lib.TOKENIZER_RULES)
   layouts = {"8 devices": (recon.placement_lib.default_mesh(8, "protocol.batch_size"), None),
              "4 batch ways x 2 tensor": (sharding.make_mesh((1, 4, 2)), tokenizer_rules),
@@ -228,18 +237,19 @@ def test_the_same_figures_on_meshes_of_8_2_and_1_devices(monkeypatch):
   results = {}
   for name, (mesh, rules) in layouts.items():
     evaluator = recon.ReconstructionEvaluator(clips, protocol, codebook_size=2, mesh=mesh,
-                                              rules=rules, i3d_variables=i3d)
+                                              rules=rules, i3d_variables=i3d,
+                                              lpips_params=lpips)
     assert evaluator.placement.num_devices == mesh.devices.size
     results[name] = evaluator(reconstruct)
   want = results["1 device"]
   assert set(want.metrics) == {"psnr", "ssim", "lpips", "rfvd", "codebook_usage",
                                "codebook_perplexity", "tokens_per_clip"}
   assert want.metrics["rfvd"] > 0 and want.metrics["lpips"] > 0
+  assert want.reconstructions.shape == clips.shape
   for name, got in results.items():
     for k, v in want.metrics.items():
       assert got.metrics[k] == pytest.approx(v, rel=1e-5), (name, k)
     np.testing.assert_array_equal(got.reconstructions, want.reconstructions, err_msg=name)
-    assert got.reconstructions.shape == clips.shape
 
 
 def test_a_batch_the_mesh_cannot_split_is_refused_naming_the_key():
