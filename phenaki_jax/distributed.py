@@ -35,6 +35,7 @@ at exit for the others to finish too (a slow host writing its last checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import socket
 import threading
@@ -283,6 +284,26 @@ def _join(p: Plan, timeout_s: int, heartbeat_timeout_s: int, shutdown_timeout_s:
                                f"{type(e).__name__}: {e}") from e
   finally:
     warning.cancel()
+  _use_barriers_with_timeouts_in_orbax()
+
+
+def _use_barriers_with_timeouts_in_orbax() -> None:
+  """Orbax's checkpoint barriers through the coordination service (unless the user chose).
+
+  Orbax's default barrier is a device collective: on the CPU backend (gloo)
+  it fails when a peer is 30 s late, elsewhere it waits forever. The
+  coordination service's barrier waits for Orbax's own timeout, then fails.
+  """
+  try:
+    flag = flags.FLAGS["experimental_orbax_use_distributed_barrier"]
+  except KeyError:  # orbax not imported yet: import it so its flag exists
+    importlib.import_module("orbax.checkpoint")
+    try:
+      flag = flags.FLAGS["experimental_orbax_use_distributed_barrier"]
+    except KeyError:
+      return  # an Orbax without the option
+  if not flag.present:
+    flag.value = True
 
 
 def _report_stuck(p: Plan, where: str, timeout_s: int) -> None:
@@ -302,3 +323,24 @@ def initialize_from_flags() -> Plan:
                     num_cpu_devices=_NUM_CPU_DEVICES.value, mode=_MODE.value,
                     heartbeat_timeout_s=_HEARTBEAT_TIMEOUT_S.value,
                     shutdown_timeout_s=_SHUTDOWN_TIMEOUT_S.value)
+
+
+def wait_for_all(name: str, timeout_s: int | None = None) -> None:
+  """Blocks until every process of the job reaches `name` (once per name and run).
+
+  A barrier of the coordination service, not a collective: the CPU backend's
+  collectives (gloo) give up when a peer comes more than 30 s late, which
+  happens at start-up on a loaded machine (one process still importing or
+  loading pretrained weights when the others reach the first collective).
+  This waits up to `timeout_s` (default --distributed_timeout_s).
+  """
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+  timeout_s = timeout_s or (_TIMEOUT_S.value if flags.FLAGS.is_parsed() else _TIMEOUT_S.default)
+  try:
+    multihost.get_barrier_sync_fn()(key=f"phenaki_jax_{name}", timeout_ms=int(timeout_s * 1000))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DistributedInitError(
+        f"not every process reached '{name}' within {timeout_s} s (--distributed_timeout_s); "
+        f"see the other processes' logs ({type(e).__name__}: {str(e)[:300]})") from e

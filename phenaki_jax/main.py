@@ -54,6 +54,9 @@ def run_job(config, workdir: str):
     # A missing bucket fails here, naming it, before the job loads or compiles anything.
     storage.check_writable_root(workdir, "--workdir")
   module = importlib.import_module(JOBS[job])
+  # Processes that start together can be far apart by now (imports on a
+  # loaded host): line them up before the job's first collective.
+  distributed.wait_for_all(f"start_{job}")
   return module.run(config, workdir)
 
 

@@ -175,10 +175,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("C-ViViT with %.2fM parameters", num_params / 1e6)
 
     # --- Restore, or initialise already sharded.
+    distributed.wait_for_all("restore")  # after each process's own set-up (see wait_for_all)
     ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"),
                                       max_to_keep=config.keep_checkpoints,
                                       async_save=config.async_checkpointing)
-    distributed.wait_for_all("restore")  # after each process's own set-up (see wait_for_all)
     restored = train_loop.restore_or_set_aside(ckpt, checkpointing.abstract_with_shardings(
         abstract_state, state_shardings), train_iter, config)
     if restored is None:

@@ -37,8 +37,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from phenaki_jax import (checkpointing, ema, metrics, optimizers, perf, sharding, storage,
-                         train_state)
+from phenaki_jax import (checkpointing, distributed, ema, metrics, optimizers, perf, sharding,
+                         storage, train_state)
 from phenaki_jax import tokenizer as tokenizer_lib
 from phenaki_jax.config import schema
 from phenaki_jax.config.schema import ConfigError
@@ -267,6 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     frozen, frozen_shardings = frozen_inputs(tok, text, config, mesh)
 
     # --- Restore, or initialise already sharded.
+    distributed.wait_for_all("restore")  # after each process's own set-up (see wait_for_all)
     ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"),
                                       max_to_keep=config.keep_checkpoints,
                                       async_save=config.async_checkpointing)
