@@ -28,7 +28,7 @@ def get_config(arg: str = ""):
     config.eval_every_steps = 3
     config.num_eval_examples = 2
     p = config.eval_protocol
-    p.num_clips, p.batch_size = 2, 2
+    p.num_clips, p.batch_size = 2, 8  # one (padded) batch split over the tests' 8 devices
     p.fvd = False  # I3D logits need >= 9 frames; these clips have 5
     p.lpips_net = "vgg16"  # AlexNet's stride-4 stem needs more than 16 px
     config.input.batch_size = 8
@@ -47,6 +47,7 @@ def get_config(arg: str = ""):
     config.checkpoint_every_steps = 2000
     config.eval_every_steps = 5000
     config.eval_protocol.num_clips = 256
+    config.eval_protocol.batch_size = 64  # splits over data-parallel meshes of up to 64 chips
     config.input.batch_size = 256
     config.input.num_frames, config.input.resolution = sizes.CLIPS["paper"]
     config.model.update(sizes.TOKENIZER["paper"])

@@ -6,6 +6,9 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Before numpy loads: OpenBLAS's threads make FVD's 400x400 eigendecompositions
+# seconds instead of tens of milliseconds on a 2-core machine that is busy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Many tests compile the same tiny programs (a resumed run recompiles its
 # step; subprocess runs compile them again): XLA's persistent cache, shared
 # with the subprocesses through the environment, compiles each once.

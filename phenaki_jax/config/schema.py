@@ -77,6 +77,10 @@ def validate_cvivit(config: ml_collections.ConfigDict, num_devices: int,
   optimizer.check_schedule(config)
   mesh_shape = mesh.check(config, num_devices, process_count)
   cvivit.check_mesh(config, mesh_shape)
+  if config.eval_every_steps > 0:
+    # The evaluator splits its batches over the mesh as training does.
+    mesh.check_batch(config, "eval_protocol.batch_size", config.eval_protocol.batch_size,
+                     mesh_shape, process_count)
 
 
 # ---------------------------------------------------------------------------

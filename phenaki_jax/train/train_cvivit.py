@@ -205,14 +205,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                           out_shardings=(batch_sharding, replicated))
     evaluator = None
     if config.eval_every_steps > 0:
+      clips_from, held_out = pipeline.eval_source(config.input)
+      logging.info("evaluation clips: %s", clips_from)
       clips = pipeline.eval_videos(config.input, seed=config.seed,
-                                   count=config.eval_protocol.num_clips)
+                                   count=config.eval_protocol.num_clips,
+                                   key="config.eval_protocol.num_clips")
       evaluator = recon_eval.ReconstructionEvaluator(
           clips, config.eval_protocol, codebook_size=model.codebook_size, mesh=mesh,
           rules=rules,
           lpips_params=frozen.get("lpips") if (config.eval_protocol.lpips_net
                                                == config.loss.lpips_net) else None,
-          source={"data": config.input.data, "seed": config.seed, "held_out": True},
+          source={"data": config.input.data, "seed": config.seed, "clips": clips_from,
+                  "held_out": held_out},
           config_prefix="eval_protocol.")
 
     def run_eval(step: int) -> dict[str, float]:
@@ -226,7 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write_images(step, {"eval/reconstructions": grid[None]})
         metrics.save_png(storage.join(workdir, "reconstructions", f"step_{step:07d}.png"), grid,
                          upscale=max(1, 128 // config.input.resolution))
-      logging.info("eval (EMA weights) at step %d: %s", step,
+      logging.info("eval (EMA weights, %s) at step %d: %s",
+                   "held out" if held_out else "training clips", step,
                    " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
       return scalars
 

@@ -89,16 +89,17 @@ def check_token_shards(config: ml_collections.ConfigDict, tok: Tokenizer,
 
 
 def held_out_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """The held-out eval examples: clips + captions, or their pre-tokenised records."""
+  """The eval examples (clips + captions, or their pre-tokenised records), logged as
+  held out or as training clips (pipeline.eval_source)."""
   n = config.num_eval_examples
+  clips_from, _ = pipeline.eval_source(config.input)
+  logging.info("eval examples: %s", clips_from)
   if config.input.data != "tokens":
-    frames, captions = pipeline.eval_clips(config.input, seed=config.seed, count=n)
+    frames, captions = pipeline.eval_clips(config.input, seed=config.seed, count=n,
+                                           key="config.num_eval_examples")
     return {"frames": frames, "caption": np.asarray(captions)}
   where = config.input.token_shards
   split = "eval" if storage.isdir(storage.join(where, "eval")) else "video"
-  if split == "video":
-    logging.warning("%s has no held-out 'eval' split (only the built-in data gets one): the "
-                    "eval loss is measured on %d training clips", where, n)
   source = token_shards.TokenShardSource(where, split, config.text.max_length)
   if len(source) < n:
     raise ConfigError(f"config.num_eval_examples={n}: {where}/{split} holds {len(source)}")

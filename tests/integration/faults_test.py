@@ -234,6 +234,8 @@ def test_generator_skips_nonfinite_steps_and_stops_after_a_streak(tmp_path, monk
   assert not os.listdir(tmp_path / "gen2" / "checkpoints")
 
 
+# Slow (~35 s): the same TrainLoop and Checkpointer as the tokenizer's SIGKILL test above.
+@pytest.mark.slow
 def test_generator_sigkill_during_an_async_save_resumes_bitwise(tmp_path):
   from phenaki_jax import batch_log
   tok = _tiny_tokenizer(tmp_path / "tok")

@@ -433,6 +433,9 @@ def test_stop_and_resume_is_exact(uninterrupted, tokenizer_dir, tmp_path):
 
 # --- Long-term memory (model.memory_token_frames; tests/train/maskgit_objective_test.py).
 
+# Slow (~45 s): exact resume is test_stop_and_resume_is_exact's, and tests/conftest.py's
+# memory_trained trains a memory generator for tests/sampling/story_test.py.
+@pytest.mark.slow
 def test_a_memory_generator_trains_checkpoints_and_resumes_exactly(tokenizer_dir, tmp_path):
   def config():
     c = _tiny(tokenizer_dir)
