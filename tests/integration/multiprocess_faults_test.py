@@ -29,9 +29,8 @@ import time
 
 import pytest
 
-from tests.helpers import REPO
-from tests.integration.multiprocess_test import (COMMON_FLAGS, _clean_env, _free_port, _main,
-                                                 _run_together, _train_rows)
+from tests.integration.multiprocess_test import (COMMON_FLAGS, _free_port, _main, _run_together,
+                                                 _start, _stop, _train_rows)
 
 # Short enough to keep the kill test quick, long enough that a loaded CI
 # machine's live processes are not declared dead.
@@ -72,10 +71,8 @@ def killed(tmp_path_factory):
   root = tmp_path_factory.mktemp("multiprocess_faults")
   workdir = str(root / "run")
   logs = [str(root / f"killed_{i}.log") for i in range(2)]
-  handles = [open(path, "w") for path in logs]
   # Far more steps than run: still training when the kill comes.
-  procs = [subprocess.Popen(cmd, cwd=REPO, env=_clean_env(), stdout=h, stderr=subprocess.STDOUT)
-           for cmd, h in zip(_commands(workdir, "--config.total_steps=1000"), handles)]
+  procs, handles = _start(_commands(workdir, "--config.total_steps=1000"), logs)
   start = time.monotonic()
   killed_after = exit_s = None
   try:
@@ -92,13 +89,7 @@ def killed(tmp_path_factory):
       except subprocess.TimeoutExpired:
         pass
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
-    for h in handles:
-      h.close()
-  texts = [open(path).read() for path in logs]
+    texts = _stop(procs, handles, logs)
   tails = _tails(logs, [p.returncode for p in procs], texts)
   print(f"\n2 processes up to step 4's checkpoint: {killed_after} s; process 0 exited "
         f"{exit_s} s after its peer's SIGKILL")
@@ -225,10 +216,8 @@ def test_a_peer_killed_while_the_other_waits_for_it_ends_the_other_in_bounded_ti
   heartbeat = 10
   port = _free_port()
   logs = [str(tmp_path / f"waiter_{i}.log") for i in range(2)]
-  handles = [open(path, "w") for path in logs]
-  procs = [subprocess.Popen([sys.executable, "-c", _WAITER, str(i), str(port), str(heartbeat)],
-                            cwd=REPO, env=_clean_env(), stdout=h, stderr=subprocess.STDOUT)
-           for i, h in enumerate(handles)]
+  procs, handles = _start([[sys.executable, "-c", _WAITER, str(i), str(port), str(heartbeat)]
+                           for i in range(2)], logs)
   exit_s = None
   try:
     deadline = time.monotonic() + 120
@@ -247,13 +236,7 @@ def test_a_peer_killed_while_the_other_waits_for_it_ends_the_other_in_bounded_ti
       except subprocess.TimeoutExpired:
         pass
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
-    for h in handles:
-      h.close()
-  texts = [open(path).read() for path in logs]
+    texts = _stop(procs, handles, logs)
   tails = _tails(logs, [p.returncode for p in procs], texts)
   print(f"\nprocess 0 exited {exit_s} s after its peer's SIGKILL (heartbeat timeout {heartbeat} s)")
   assert exit_s is not None, f"process 0 still waited {heartbeat + 45} s after the kill:\n{tails}"

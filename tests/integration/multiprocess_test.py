@@ -60,6 +60,30 @@ def _clean_env() -> dict:
 
 
 
+def _start(commands: list[list[str]], logs: list[str], env: dict | None = None):
+  """Starts each command with its output in its log; returns (processes, log handles)."""
+  handles = [open(path, "w") for path in logs]
+  env = env or _clean_env()
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=h, stderr=subprocess.STDOUT)
+           for cmd, h in zip(commands, handles)]
+  return procs, handles
+
+
+def _stop(procs, handles, logs: list[str]) -> list[str]:
+  """Kills what still runs, waits for all, closes the logs; returns their texts."""
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+    p.wait()
+  for h in handles:
+    h.close()
+  texts = []
+  for path in logs:
+    with open(path) as f:
+      texts.append(f.read())
+  return texts
+
+
 def _run_together(commands: list[list[str]], log_dir: str, name: str, *,
                   timeout_s: int = PROCESS_TIMEOUT_S, env: dict | None = None) -> list[str]:
   """Runs commands concurrently; kills them all as soon as one fails or time runs out.
@@ -68,10 +92,7 @@ def _run_together(commands: list[list[str]], log_dir: str, name: str, *,
   distributed timeout (and then aborting): killing them early keeps a failure fast.
   """
   logs = [os.path.join(log_dir, f"{name}_{i}.log") for i in range(len(commands))]
-  handles = [open(path, "w") for path in logs]
-  env = env or _clean_env()
-  procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=h, stderr=subprocess.STDOUT)
-           for cmd, h in zip(commands, handles)]
+  procs, handles = _start(commands, logs, env)
   deadline = time.monotonic() + timeout_s
   failed = None
   try:
@@ -81,16 +102,7 @@ def _run_together(commands: list[list[str]], log_dir: str, name: str, *,
         break
       time.sleep(0.5)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
-    for h in handles:
-      h.close()
-  texts = []
-  for path in logs:
-    with open(path) as f:
-      texts.append(f.read())
+    texts = _stop(procs, handles, logs)
   codes = [p.returncode for p in procs]
   if any(c != 0 for c in codes):
     tails = "\n".join(f"--- {path} (exit {c}) ---\n" + "\n".join(
