@@ -50,6 +50,8 @@ EXTRAS_REQUIRE = {
     # tests; torch==2.13.0 is the CPU wheel already on the CI machines.
     "test": [
         "pytest>=8",
+        # Two workers: compiling is mostly one thread, and a 2-core CI machine has two.
+        "pytest-xdist>=3.8,<4",
         "torch==2.13.0",
         "transformers>=5.23,<6",
         "safetensors>=0.8,<0.9",

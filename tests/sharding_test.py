@@ -70,7 +70,10 @@ def _cached_run(mesh_shape, num_devices=8):
   return _RUNS[mesh_shape, num_devices]
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+# (2, 2, 2) splits over data, fsdp and model at once; the other two cost CI 45 s.
+@pytest.mark.parametrize("mesh_shape", [pytest.param((8, 1, 1), marks=pytest.mark.slow),
+                                        (2, 2, 2),
+                                        pytest.param((1, 4, 2), marks=pytest.mark.slow)])
 def test_sharded_matches_single_device(mesh_shape):
   reference = _cached_run((1, 1, 1), 1)
   out = _cached_run(mesh_shape)

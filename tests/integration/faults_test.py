@@ -171,6 +171,7 @@ def _tiny_tokenizer(workdir):
   return str(workdir)
 
 
+@pytest.mark.slow  # 51 s; storage_training_test stops the tokenizer the same way (TrainLoop) in CI
 def test_generator_sigterm_saves_exits_zero_and_resumes_without_losing_steps(tmp_path):
   tok = _tiny_tokenizer(tmp_path / "tok")
   gen = tmp_path / "gen"
@@ -202,6 +203,7 @@ def test_generator_sigterm_saves_exits_zero_and_resumes_without_losing_steps(tmp
   assert sorted(batch_log.read(str(gen))) == list(range(1, 301))
 
 
+@pytest.mark.slow  # 40 s; train_maskgit_test's sharded non-finite skip runs in CI
 def test_generator_skips_nonfinite_steps_and_stops_after_a_streak(tmp_path, monkeypatch):
   from phenaki_jax.train import train_maskgit
   tok = _tiny_tokenizer(tmp_path / "tok")

@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow  # 27-32 s; gpu_suite_test checks the side-by-side commands in CI
 def test_ours_only_json_prints_the_step_times():
   out = subprocess.run(
       [sys.executable, os.path.join(REPO, "benchmarks", "side_by_side.py"), "--ours-only",

@@ -190,6 +190,7 @@ def test_sharded_equals_unsharded(setup):
   np.testing.assert_allclose(out, apply(params, *inputs()), atol=1e-5)
 
 
+@pytest.mark.slow  # 26 s; layers_test's scanned-equals-unrolled runs in CI (this adds remat)
 def test_scanned_layers_compute_what_the_unrolled_stack_computes():
   """Same weights (stacked on a leading axis), same logits; remat changes nothing either."""
   import flax

@@ -224,6 +224,7 @@ def test_before_the_start_step_the_discriminator_is_untouched():
                jax.device_get(new_state.disc_params))
 
 
+@pytest.mark.slow  # 34-40 s: the whole step, compiled with and without the perceptual terms
 def test_before_the_perceptual_start_step_lpips_and_i3d_are_left_out():
   config = schema.complete(load_config("cvivit", "tiny"))
   config.loss.adversarial_weight = 0.0
@@ -280,6 +281,7 @@ def _pixel_grad_norm(fn, recon):
   return float(jnp.linalg.norm(jax.grad(fn)(recon).ravel()))
 
 
+@pytest.mark.slow  # 90-105 s: the whole objective's gradient, compiled twice
 def test_balancing_caps_each_terms_pixel_gradient_at_the_ratio_times_l2s():
   ratio = 1e-3
   config, model, params, video, run = _balance_setup(ratio)
@@ -316,6 +318,7 @@ def test_balancing_caps_each_terms_pixel_gradient_at_the_ratio_times_l2s():
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-7)
 
 
+@pytest.mark.slow  # 46-68 s: two more compilations of the whole objective's gradient
 def test_a_loose_cap_leaves_the_weights_and_the_gradient_as_given():
   config, _, params, _, run = _balance_setup(1e9)
   (_, (parts, _)), grads = _loss_and_grads(run, params, config.loss)
