@@ -203,7 +203,9 @@ def test_generator_sigterm_saves_exits_zero_and_resumes_without_losing_steps(tmp
   assert sorted(batch_log.read(str(gen))) == list(range(1, 301))
 
 
-@pytest.mark.slow  # 40 s; train_maskgit_test's sharded non-finite skip runs in CI
+# 40 s. In CI: train_maskgit_test's sharded non-finite skip, and the tokenizer's
+# streak stop above (the same TrainLoop).
+@pytest.mark.slow
 def test_generator_skips_nonfinite_steps_and_stops_after_a_streak(tmp_path, monkeypatch):
   from phenaki_jax.train import train_maskgit
   tok = _tiny_tokenizer(tmp_path / "tok")

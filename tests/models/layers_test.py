@@ -207,7 +207,7 @@ def test_maskgit_scanned_equals_unrolled_given_the_same_weights():
 
 @pytest.mark.parametrize("policy", [
     "full", "save_attention_mlp",
-    # jax.checkpoint_policies' own: the same code path as save_attention_mlp, 12 s more.
+    # jax.checkpoint_policies' own, from the same REMAT_POLICIES table as the two above: 12 s more.
     pytest.param("dots_saveable", marks=pytest.mark.slow),
     pytest.param("dots_with_no_batch_dims_saveable", marks=pytest.mark.slow)])
 def test_maskgit_remat_policy_keeps_gradients(policy):
@@ -269,7 +269,9 @@ def test_cvivit_bf16_compute_keeps_float32_weights():
   assert loss16 == pytest.approx(loss32, rel=BF16_LOSS_RTOL)
 
 
-@pytest.mark.slow  # 9-26 s; the tokenizer's bf16 test runs the same Dense/attention dtype code in CI
+# 9-26 s. The tokenizer's bf16 test runs the same layers.Transformer / DenseGeneral in CI;
+# the generator's cross-attention in bf16 is only here.
+@pytest.mark.slow
 def test_maskgit_bf16_compute_keeps_float32_weights():
   args = maskgit_inputs(4)
   model16 = tiny_maskgit(dtype=jnp.bfloat16)

@@ -256,9 +256,11 @@ def test_before_the_perceptual_start_step_lpips_and_i3d_are_left_out():
 
 # --- Gradient balancing (loss.max_gradient_ratio).
 
-def _balance_setup(ratio):
+def _balance_setup(ratio, **loss_overrides):
   config = schema.complete(load_config("cvivit", "tiny"))
   config.loss.max_gradient_ratio = ratio
+  for k, v in loss_overrides.items():
+    config.loss[k] = v
   model = train_state.build_cvivit(config)
   video = _video(3, (2, 5, 16, 16, 3))
   params = model.init(jax.random.key(0), video)["params"]
@@ -270,7 +272,7 @@ def _balance_setup(ratio):
   def run(p, loss_cfg):
     return cvivit_objective.compute_losses(model, p, video, loss_cfg, frozen=frozen,
                                            rng=jax.random.key(2), adversarial=adversarial)
-  return config, model, params, video, run
+  return config, model, params, video, run, adversarial
 
 
 def _loss_and_grads(run, params, loss_cfg):
@@ -281,10 +283,31 @@ def _pixel_grad_norm(fn, recon):
   return float(jnp.linalg.norm(jax.grad(fn)(recon).ravel()))
 
 
+def test_balancing_caps_the_adversarial_terms_pixel_gradient_without_the_perceptual_terms():
+  """The cap on one term, in CI: the whole objective's version below compiles LPIPS and I3D."""
+  ratio = 1e-3
+  config, _, params, video, run, adversarial = _balance_setup(
+      ratio, lpips_weight=0.0, video_perceptual_weight=0.0)
+  (_, (parts, outputs)), grads = _loss_and_grads(run, params, config.loss)
+  recon = outputs["recon"]
+  assert "train/lpips_weight" not in parts and "train/video_perceptual_weight" not in parts
+  effective = float(parts["train/gan/generator_loss_weight"])
+  assert 0 < effective < config.loss.adversarial_weight
+  l2_norm = _pixel_grad_norm(lambda r: cvivit_objective.l2_loss(video, r), recon)
+  np.testing.assert_allclose(effective * _pixel_grad_norm(adversarial, recon),
+                             ratio * l2_norm, rtol=1e-4)
+  plain = schema.complete(load_config("cvivit", "tiny")).loss
+  plain.max_gradient_ratio = plain.lpips_weight = plain.video_perceptual_weight = 0.0
+  plain.adversarial_weight = effective
+  _, plain_grads = _loss_and_grads(run, params, plain)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-7)
+
+
 @pytest.mark.slow  # 90-105 s: the whole objective's gradient, compiled twice
 def test_balancing_caps_each_terms_pixel_gradient_at_the_ratio_times_l2s():
   ratio = 1e-3
-  config, model, params, video, run = _balance_setup(ratio)
+  config, model, params, video, run, _ = _balance_setup(ratio)
   (total, (parts, outputs)), grads = _loss_and_grads(run, params, config.loss)
   recon = outputs["recon"]
   l2_norm = _pixel_grad_norm(lambda r: cvivit_objective.l2_loss(video, r), recon)
@@ -320,7 +343,7 @@ def test_balancing_caps_each_terms_pixel_gradient_at_the_ratio_times_l2s():
 
 @pytest.mark.slow  # 46-68 s: two more compilations of the whole objective's gradient
 def test_a_loose_cap_leaves_the_weights_and_the_gradient_as_given():
-  config, _, params, _, run = _balance_setup(1e9)
+  config, _, params, _, run, _ = _balance_setup(1e9)
   (_, (parts, _)), grads = _loss_and_grads(run, params, config.loss)
   assert float(parts["train/lpips_weight"]) == pytest.approx(config.loss.lpips_weight)
   assert float(parts["train/gan/generator_loss_weight"]) == pytest.approx(
