@@ -115,3 +115,14 @@ def upload_folder(local, remote):
       full = os.path.join(root, name)
       storage.upload(full, storage.join(remote, os.path.relpath(full, local).replace(os.sep, "/")))
   return remote
+
+
+def prepare_media(out, **overrides):
+  """tests/data/media/mixed.jsonl (good and broken files) prepared into `out` as clips the
+  `:tiny` tokenizer takes (5 frames of 16×16); returns the prepare job's summary."""
+  from phenaki_jax.data import prepare
+  config = prepare.default_config()
+  config.update(dict(manifest=str(REPO / "tests" / "data" / "media" / "mixed.jsonl"),
+                     resolution=16, num_frames=5, num_workers=1, progress=False))
+  config.update(overrides)
+  return prepare.run(config, str(out))

@@ -283,7 +283,7 @@ def pretokenize_defaults() -> ml_collections.ConfigDict:
   # Examples per kind; -1: the whole source (the built-in one is endless: set them).
   c.num_video_examples = -1
   c.num_image_examples = -1
-  c.num_eval_examples = 64  # held-out clips, built-in data only
+  c.num_eval_examples = 64  # held-out clips (all of a smaller held-out split); 0: none
   c.batch_size = 16
   c.records_per_shard = 10_000
   return c

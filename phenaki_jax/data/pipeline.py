@@ -266,7 +266,11 @@ def _eval_plan(input_cfg: ml_collections.ConfigDict,
   if data == "tokens":
     where = input_cfg.token_shards
     if storage.isdir(storage.join(where, "eval")):
-      return f"held out: the 'eval' split of the token shards {where}", True, None
+      made_from = ""
+      if storage.exists(storage.join(where, token_shards.METADATA)):
+        made_from = storage.read_json(storage.join(where, token_shards.METADATA)).get("eval_from")
+      made_from = f" (encoded from {made_from.removeprefix('held out: ')})" if made_from else ""
+      return f"held out: the 'eval' split of the token shards {where}{made_from}", True, None
     return (f"training clips: the token shards {where} have no 'eval' split (configs/"
             "pretokenize.py writes one from held-out clips)", False, None)
   raise ValueError(f"config.input.data={data!r}: must be 'shapes', 'shards', 'tfds' or 'tokens'")
@@ -319,16 +323,20 @@ def make_eval_source(input_cfg: ml_collections.ConfigDict, seed: int,
   return video
 
 
-def _eval_indices(input_cfg: ml_collections.ConfigDict, source: Any, count: int,
-                  key: str, trained: ml_collections.ConfigDict | None) -> list[int]:
+def eval_indices(input_cfg: ml_collections.ConfigDict, source: Any, count: int) -> list[int]:
+  """Which `count` clips of the eval source are read (source: `make_eval_source`'s)."""
   if input_cfg.data == "shapes":
     return list(range(count))  # an endless stream: its first clips
-  n = len(source)
-  if n < count:
-    raise ValueError(f"{key}={count}: the evaluation clips "
-                     f"({eval_source(input_cfg, trained)[0]}) number only {n}")
   # Evenly spaced over the split: neighbouring clips are mostly cut from one video.
-  return [i * n // count for i in range(count)]
+  return [i * len(source) // count for i in range(count)]
+
+
+def _eval_indices(input_cfg: ml_collections.ConfigDict, source: Any, count: int,
+                  key: str, trained: ml_collections.ConfigDict | None) -> list[int]:
+  if input_cfg.data != "shapes" and len(source) < count:
+    raise ValueError(f"{key}={count}: the evaluation clips "
+                     f"({eval_source(input_cfg, trained)[0]}) number only {len(source)}")
+  return eval_indices(input_cfg, source, count)
 
 
 def eval_videos(input_cfg: ml_collections.ConfigDict, *, seed: int, count: int,

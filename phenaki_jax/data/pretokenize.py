@@ -11,8 +11,12 @@ This job runs them once. Output folder:
 
   video/tokens-NNN.array_record   the video clips' records
   image/tokens-NNN.array_record   the images' records (one token frame)
-  eval/tokens-NNN.array_record    held-out clips (built-in data only), for
-                                  the trainer's held-out loss
+  eval/tokens-NNN.array_record    held-out clips, for the trainer's held-out
+                                  loss: those pipeline.eval_clips reads (the
+                                  built-in data's eval stream, the eval split
+                                  configs/prepare.py wrote, input.eval_shards,
+                                  input.tfds_eval_split); none when the data
+                                  has no held-out part (the log says so)
   metadata.json                   what made them: the tokenizer checkpoint, its
                                   codebook and token grid, the text encoder and
                                   the embedding width, counts; 'complete': true
@@ -151,6 +155,30 @@ def make_text_fn(text_cfg: ml_collections.ConfigDict) -> tuple[Any, dict[str, An
               "width": int(text.width), "dtype": "bfloat16"}
 
 
+class _Picked:
+  """source[indices[i]] as its i-th example: the held-out clips, in the order they are read."""
+
+  def __init__(self, source: Any, indices: list[int]):
+    self._source, self._indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i: int) -> Any:
+    return self._source[self._indices[i]]
+
+
+def _eval_count(input_cfg: ml_collections.ConfigDict, source: Any,
+                config: ml_collections.ConfigDict) -> int:
+  """num_eval_examples, or every held-out clip when a finite split holds fewer (said in the log)."""
+  wanted = config.num_eval_examples
+  if input_cfg.data == "shapes" or len(source) >= wanted:
+    return wanted
+  logging.warning("pretokenize: config.num_eval_examples=%d but the held-out clips number %d; "
+                  "encoding all of them", wanted, len(source))
+  return len(source)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Writes the token shards and metadata.json into `workdir`; returns the metadata."""
   config = schema.complete(config)
@@ -185,12 +213,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if image is not None:
     splits["image"] = _encode_split("image", image, count(image, config.num_image_examples,
                                                           "num_image_examples"), **args)
-  if input_cfg.data == "shapes" and config.num_eval_examples > 0:
-    # The trainer's held-out clips: the eval seed stream, as pipeline.eval_clips draws it.
-    held_out, _ = pipeline.make_sources(
-        ml_collections.ConfigDict({**input_cfg.to_dict(), "video_ratio": 1.0}),
-        config.seed + pipeline.EVAL_SEED_OFFSET)
-    splits["eval"] = _encode_split("eval", held_out, config.num_eval_examples, **args)
+  eval_from, held_out = pipeline.eval_source(input_cfg)
+  if config.num_eval_examples > 0 and held_out:
+    # The held-out clips the on-the-fly trainer would evaluate on (pipeline.eval_clips):
+    # the eval seed stream of the built-in data, the prepared eval split, a TFDS eval split.
+    source = pipeline.make_eval_source(input_cfg, config.seed)
+    indices = pipeline.eval_indices(input_cfg, source, _eval_count(input_cfg, source, config))
+    splits["eval"] = _encode_split("eval", _Picked(source, indices), len(indices), **args)
+  elif config.num_eval_examples > 0:
+    logging.warning("pretokenize: no 'eval' split written: %s. A generator trained on these "
+                    "tokens evaluates on training clips.", eval_from)
 
   parts = _gather_splits(splits, workdir)
   if not parts:
@@ -205,6 +237,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "input": {"data": input_cfg.data, "num_frames": int(input_cfg.num_frames),
                 "resolution": int(input_cfg.resolution), "seed": int(config.seed)},
       "text": text_meta,
+      "eval_from": eval_from if "eval" in splits else None,
       "splits": splits,
       "complete": True,
   }

@@ -11,7 +11,7 @@ from phenaki_jax.tokenizer import Tokenizer
 from phenaki_jax.train import train_cvivit, train_maskgit
 from phenaki_jax.text import encoder as text_encoder
 from phenaki_jax.data import token_shards
-from tests.helpers import load_config, write_tiny_t5x
+from tests.helpers import load_config, prepare_media, write_tiny_t5x
 
 
 def _train_tokenizer(workdir, seed=0):
@@ -35,6 +35,25 @@ def tokens_dir(tokenizer_dir, tmp_path_factory):
   config.tokenizer.workdir = tokenizer_dir
   pretokenize.run(config, out)
   return out
+
+
+@pytest.fixture(scope="module")
+def prepared_with_eval(tmp_path_factory):
+  """The test media prepared for the :tiny tokenizer, 30% of the files held out (2 videos, 7 clips)."""
+  out = str(tmp_path_factory.mktemp("prepared"))
+  prepare_media(out, eval_fraction=0.3)
+  return out
+
+
+def _pretokenize_shards(tokenizer_dir, video_shards, out, num_eval_examples, image_shards=None):
+  config = load_config("pretokenize", "tiny")
+  config.tokenizer.workdir = tokenizer_dir
+  config.input.data = "shards"
+  config.input.video_shards = video_shards
+  config.input.image_shards = image_shards or video_shards
+  config.num_video_examples = config.num_image_examples = -1
+  config.num_eval_examples = num_eval_examples
+  return config, pretokenize.run(config, str(out))
 
 
 def _maskgit(tokenizer_dir, tokens_dir, **top):
@@ -158,3 +177,40 @@ def test_merged_summary_lists_shards_in_reading_order_and_counts_all():
   assert merged["token_grid"] == [5, 4, 4] and merged["seconds"] == 3.0
   assert [s["file"] for s in merged["shards"]] == [
       f"tokens-p{i:03d}-000.array_record" for i in range(3)]
+
+
+def test_the_prepared_eval_split_is_encoded_as_the_held_out_clips(tokenizer_dir,
+                                                                   prepared_with_eval, tmp_path):
+  tok = Tokenizer.load(tokenizer_dir)
+  config, meta = _pretokenize_shards(tokenizer_dir, prepared_with_eval, tmp_path / "a", 4)
+  assert meta["splits"]["eval"]["records"] == 4
+  assert meta["eval_from"].startswith(f"held out: the eval split of {prepared_with_eval}")
+  # The clips the on-the-fly trainer evaluates on (evenly spaced over the split), as codes.
+  clips, captions = pipeline.eval_clips(schema.complete(config).input, seed=0, count=4)
+  records = token_shards.TokenShardSource(str(tmp_path / "a"), "eval", 40)
+  np.testing.assert_array_equal(np.stack([records[i]["codes"] for i in range(4)]),
+                                np.asarray(tok.encode(clips)))
+  assert [records[i]["caption"] for i in range(4)] == captions
+  train = token_shards.TokenShardSource(str(tmp_path / "a"), "video", 40)
+  assert not {records[i]["caption"] for i in range(4)} & {train[i]["caption"]
+                                                           for i in range(len(train))}
+  # The generator's eval on these tokens says where its held-out clips came from.
+  maskgit = schema.complete(_maskgit(tokenizer_dir, str(tmp_path / "a")))
+  said, held_out = pipeline.eval_source(maskgit.input)
+  assert held_out and "encoded from the eval split of" in said, said
+  # More than the split holds: all 7 clips, not an error.
+  _, meta = _pretokenize_shards(tokenizer_dir, prepared_with_eval, tmp_path / "b", 100)
+  assert meta["splits"]["eval"]["records"] == 7
+
+
+def test_shards_with_no_held_out_part_write_no_eval_split_and_say_so(tokenizer_dir,
+                                                                      prepared_with_eval,
+                                                                      tmp_path, caplog):
+  train_shards = os.path.join(prepared_with_eval, "video", "video-00000-000.array_record")
+  _, meta = _pretokenize_shards(tokenizer_dir, train_shards, tmp_path / "tokens", 4,
+                                image_shards=prepared_with_eval)
+  assert "eval" not in meta["splits"] and meta["eval_from"] is None
+  assert "no 'eval' split written: training clips" in caplog.text
+  maskgit = schema.complete(_maskgit(tokenizer_dir, str(tmp_path / "tokens")))
+  said, held_out = pipeline.eval_source(maskgit.input)
+  assert not held_out and said.startswith("training clips"), said

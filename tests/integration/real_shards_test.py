@@ -6,22 +6,14 @@ import pytest
 
 from phenaki_jax.config import schema
 from phenaki_jax import metrics
-from phenaki_jax.data import pipeline, prepare
+from phenaki_jax.data import pipeline
 from phenaki_jax.train import train_cvivit
-from tests.helpers import REPO, load_config
-
-MANIFEST = os.path.join(REPO, "tests", "data", "media", "mixed.jsonl")  # good + broken files
-
+from tests.helpers import load_config, prepare_media
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("prepared"))
-  config = prepare.default_config()
-  # The :tiny tokenizer takes 5 frames of 16×16.
-  config.update(dict(manifest=MANIFEST, resolution=16, num_frames=5, num_workers=1,
-                     progress=False))
-  summary = prepare.run(config, out)
-  return out, summary
+  return out, prepare_media(out)
 
 
 def _shard_config(prepared_dir, **input_overrides):
