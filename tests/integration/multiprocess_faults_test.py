@@ -1,10 +1,12 @@
-"""Faults on two processes: a dead peer, a checkpoint damaged in one host's view.
+"""Faults on two processes: a dead peer, a checkpoint damaged in one host's view, a preemption.
 
 In CI (cheap, no model): a peer SIGKILLed while the other waits for it in a
 checkpoint agreement ends the other with an error within the heartbeat
 timeout; an array file missing from one process's own copy of the
 checkpoints gives both processes the same fallback step (orbax restores from
-per-process paths; nothing is saved after).
+per-process paths; nothing is saved after); a SIGTERM to one process of two
+stepping at different speeds stops both at the same step, through JAX's
+preemption sync point, and both exit cleanly.
 
 Marked slow (two launches of the trainer on 2 processes, ~70 s here): the
 tiny tokenizer trains until its step-4 checkpoint is committed, then process
@@ -14,6 +16,9 @@ its data item (`checkpoints/4/data/process_1-of-2.json`, a file only process
 1 reads) is truncated. The relaunch must resume both processes from step 2
 (the newest step both restore), warn alike on both that step 4 does not
 restore on process 1, set step 4 aside, train on and save step 4 again.
+
+Also slow (~40 s): the trainer on 2 processes, process 1 SIGTERMed after step
+2: both save the same step and exit 0; the next launch resumes from it.
 
 Why the data item, not an array file, for the trainer: on one machine both
 processes read the same files, and every array's data here is read by both.
@@ -241,3 +246,97 @@ def test_a_peer_killed_while_the_other_waits_for_it_ends_the_other_in_bounded_ti
   print(f"\nprocess 0 exited {exit_s} s after its peer's SIGKILL (heartbeat timeout {heartbeat} s)")
   assert exit_s is not None, f"process 0 still waited {heartbeat + 45} s after the kill:\n{tails}"
   assert procs[0].returncode != 0 and "exchange returned" not in texts[0], tails
+
+
+# --- A preemption notice on one process stops every process at one step.
+
+_PREEMPTED = textwrap.dedent("""
+    import sys, time
+    from phenaki_jax import checkpointing, distributed
+    from phenaki_jax.train.loop import PreemptionWatch
+    pid, port, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=pid, timeout_s=60, heartbeat_timeout_s=15)
+    ckpt = checkpointing.Checkpointer(root, max_to_keep=2, async_save=False)
+    watch = PreemptionWatch(ckpt)
+    print("ready", flush=True)
+    for step in range(1, 1_000_000):
+      time.sleep(0.005 * (1 + 2 * pid))  # process 1 steps three times slower
+      if watch.reached(step):
+        print(f"process {pid} stops after step {step}", flush=True)
+        break
+    watch.close()
+    ckpt.close()
+""")
+
+
+def _wait_for(logs: list[str], procs, text: str, timeout_s: float) -> bool:
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if all(text in open(path).read() for path in logs):
+      return True
+    if any(p.poll() is not None for p in procs):
+      return False
+    time.sleep(0.2)
+  return False
+
+
+def test_a_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
+  port = _free_port()
+  logs = [str(tmp_path / f"preempted_{i}.log") for i in range(2)]
+  procs, handles = _start([[sys.executable, "-c", _PREEMPTED, str(i), str(port),
+                            str(tmp_path / "checkpoints")] for i in range(2)], logs)
+  try:
+    if _wait_for(logs, procs, "ready", 120):
+      time.sleep(1.0)  # both are stepping, process 0 well ahead
+      procs[1].send_signal(signal.SIGTERM)
+      for p in procs:
+        try:
+          p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+          pass
+  finally:
+    texts = _stop(procs, handles, logs)
+  tails = _tails(logs, [p.returncode for p in procs], texts)
+  stops = [[line for line in t.splitlines() if " stops after step " in line] for t in texts]
+  assert all(len(s) == 1 for s in stops), tails
+  steps = [int(s[0].rsplit(" ", 1)[1]) for s in stops]
+  assert steps[0] == steps[1] and steps[0] > 1, tails
+  assert [p.returncode for p in procs] == [0, 0], tails
+
+
+def _preempted_line(log: str) -> str:
+  return next((line for line in log.splitlines() if "preempted (SIGTERM) at step" in line), "")
+
+
+@pytest.mark.slow  # ~40 s here: two launches of the trainer on 2 processes
+def test_the_trainer_on_two_processes_saves_one_step_on_a_sigterm_and_resumes_from_it(tmp_path):
+  workdir = str(tmp_path / "run")
+  logs = [str(tmp_path / f"sigterm_{i}.log") for i in range(2)]
+  procs, handles = _start(_commands(workdir, "--config.total_steps=1000"), logs)
+  try:
+    start = time.monotonic()
+    while not _committed(workdir, 2) and time.monotonic() < start + 300:
+      if any(p.poll() is not None for p in procs):
+        break
+      time.sleep(0.1)
+    if all(p.poll() is None for p in procs):
+      procs[1].send_signal(signal.SIGTERM)
+      for p in procs:
+        try:
+          p.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+          pass
+  finally:
+    texts = _stop(procs, handles, logs)
+  tails = _tails(logs, [p.returncode for p in procs], texts)
+  assert [p.returncode for p in procs] == [0, 0], tails
+  said = [_preempted_line(t).split("] ", 1)[-1] for t in texts]
+  assert said[0] and said[0] == said[1], tails
+  step = int(said[0].split("at step ", 1)[1].split(":")[0])
+  assert step >= 2 and _committed(workdir, step), tails
+  assert [r["step"] for r in _train_rows(workdir)][-1] == step
+  logs = _run_together(_commands(workdir, f"--config.total_steps={step + 1}"), str(tmp_path),
+                       "after_sigterm")
+  assert all(f"resumed from step {step}" in log for log in logs), logs[0][-3000:]
+  assert [r["step"] for r in _train_rows(workdir)][-1] == step + 1
