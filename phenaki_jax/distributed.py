@@ -1,4 +1,4 @@
-"""Multi-process start-up: one call, before anything touches a device.
+"""Multi-process start-up (one call, before anything touches a device) and the waits all share.
 
 `initialize()` decides how this process joins a multi-process job and calls
 `jax.distributed.initialize` accordingly:
@@ -31,6 +31,10 @@ stalled host dead (a long GC pause, an overloaded machine); the heartbeats come
 from a native thread, so compiling or a long step does not delay them.
 `--distributed_shutdown_timeout_s` bounds how long a process that finished waits
 at exit for the others to finish too (a slow host writing its last checkpoint).
+
+After start-up: `wait_for_all(name)` (a barrier of the coordination service),
+and `CompiledTogether(jax.jit(...), name)`, a jitted function whose new
+programs every process compiles before any of them runs one.
 """
 from __future__ import annotations
 
@@ -344,3 +348,54 @@ def wait_for_all(name: str, timeout_s: int | None = None) -> None:
     raise DistributedInitError(
         f"not every process reached '{name}' within {timeout_s} s (--distributed_timeout_s); "
         f"see the other processes' logs ({type(e).__name__}: {str(e)[:300]})") from e
+
+
+# Compiling a big program can take minutes, and hosts finish it at different
+# times; the first call's collectives must not start until all have.
+COMPILE_WAIT_S = 3600
+
+
+def _signature(args: tuple) -> tuple:
+  """What makes jit compile a new program: the tree, each array's type and layout, other values."""
+  leaves, tree = jax.tree.flatten(args)
+  return tree, tuple((tuple(x.shape), str(x.dtype), getattr(x, "weak_type", False),
+                      getattr(x, "sharding", None)) if hasattr(x, "shape") and hasattr(x, "dtype")
+                     else (type(x), x) for x in leaves)
+
+
+class CompiledTogether:
+  """A jitted function whose every new program is compiled on each process before any runs it.
+
+  On several processes, each first call with a new signature compiles the
+  program ahead of time (`lower().compile()`, which the jitted call then
+  reuses), then waits at a barrier for every process to have done the same,
+  then runs. Without it a process that compiles faster enters the program's
+  first collective while a slower one is still compiling: the CPU backend's
+  collectives (gloo) fail once a peer is 30 s late, and jax 0.10.2 has no
+  setting for that timeout; TPU and GPU collectives wait, but tie up the
+  faster hosts just the same. Every process compiles the same programs in
+  the same order (the same steps, batch kinds and evaluations), so the n-th
+  new program has the same barrier name everywhere. On one process it is the
+  jitted function, unchanged.
+  """
+
+  def __init__(self, jitted, name: str, timeout_s: int = COMPILE_WAIT_S):
+    self._jitted, self._name, self._timeout_s = jitted, name, timeout_s
+    self._seen: set[tuple] = set()
+
+  def __call__(self, *args):
+    if jax.process_count() > 1:
+      key = _signature(args)
+      if key not in self._seen:
+        self._seen.add(key)
+        self._jitted.lower(*args).compile()
+        wait_for_all(f"compiled_{self._name}_{len(self._seen)}", self._timeout_s)
+    return self._jitted(*args)
+
+  def __getattr__(self, name: str):
+    return getattr(self._jitted, name)  # the jitted function's own: lower, eval_shape, ...
+
+  @property
+  def programs(self) -> int:
+    """How many programs were compiled together (0 on one process)."""
+    return len(self._seen)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from phenaki_jax import storage
+from phenaki_jax import distributed, storage
 from phenaki_jax.eval import placement as placement_lib
 from phenaki_jax.pretrained import clip
 from phenaki_jax.pretrained import clip_tokenizer
@@ -85,8 +85,9 @@ class CLIPBundle:
             else placement_lib.default_mesh(batch_size, 'clip.batch_size'))
     if mesh not in self._placed:
       pl = placement_lib.Placement(mesh)
-      fns = {k: jax.jit(f, in_shardings=(pl.replicated, pl.batch),
-                        out_shardings=pl.replicated) for k, f in self._raw.items()}
+      fns = {k: distributed.CompiledTogether(
+          jax.jit(f, in_shardings=(pl.replicated, pl.batch), out_shardings=pl.replicated),
+          f"clip_{k}") for k, f in self._raw.items()}
       self._placed[mesh] = (pl, pl.put_replicated(self.params), fns)
     pl, params, fns = self._placed[mesh]
     pl.check_batch(batch_size, 'clip.batch_size')

@@ -39,7 +39,7 @@ from absl import logging
 
 from phenaki_jax.config import errors, schema
 from phenaki_jax.pretrained import perceptual
-from phenaki_jax import storage
+from phenaki_jax import distributed, storage
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import synthetic, video_io
 from phenaki_jax.eval import fvd as fvd_lib
@@ -180,8 +180,9 @@ class I3DLogits:
         x = jax.image.resize(x, (b, t, size, size, c), "bilinear", antialias=antialias)
       return perceptual.i3d_features(variables, x, endpoint="Logits", resolution=size)
 
-    self._fn = jax.jit(logits, in_shardings=(self.placement.replicated, self.placement.batch),
-                       out_shardings=self.placement.replicated)
+    self._fn = distributed.CompiledTogether(
+        jax.jit(logits, in_shardings=(self.placement.replicated, self.placement.batch),
+                out_shardings=self.placement.replicated), "reference_i3d_features")
 
   def __call__(self, clips: np.ndarray) -> np.ndarray:
     if self._variables is None:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phenaki_jax import distributed
 from phenaki_jax.eval import placement as placement_lib
 from phenaki_jax.pretrained import perceptual
 
@@ -184,10 +185,10 @@ class I3DFeatureExtractor:
         placement_lib.default_mesh(self.batch_size, batch_key))
     self.placement.check_batch(self.batch_size, batch_key)
     self._variables = None if variables is None else self.placement.put_replicated(variables)
-    self._fn: Callable[..., jax.Array] = jax.jit(
+    self._fn: Callable[..., jax.Array] = distributed.CompiledTogether(jax.jit(
         lambda v, x: _i3d_logits(v, x, num_frames=self.num_frames, resolution=self.resolution),
         in_shardings=(self.placement.replicated, self.placement.batch),
-        out_shardings=self.placement.replicated)
+        out_shardings=self.placement.replicated), "i3d_features")
 
   @property
   def variables(self) -> Any:

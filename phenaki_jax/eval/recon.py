@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phenaki_jax import distributed
 from phenaki_jax.config import schema
 from phenaki_jax.pretrained import perceptual
 from phenaki_jax.eval import fvd as fvd_lib
@@ -291,10 +292,10 @@ class ReconstructionEvaluator:
     # Inputs split over the batch axis; the metrics and uint8 reconstructions
     # come back replicated (identical host copies on every process); the
     # float reconstructions stay split, for the I3D features.
-    self._metrics_fn = jax.jit(functools.partial(
+    self._metrics_fn = distributed.CompiledTogether(jax.jit(functools.partial(
         _batch_eval, lpips_net=self.lpips_net, lpips_frames=self.lpips_frames),
         in_shardings=(pl.replicated, pl.batch, pl.batch),
-        out_shardings=(pl.replicated, pl.replicated, pl.batch))
+        out_shardings=(pl.replicated, pl.replicated, pl.batch)), "recon_metrics")
 
   @property
   def protocol(self) -> dict[str, Any]:

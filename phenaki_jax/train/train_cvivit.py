@@ -192,17 +192,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # --- Update step: one jitted function, explicit shardings, state donated.
     # Pretrained LPIPS / I3D weights: step arguments, replicated, never trained.
     frozen = jax.device_put(objective.load_frozen_networks(config), replicated)
-    train_step = jax.jit(make_train_step(model, tx, config),
-                         in_shardings=(state_shardings, batch_sharding, replicated),
-                         out_shardings=(state_shardings, replicated, replicated),
-                         donate_argnums=(0,), static_argnums=(3, 4))
+    train_step = distributed.CompiledTogether(jax.jit(
+        make_train_step(model, tx, config),
+        in_shardings=(state_shardings, batch_sharding, replicated),
+        out_shardings=(state_shardings, replicated, replicated),
+        donate_argnums=(0,), static_argnums=(3, 4)), "tokenizer_train_step")
     # Evaluation on the training mesh: the evaluator splits each batch of its
     # clips (the same host copy on every process) over the batch axis, as
     # training does; reconstructions stay split for the metrics, which come
     # back replicated, so every process logs the same figures.
-    reconstruct = jax.jit(reconstruct_fn(model),
-                          in_shardings=(state_shardings.ema_params, batch_sharding),
-                          out_shardings=(batch_sharding, replicated))
+    reconstruct = distributed.CompiledTogether(jax.jit(
+        reconstruct_fn(model), in_shardings=(state_shardings.ema_params, batch_sharding),
+        out_shardings=(batch_sharding, replicated)), "tokenizer_reconstruct")
     evaluator = None
     if config.eval_every_steps > 0:
       clips_from, held_out = pipeline.eval_source(config.input)

@@ -289,14 +289,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("resumed from step %d", start_step)
 
     # --- Update step: one jitted function, explicit shardings, state donated.
-    train_step = jax.jit(make_train_step(generator, text, tok.model, tx, config),
-                         in_shardings=(state_shardings, batch_sharding, frozen_shardings),
-                         out_shardings=(state_shardings, replicated, replicated),
-                         donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(generator, text, tok.model, config),
-                        in_shardings=(state_shardings.params, frozen_shardings, replicated,
-                                      replicated),
-                        out_shardings=replicated)
+    train_step = distributed.CompiledTogether(jax.jit(
+        make_train_step(generator, text, tok.model, tx, config),
+        in_shardings=(state_shardings, batch_sharding, frozen_shardings),
+        out_shardings=(state_shardings, replicated, replicated),
+        donate_argnums=(0,)), "generator_train_step")
+    eval_step = distributed.CompiledTogether(jax.jit(
+        make_eval_step(generator, text, tok.model, config),
+        in_shardings=(state_shardings.params, frozen_shardings, replicated, replicated),
+        out_shardings=replicated), "generator_eval_step")
     eval_batch = None
     if config.eval_every_steps > 0:
       eval_batch = to_device(held_out_batch(config), replicated)

@@ -6,7 +6,8 @@ timeout; an array file missing from one process's own copy of the
 checkpoints gives both processes the same fallback step (orbax restores from
 per-process paths; nothing is saved after); a SIGTERM to one process of two
 stepping at different speeds stops both at the same step, through JAX's
-preemption sync point, and both exit cleanly.
+preemption sync point, and both exit cleanly; a program one process compiles
+seconds later than the other runs on neither until both have compiled it.
 
 Marked slow (two launches of the trainer on 2 processes, ~70 s here): the
 tiny tokenizer trains until its step-4 checkpoint is committed, then process
@@ -25,6 +26,7 @@ processes read the same files, and every array's data here is read by both.
 Giving process 1 its own copy of the workdir would damage only its view, but
 the run could not go on: a multi-process save needs one shared directory.
 """
+import json
 import os
 import signal
 import subprocess
@@ -340,3 +342,69 @@ def test_the_trainer_on_two_processes_saves_one_step_on_a_sigterm_and_resumes_fr
                        "after_sigterm")
   assert all(f"resumed from step {step}" in log for log in logs), logs[0][-3000:]
   assert [r["step"] for r in _train_rows(workdir)][-1] == step + 1
+
+
+# --- A slow compile on one host: nobody enters the program's collectives early.
+
+_COMPILER = textwrap.dedent("""
+    import json, sys, time
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from phenaki_jax import distributed
+    pid, port, delay_s, together = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=pid, timeout_s=60, num_cpu_devices=1)
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    split, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    times = {}
+
+    class Timed:  # the jitted sum, compiling `delay_s` slower on process 1, its calls timed
+      def __init__(self):
+        self.jitted = jax.jit(jnp.sum, out_shardings=whole)
+      def lower(self, *args):
+        time.sleep(delay_s if pid == 1 else 0.0)
+        lowered = self.jitted.lower(*args)
+        times.setdefault("compiled", time.time())
+        return lowered
+      def __call__(self, *args):
+        times.setdefault("runs", time.time())
+        return self.jitted(*args)
+
+    fn = distributed.CompiledTogether(Timed(), "sum") if together == "1" else Timed()
+    if together != "1":
+      fn.lower(jnp.zeros(4))  # compiles as slowly, then runs at once
+    array = lambda n: jax.make_array_from_callback((n,), split, lambda i: np.arange(n, dtype=np.float32)[i])
+    values = [float(fn(array(4))), float(fn(array(4))), float(fn(array(8)))]
+    print("RESULT " + json.dumps({**times, "values": values,
+                                   "programs": getattr(fn, "programs", None)}), flush=True)
+""")
+
+
+def _compile_run(tmp_path, together: bool, delay_s: float = 4.0,
+                 timeout_s: int = 120) -> list[dict]:
+  os.makedirs(tmp_path, exist_ok=True)
+  port = _free_port()
+  logs = _run_together([[sys.executable, "-c", _COMPILER, str(i), str(port), str(delay_s),
+                         "1" if together else "0"] for i in range(2)], str(tmp_path),
+                       f"compile_{int(together)}", timeout_s=timeout_s)
+  return [json.loads(next(line for line in log.splitlines()
+                          if line.startswith("RESULT "))[len("RESULT "):]) for log in logs]
+
+
+def test_no_process_runs_a_new_program_before_every_process_compiled_it(tmp_path):
+  fast, slow = _compile_run(tmp_path, together=True)
+  assert fast["values"] == slow["values"] == [6.0, 6.0, 28.0]
+  assert fast["programs"] == slow["programs"] == 2  # one per shape, not per call
+  # Process 0 compiled 4 s sooner, and still ran only once process 1 had compiled.
+  assert slow["compiled"] - fast["compiled"] > 3.0
+  assert fast["runs"] >= slow["compiled"], (fast, slow)
+
+
+@pytest.mark.slow  # ~120 s: the failing run stops at its 75 s bound, the other takes ~40 s
+def test_a_35_s_compile_skew_fails_in_gloo_unless_compiled_together(tmp_path):
+  """Why CompiledTogether exists: the CPU backend's collectives give up on a peer 30 s late."""
+  with pytest.raises(pytest.fail.Exception, match="Gloo context initialization failed"):
+    # The failed process waits at exit for its peer: the bound ends it.
+    _compile_run(tmp_path / "plain", together=False, delay_s=35.0, timeout_s=75)
+  fast, slow = _compile_run(tmp_path / "together", together=True, delay_s=35.0)
+  assert fast["values"] == slow["values"] == [6.0, 6.0, 28.0]
