@@ -31,12 +31,14 @@ import ml_collections
 import numpy as np
 
 from phenaki_jax import checkpointing, metrics, sharding, storage, train_state
+from phenaki_jax import placement as placement_lib
+from phenaki_jax.placement import Placement
 from phenaki_jax import tokenizer as tokenizer_lib
 from phenaki_jax.config import schema
 from phenaki_jax.models import cvivit, maskgit
 from phenaki_jax.sampling import parallel_decode
 from phenaki_jax.text.encoder import TextEncoder, build_text_encoder, encode_text
-from phenaki_jax.tokenizer import Placement, Tokenizer
+from phenaki_jax.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,17 +364,17 @@ def generator_placement(config: ml_collections.ConfigDict, model: maskgit.MaskGi
                         ) -> tuple[Placement, Any]:
   """(placement, abstract generator params with their shardings) on `mesh`.
 
-  By the run's logical-axis rules. With no mesh: tokenizer.inference_mesh,
+  By the run's logical-axis rules. With no mesh: placement.inference_mesh,
   and all those devices data-parallel if the weights do not split evenly on
   it; a given mesh they do not split on is a ValueError naming the weights.
   """
   given = mesh is not None
-  mesh = tokenizer_lib.inference_mesh(config) if mesh is None else mesh
+  mesh = placement_lib.inference_mesh(config) if mesh is None else mesh
   boxed = jax.eval_shape(train_state.maskgit_params_init_fn(model, text, config),
                          jax.random.key(0))
   placement = Placement.of(mesh, config.logical_axis_rules)
-  abstract = tokenizer_lib.abstract_on(boxed, placement)
-  bad = tokenizer_lib.indivisible(abstract, mesh)
+  abstract = placement_lib.abstract_on(boxed, placement)
+  bad = placement_lib.indivisible(abstract, mesh)
   if bad and given:
     raise ValueError(
         f"the generator's weights do not split evenly on the mesh {dict(mesh.shape)} by its "
@@ -380,8 +382,8 @@ def generator_placement(config: ml_collections.ConfigDict, model: maskgit.MaskGi
         f"{f' (and {len(bad) - 3} more)' if len(bad) > 3 else ''}; choose a mesh whose "
         "fsdp / tensor sizes divide those dimensions")
   if bad:
-    placement = Placement.of(tokenizer_lib.data_parallel_mesh(mesh), config.logical_axis_rules)
-    abstract = tokenizer_lib.abstract_on(boxed, placement)
+    placement = Placement.of(placement_lib.data_parallel_mesh(mesh), config.logical_axis_rules)
+    abstract = placement_lib.abstract_on(boxed, placement)
   return placement, abstract
 
 
@@ -392,8 +394,8 @@ def frozen_text_shardings(config: ml_collections.ConfigDict, text: TextEncoder,
   boxed = jax.eval_shape(text.module.init, jax.random.key(0),
                          jnp.ones((1, config.text.max_length), jnp.int32))["params"]
   shardings = sharding.tree_shardings(boxed, placement.mesh, placement.rules)
-  abstract = tokenizer_lib.with_shardings(sharding.strip_boxes(boxed), shardings)
-  if tokenizer_lib.indivisible(abstract, placement.mesh):
+  abstract = checkpointing.abstract_with_shardings(sharding.strip_boxes(boxed), shardings)
+  if placement_lib.indivisible(abstract, placement.mesh):
     return jax.tree.map(lambda _: placement.replicated, shardings)
   return shardings
 

@@ -769,7 +769,7 @@ def sample_preflight(config: ml_collections.ConfigDict, *,
   t, h, w = tuple(gen_config.model.token_grid)
   length = gen_config.text.max_length
   batch = lambda p, shape_, dtype: jax.ShapeDtypeStruct(shape_, dtype,
-                                                        sharding=p.batch_sharding)
+                                                        sharding=p.batch)
   rep = lambda shape_, dtype: jax.ShapeDtypeStruct(shape_, dtype, sharding=placement.replicated)
   key = jax.random.key_data(jax.random.key(0))
   sampler = jax.jit(generator_lib.sample_fn(model, text),

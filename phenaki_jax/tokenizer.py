@@ -17,14 +17,12 @@ come back replicated, so every process can read them with np.asarray.
 Every job that needs a tokenizer comes here: the generator's trainer and its
 Generator (through the record a generator run keeps of the tokenizer step it
 trained on, TOKENIZER_RECORD), evaluation and pre-tokenising
-(load_from_config). The placement helpers (Placement, inference_mesh,
-indivisible) serve phenaki_jax/generator.py and the sampling pre-flight too.
+(load_from_config). Where it runs: phenaki_jax/placement.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,119 +30,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from phenaki_jax import checkpointing, sharding, storage, train_state
-from phenaki_jax.config import mesh as config_mesh
+from phenaki_jax import checkpointing, storage, train_state
+from phenaki_jax.placement import (Placement, abstract_on, batch_only_rules, indivisible,
+                                   inference_mesh)
 from phenaki_jax.config import schema
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.models import cvivit
 
 # Where a generator run records the tokenizer checkpoint it trains on.
 TOKENIZER_RECORD = "tokenizer.json"
-
-
-# --- Where inference runs: a mesh, and the rules that lay weights and batches out on it.
-
-def inference_mesh(config: ml_collections.ConfigDict,
-                   devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The default mesh of Tokenizer.load / Generator.load.
-
-  `devices` (this process's own by default: each process of a multi-host job
-  then loads a whole copy, as a process-local caller wants) in the config's
-  mesh.shape, its -1 resolved to their count; all of them data-parallel when
-  that shape does not fit the count.
-  """
-  devices = list(jax.local_devices() if devices is None else devices)
-  try:
-    shape = config_mesh.resolve_mesh_shape(config.mesh.shape, len(devices))
-  except ValueError:
-    shape = (len(devices), 1, 1)
-  return sharding.make_mesh(shape, devices)
-
-
-def data_parallel_mesh(mesh: Mesh) -> Mesh:
-  """The same devices, all on the 'data' axis."""
-  return sharding.make_mesh((mesh.devices.size, 1, 1), list(mesh.devices.flat))
-
-
-def batch_only_rules(rules: sharding.Rules) -> list:
-  """`rules` with every logical axis but the batch's unsplit: whole weights on each device."""
-  return [[name, axes if name == "act_batch" else None] for name, axes in rules]
-
-
-def _ways(mesh: Mesh, axes: Any) -> int:
-  if axes is None:
-    return 1
-  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-
-
-def indivisible(abstract: Any, mesh: Mesh) -> list[str]:
-  """'path shape over spec' of each abstract leaf its NamedSharding cannot split evenly."""
-  bad = []
-  for path, x in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    spec = tuple(x.sharding.spec)
-    if any(d % _ways(mesh, a) for d, a in zip(x.shape, spec)):
-      bad.append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)} over {spec}")
-  return bad
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-  """A mesh and the logical-axis rules a model's weights and batches follow on it."""
-  mesh: Mesh
-  rules: tuple[tuple[str, Any], ...]
-
-  @classmethod
-  def of(cls, mesh: Mesh, rules: sharding.Rules) -> "Placement":
-    return cls(mesh, sharding.as_rules(rules))
-
-  @property
-  def batch_sharding(self) -> NamedSharding:
-    return sharding.batch_sharding(self.mesh, self.rules)
-
-  @property
-  def replicated(self) -> NamedSharding:
-    return sharding.replicated(self.mesh)
-
-  @property
-  def batch_ways(self) -> int:
-    """How many ways a batch is split (the mesh axes the 'act_batch' rule names)."""
-    return _ways(self.mesh, self.batch_sharding.spec[0])
-
-  def context(self) -> Iterator[None]:
-    """Mesh and rules entered, as the jitted model functions need when they trace."""
-    return sharding.use_mesh(self.mesh, self.rules)
-
-  def padded_size(self, n: int) -> int:
-    return -(-n // self.batch_ways) * self.batch_ways
-
-  def put_batch(self, x: Any) -> jax.Array:
-    """A whole batch (the same on every process) -> one global array split over the batch axes.
-
-    A batch that does not divide by batch_ways is padded with copies of its
-    last example; callers cut the results back (`[:n]`).
-    """
-    want = self.batch_sharding
-    if (isinstance(x, jax.Array) and not x.is_fully_addressable
-        and not x.is_fully_replicated):
-      # A global array split over processes (another job's batch): reshard on
-      # device; no process could read it whole anyway.
-      if x.shape[0] % self.batch_ways:
-        raise ValueError(f"a global batch of {x.shape[0]} does not split {self.batch_ways} "
-                         f"ways over the mesh {dict(self.mesh.shape)}")
-      return x if x.sharding.is_equivalent_to(want, x.ndim) else jax.device_put(x, want)
-    if (isinstance(x, jax.Array) and x.shape[0] % self.batch_ways == 0
-        and x.sharding.is_equivalent_to(want, x.ndim)):
-      return x  # laid out as wanted already (e.g. the output of another call)
-    x = np.asarray(x)
-    pad = self.padded_size(x.shape[0]) - x.shape[0]
-    if pad:
-      x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-    return sharding.place(x, want)
-
-  def put_replicated(self, tree: Any) -> Any:
-    return sharding.place(tree, jax.tree.map(lambda _: self.replicated, tree))
 
 
 def _cut(x: jax.Array, n: int) -> jax.Array:
@@ -194,18 +90,6 @@ def tokenizer_placement(config: ml_collections.ConfigDict, abstract_boxed: Any,
     placement = Placement.of(mesh, batch_only_rules(config.logical_axis_rules))
     abstract = abstract_on(abstract_boxed, placement)
   return placement, abstract
-
-
-def abstract_on(abstract_boxed: Any, placement: Placement) -> Any:
-  """ShapeDtypeStructs of a boxed (eval_shape) tree, with their shardings by the placement."""
-  return with_shardings(sharding.strip_boxes(abstract_boxed),
-                        sharding.tree_shardings(abstract_boxed, placement.mesh, placement.rules))
-
-
-def with_shardings(abstract: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of `abstract`'s leaves carrying `shardings` (a restore target)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract, shardings)
 
 
 def cvivit_abstract_boxed(config: ml_collections.ConfigDict, model: cvivit.CViViT) -> Any:

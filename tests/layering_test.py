@@ -1,6 +1,6 @@
 """The package's layering (docs/layout.md), read from every module's imports with ast.
 
-  1 infrastructure and the config schema   sharding, distributed, checkpointing, ...; config/
+  1 infrastructure and the config schema   sharding, placement, distributed, checkpointing, ...; config/
   2 what the rest is built from             models/, pretrained/, text/, data/, decoding algorithms
   3 artefacts and metrics                   train_state, tokenizer, generator, stories, eval metrics
   4 jobs, and the trainers' pieces          prepare, pretokenize, sample, eval_*; train/
@@ -21,7 +21,7 @@ import sys
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "phenaki_jax")
 
-INFRASTRUCTURE = {"sharding", "distributed", "checkpointing", "optimizers", "ema", "metrics",
+INFRASTRUCTURE = {"sharding", "placement", "distributed", "checkpointing", "optimizers", "ema", "metrics",
                   "perf", "batch_log", "console", "storage", "safetensors_reader", "__init__"}
 LAYER_3 = {"train_state", "tokenizer", "generator", "sampling.story"}
 EVAL_JOBS = {"eval.eval_tokenizer", "eval.eval_generated", "eval.eval_compare"}

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from phenaki_jax import checkpointing, sharding, train_state
+from phenaki_jax import checkpointing, placement, sharding
 from phenaki_jax import tokenizer as tokenizer_lib
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.tokenizer import Tokenizer
@@ -196,8 +196,8 @@ def test_load_restores_the_weights_only(legacy_tokenizer, restores):
                                                        "placement"]
   # By default on all of this process's devices, in the run's mesh shape (-1, 1, 1).
   assert tok.mesh.devices.size == len(jax.local_devices()) == 8
-  want = tokenizer_lib.abstract_on(tokenizer_lib.cvivit_abstract_boxed(tok.config, tok.model),
-                                   tok.placement)
+  want = placement.abstract_on(tokenizer_lib.cvivit_abstract_boxed(tok.config, tok.model),
+                               tok.placement)
   assert jax.tree.structure(tok.params) == jax.tree.structure(want)
   assert jax.tree.map(lambda x: (x.shape, x.dtype), tok.params) == jax.tree.map(
       lambda x: (x.shape, x.dtype), want)

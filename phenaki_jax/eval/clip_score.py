@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from phenaki_jax import distributed, storage
-from phenaki_jax.eval import placement as placement_lib
+from phenaki_jax import placement as placement_lib
 from phenaki_jax.pretrained import clip
 from phenaki_jax.pretrained import clip_tokenizer
 from phenaki_jax.pretrained import clip_weights
@@ -48,7 +48,7 @@ class CLIPBundle:
   Each batch of frames (or captions) is one global array split over the
   batch axis of `mesh` (a mesh with devices of every process), the params
   are replicated on it and the embeddings come back replicated, so every
-  process scores the same (eval/placement.py). Without a mesh, each batch
+  process scores the same (phenaki_jax/placement.py). Without a mesh, each batch
   size gets placement.default_mesh; with one, batch sizes must divide over
   its batch ways. Every process must pass the same frames and captions.
   """

@@ -43,7 +43,7 @@ from phenaki_jax import distributed, storage
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import synthetic, video_io
 from phenaki_jax.eval import fvd as fvd_lib
-from phenaki_jax.eval import placement as placement_lib
+from phenaki_jax import placement as placement_lib
 from phenaki_jax.eval import report as report_lib
 from phenaki_jax.eval import shapes_score, story_metrics
 from phenaki_jax.eval.clip_score import clip_score, load_clip

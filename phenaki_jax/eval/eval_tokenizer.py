@@ -14,16 +14,14 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
 from phenaki_jax import metrics
-from phenaki_jax import sharding
 from phenaki_jax import storage
 from phenaki_jax.config import schema
 from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import pipeline
-from phenaki_jax.eval import placement as placement_lib
+from phenaki_jax import placement as placement_lib
 from phenaki_jax.eval import recon
 from phenaki_jax import tokenizer as tokenizer_lib
 
@@ -68,54 +66,19 @@ def resolve_input(eval_input: ml_collections.ConfigDict,
 
 def describe_source(input_cfg: ml_collections.ConfigDict, tok_config: ml_collections.ConfigDict,
                     seed: int) -> dict[str, Any]:
-  """Where the clips come from, for the report; says so when they are not held out."""
+  """Where the clips come from, for the report (pipeline.eval_source): `clips` starts
+  'held out: ' or 'training clips: ', and `held_out` says which."""
+  clips, held_out = pipeline.eval_source(input_cfg, trained=tok_config.input)
   source: dict[str, Any] = {"data": input_cfg.data, "num_frames": int(input_cfg.num_frames),
                             "resolution": int(input_cfg.resolution), "seed": int(seed),
+                            "clips": clips, "held_out": held_out,
                             "selection": "pipeline.eval_videos: the first num_clips clips of "
-                                         "the source under the eval seed"}
-  trained = tok_config.input
-  if input_cfg.data == "shapes":
-    source["held_out"] = ("built-in shapes rendered from the eval seed stream, not the "
-                          "training one")
-  elif input_cfg.data == "shards":
+                                         "an endless source, else num_clips spread evenly"}
+  if input_cfg.data == "shards":
     source["video_shards"] = input_cfg.video_shards
-    if trained.data == "shards" and trained.video_shards == input_cfg.video_shards:
-      source["held_out"] = ("NO: the shards the tokenizer trained on; set input.video_shards "
-                            "to shards of held-out videos")
-    else:
-      source["held_out"] = "other shards than the tokenizer's training shards (by path)"
-  else:
+  elif input_cfg.data == "tfds":
     source.update(tfds_video=input_cfg.tfds_video, tfds_split=input_cfg.tfds_split)
-    if (trained.data == "tfds" and trained.tfds_video == input_cfg.tfds_video
-        and trained.tfds_split == input_cfg.tfds_split):
-      source["held_out"] = ("NO: the split the tokenizer trained on; set input.tfds_split "
-                            "to a held-out split")
-    else:
-      source["held_out"] = "another dataset or split than the tokenizer trained on"
   return source
-
-
-def held_out_clips(input_cfg: ml_collections.ConfigDict, *, seed: int,
-                   count: int) -> np.ndarray:
-  video, _ = pipeline.make_sources(input_cfg, seed + pipeline.EVAL_SEED_OFFSET)
-  if len(video) < count:
-    raise ConfigError(f"config.protocol.num_clips={count}: the {input_cfg.data} source holds "
-                      f"only {len(video)} clips")
-  return pipeline.eval_videos(input_cfg, seed=seed, count=count)
-
-
-def mesh_reconstruct(tok: tokenizer_lib.Tokenizer, placement: placement_lib.Placement):
-  """tok's reconstruct_with_codes on the evaluation mesh: weights replicated, batch split.
-
-  Tokenizer.load restores onto this process's first device; the evaluator's
-  batches span the devices of every process, so the weights are copied onto
-  its mesh, replicated (every process restored the same values).
-  """
-  params = placement.put_replicated(tok.params)
-  fn = jax.jit(tokenizer_lib.reconstruct_fn(tok.model),
-               in_shardings=(placement.replicated, placement.batch),
-               out_shardings=(placement.batch, placement.replicated))
-  return lambda frames: fn(params, frames)
 
 
 # --- The job.
@@ -138,16 +101,18 @@ def evaluate_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schema.validate_eval_tokenizer(config)
   # The evaluation mesh first: a batch it cannot split fails before anything loads.
   mesh = placement_lib.default_mesh(config.protocol.batch_size, "protocol.batch_size")
-  tok = tokenizer_lib.load_from_config(config.tokenizer)
+  # The weights only, straight onto the evaluation mesh (every process of a job loads together).
+  tok = tokenizer_lib.load_from_config(config.tokenizer, mesh=mesh)
   logging.info("evaluating tokenizer %s step %d", config.tokenizer.workdir, tok.step)
   input_cfg = resolve_input(config.input, tok.config)
   source = describe_source(input_cfg, tok.config, config.seed)
-  clips = held_out_clips(input_cfg, seed=config.seed, count=config.protocol.num_clips)
+  logging.info("evaluation clips: %s", source["clips"])
+  clips = pipeline.eval_videos(input_cfg, seed=config.seed, count=config.protocol.num_clips,
+                               key="config.protocol.num_clips", trained=tok.config.input)
   evaluator = recon.ReconstructionEvaluator(
       clips, config.protocol, codebook_size=tok.config.model.codebook_size, source=source,
       mesh=mesh)
-  with sharding.use_mesh(mesh, tok.config.logical_axis_rules):
-    result = evaluator(mesh_reconstruct(tok, evaluator.placement))
+  result = evaluator(tok.reconstruct_with_codes)
 
   tokenizer_info = {"workdir": storage.absolute(config.tokenizer.workdir), "step": int(tok.step),
                     "weights": "ema" if config.tokenizer.use_ema else "raw",

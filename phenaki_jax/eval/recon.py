@@ -11,7 +11,7 @@ pass over the clips in fixed-size batches. The same code serves the trainer
 
 `reconstruct_fn(frames)` takes a float32 batch (B, T, H, W, 3) in [-1, 1]: one
 global jax.Array split over the batch axis of the evaluator's mesh (a
-trainer's mesh, or by default devices of every process; eval/placement.py),
+trainer's mesh, or by default devices of every process; phenaki_jax/placement.py),
 and returns (reconstruction in [-1, 1], integer codes (B, ...)) as global
 arrays on that mesh (any layout) or host arrays. Per-clip metrics come back
 replicated, so every process sums the same figures whatever the process and
@@ -33,7 +33,7 @@ from phenaki_jax import distributed
 from phenaki_jax.config import schema
 from phenaki_jax.pretrained import perceptual
 from phenaki_jax.eval import fvd as fvd_lib
-from phenaki_jax.eval import placement as placement_lib
+from phenaki_jax import placement as placement_lib
 from phenaki_jax.sharding import Rules
 
 ReconstructFn = Callable[[jax.Array], tuple[Any, Any]]

@@ -163,7 +163,7 @@ def test_load_clip_from_a_bucket_is_the_local_model(bundle, checkpoint, bucket):
 
 def test_the_same_scores_on_meshes_of_8_and_1_devices(checkpoint):
   """Frames and captions split over a mesh: the scores do not depend on its size."""
-  from phenaki_jax.eval import placement
+  from phenaki_jax import placement
   folder, _ = checkpoint
   videos = _videos(n=4, t=2, seed=3)
   scores = []

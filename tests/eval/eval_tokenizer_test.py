@@ -105,12 +105,13 @@ def test_report_on_prepared_real_shards(tokenizer_dir, held_out_shards, tmp_path
   report = run.run(config, str(tmp_path))
   source = report["protocol"]["source"]
   assert (source["data"], source["video_shards"]) == ("shards", held_out_shards)
-  assert source["held_out"].startswith("other shards")
+  assert source["held_out"] is True
+  assert source["clips"].startswith("held out: other shards"), source["clips"]
   assert report["protocol"]["num_clips"] == 4
   assert all(np.isfinite(v) for v in report["metrics"].values())
   config.protocol.num_clips = 1000
-  with pytest.raises(ValueError, match="config.protocol.num_clips=1000: the shards source holds "
-                                       r"only \d+ clips"):
+  with pytest.raises(ValueError, match=r"config.protocol.num_clips=1000: the evaluation clips "
+                                       r"\(held out: other shards .*\) number only \d+"):
     run.run(config, str(tmp_path))
 
 

@@ -101,7 +101,7 @@ def test_i3d_features_the_same_on_meshes_of_8_2_and_1_devices(monkeypatch):
   mesh and runs on several processes in tests/integration/multiprocess_test.py)."""
   import jax.numpy as jnp
   from phenaki_jax import sharding
-  from phenaki_jax.eval import placement
+  from phenaki_jax import placement
   from phenaki_jax.pretrained import perceptual
 
   def cheap_i3d(variables, clips, *, endpoint, resolution):
