@@ -140,7 +140,8 @@ def main(_):
     ids, mask, start = inputs(b)
     rng = jax.random.key(0)
     if kind in ("guided", "guided+decode"):
-      sample = lambda: guided(params, frozen_text, ids, mask, rng, start, jnp.int32(steps),
+      keys = jax.random.key_data(jax.random.split(rng, b))  # one per example, as Generator's
+      sample = lambda: guided(params, frozen_text, ids, mask, keys, start, jnp.int32(steps),
                               jnp.float32(_SCALE.value), jnp.float32(1.0), jnp.float32(4.5),
                               max_steps=max_steps, top_k=None, schedule="cosine")
       if kind == "guided":

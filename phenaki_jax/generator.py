@@ -201,7 +201,7 @@ class Generator:
                     options: SamplingOptions = SamplingOptions(),
                     prefix_tokens: Any = None, num_token_frames: int | None = None,
                     memory_tokens: Any = None) -> np.ndarray:
-    """Tokens (B, t, h, w) for the prompts.
+    """Tokens (B, t, h, w) for the prompts; example i samples with seed + i.
 
     `prefix_tokens` (B, k, h, w), k < t, are kept as given (a story's frozen
     context; with options.seam_blending the frames after frame 0 are blended,
@@ -246,7 +246,10 @@ class Generator:
     seam = None
     if prefix_tokens is not None and options.seam_blending:
       seam = put(np.full((b,), prefix.shape[1], np.int32))
-    key = rep(np.asarray(jax.random.key_data(jax.random.key(seed))))
+    # Example i draws from seed + i alone: its tokens depend on its prompt and
+    # seed, not on the rest of the batch or its place in it.
+    key = put(np.stack([np.asarray(jax.random.key_data(jax.random.key(seed + i)))
+                        for i in range(b)]))
     scalars = rep((np.int32(options.num_steps), np.float32(options.guidance_scale),
                    np.float32(options.temperature), np.float32(options.choice_temperature)))
     with p.context():
@@ -264,7 +267,11 @@ class Generator:
   def generate(self, prompts: Sequence[str], *, seed: int = 0,
                options: SamplingOptions = SamplingOptions(),
                num_frames: int | None = None) -> np.ndarray:
-    """uint8 videos (B, T, H, W, 3); `num_frames` = 1 + k·t_p up to the trained length."""
+    """uint8 videos (B, T, H, W, 3); `num_frames` = 1 + k·t_p up to the trained length.
+
+    Example i samples with seed + i, so generate(prompts, seed=s)[i] equals
+    generate([prompts[i]], seed=s + i)[0].
+    """
     num_token_frames = None
     if num_frames is not None:
       tp = self.tokenizer.config.model.temporal_patch_size
@@ -274,6 +281,51 @@ class Generator:
     tokens = self.sample_tokens(prompts, seed=seed, options=options,
                                 num_token_frames=num_token_frames)
     return self.decode(tokens)
+
+
+  def start_lengths(self) -> list[int]:
+    """Frame counts a start can have: 1 + j·t_p that leave at least one token frame to make."""
+    tp = int(self.tokenizer.config.model.temporal_patch_size)
+    return [cvivit.num_frames_of(m, tp) for m in range(1, self.token_grid[0])]
+
+  def continue_from(self, prompts: Sequence[str], start: Any, *, seed: int = 0,
+                    options: SamplingOptions = SamplingOptions(),
+                    include_start: bool = True) -> np.ndarray:
+    """Videos that go on from given frames: image-to-video (one frame) or continuation.
+
+    `start`: uint8 frames (K, H, W, 3), the same for every prompt, or
+    (B, K, H, W, 3), one per prompt, at the tokenizer's resolution; K one of
+    `start_lengths()` (phenaki_jax/sampling/start.py reads an image or a
+    video file into this). The causal tokenizer encodes them (an image
+    through the first-frame path) into the window's frozen prefix, as a
+    story's context is; the rest of the window is generated for the prompt.
+    Returns uint8 (B, T, H, W, 3): the start frames as given, then the new
+    ones (T = the trained length), or only the T − K new ones with
+    include_start=False.
+    """
+    frames = np.asarray(start)
+    if frames.ndim == 4:
+      frames = np.repeat(frames[None], len(prompts), axis=0)
+    r = self.tokenizer.config.input.resolution
+    if (frames.ndim != 5 or frames.shape[0] != len(prompts) or frames.shape[2:] != (r, r, 3)
+        or frames.dtype != np.uint8):
+      raise ValueError(f"start frames {frames.dtype} {frames.shape}: expected uint8 (K, {r}, "
+                       f"{r}, 3) or ({len(prompts)}, K, {r}, {r}, 3)")
+    k = frames.shape[1]
+    if k not in self.start_lengths():
+      raise ValueError(f"a start of {k} frames: this generator continues from one of "
+                       f"{self.start_lengths()} frames (1 + j·temporal_patch_size, shorter "
+                       f"than its {self.num_frames}-frame window)")
+    prefix = np.asarray(self.tokenizer.encode(frames))
+    tokens = self.sample_tokens(prompts, seed=seed, options=options, prefix_tokens=prefix)
+    new = self.decode(tokens)[:, k:]
+    return np.concatenate([frames, new], axis=1) if include_start else new
+
+  @property
+  def trained_to_continue(self) -> bool:
+    """Whether training gave it frozen prefixes to go on from (config.prefix.probability > 0)."""
+    prefix = self.config.get("prefix") or {}
+    return float(prefix.get("probability", 0.0)) > 0
 
 
 # The sampler's static arguments (one compilation per combination).
@@ -296,8 +348,8 @@ def _sample_tokens(model: maskgit.MaskGitTransformer, text: TextEncoder, params:
                    guidance_schedule: str = "constant") -> jax.Array:
   """MaskGIT decoding with CFG; the conditional and unconditional passes share one batch.
 
-  `rng` is key data (jax.random.key_data), so it can be placed on a mesh as
-  a plain uint32 array.
+  `rng` is key data (jax.random.key_data), one key per example (B, 2), so it
+  can be placed on a mesh as a plain uint32 array split like the batch.
 
   `memory_args` = (memory tokens (B, m, h, w), memory guidance scale): a
   third pass with text and memory joins the batch (parallel_decode.
@@ -323,14 +375,21 @@ def _sample_tokens(model: maskgit.MaskGitTransformer, text: TextEncoder, params:
   # Per example: the share of its generated tokens decided so far.
   to_generate = jnp.maximum(jnp.sum(start == model.mask_id, axis=(1, 2, 3)), 1)
 
+  # A shorter clip (an image: 1 token frame) is decoded as training shows it
+  # one: on the whole grid, the frames after it [MASK] and never revealed.
+  padding = model.max_token_frames - grid[0]
+
   def logits_fn(flat_tokens: jax.Array) -> jax.Array:
     revealed = 1.0 - jnp.sum(flat_tokens == model.mask_id, axis=1) / to_generate
     scale = parallel_decode.scheduled_guidance(guidance_scale, revealed,
                                                guidance_schedule)[:, None, None]
     tokens = parallel_decode.unflatten_tokens(flat_tokens, grid)
+    if padding:
+      tokens = jnp.pad(tokens, ((0, 0), (0, padding), (0, 0), (0, 0)),
+                       constant_values=model.mask_id)
     logits = model.apply({"params": params["generator"]}, jnp.concatenate([tokens] * passes),
                          all_context, all_mask, **memory_kw)
-    logits = logits.reshape(passes, b, flat_tokens.shape[1], -1)
+    logits = logits.reshape(passes, b, -1, logits.shape[-1])[:, :, :flat_tokens.shape[1]]
     if memory_args is None:
       return parallel_decode.guide(logits[0], logits[1], scale)
     return parallel_decode.guide_with_memory(logits[0], logits[1], logits[2], scale,

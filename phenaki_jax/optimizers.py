@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -60,3 +61,31 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
 
 # Top-level submodules holding transformer stacks (see models/cvivit.py).
 STACK_NAMES = ("encoder", "decoder", "transformer")
+
+
+def reset_rows(opt_state: Any, param_path: tuple[str, ...], rows: jax.Array) -> Any:
+  """The optimizer state of `rows` (bool, first axis) of one parameter, as for a new row.
+
+  For restarted codebook entries: a code put at a fresh encoder vector must
+  not move with the momentum of the code it replaced. Every leaf of the
+  state that mirrors the parameter (Adam's mu and nu, under any chain or
+  multi_transform) is found by its path ending in `param_path`. First
+  moments (and any other per-parameter state) become 0; second moments (nu)
+  become the mean of the other rows', so the new row's first steps are the
+  size of a live row's rather than Adam's bias-corrected 1/sqrt(1 - b2)
+  overshoot of a zero nu.
+  """
+  keys = tuple(param_path)
+
+  def reset(path, leaf):
+    names = tuple(getattr(k, "key", None) for k in path[-len(keys):])
+    if names != keys or getattr(leaf, "shape", (None,))[:1] != rows.shape[:1]:
+      return leaf
+    fill = jnp.zeros_like(leaf)
+    if any(getattr(k, "name", None) == "nu" for k in path):
+      kept = (~rows).reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
+      mean = jnp.sum(leaf * kept, axis=0) / jnp.maximum(jnp.sum(kept), 1)
+      fill = jnp.broadcast_to(mean, leaf.shape)
+    return jnp.where(rows.reshape((-1,) + (1,) * (leaf.ndim - 1)), fill, leaf)
+
+  return jax.tree_util.tree_map_with_path(reset, opt_state)

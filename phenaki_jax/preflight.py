@@ -776,7 +776,8 @@ def sample_preflight(config: ml_collections.ConfigDict, *,
                     static_argnames=generator_lib.SAMPLE_STATIC,
                     out_shardings=placement.replicated)
   sample_args = (gen_params, frozen_text, batch(placement, (b, length), jnp.int32),
-                 batch(placement, (b, length), jnp.bool_), rep(key.shape, key.dtype),
+                 batch(placement, (b, length), jnp.bool_),
+                 batch(placement, (b,) + key.shape, key.dtype),  # a key per example
                  batch(placement, (b, t, h, w), jnp.int32), rep((), jnp.int32),
                  rep((), jnp.float32), rep((), jnp.float32), rep((), jnp.float32), None, None)
   sample_kw = dict(max_steps=options.max_steps, top_k=options.top_k or None,

@@ -47,3 +47,39 @@ def test_weight_decay_only_on_kernels():
 def jax_tree_ones(tree):
   import jax
   return jax.tree.map(jnp.ones_like, tree)
+
+
+def _moments(state, name):
+  """Every (path, leaf) of the state under an Adam `name` ('mu' / 'nu') for the codebook."""
+  import jax
+  return [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+          if any(getattr(k, "name", None) == name for k in path)
+          and getattr(path[-1], "key", None) == "codebook"]
+
+
+def test_restarted_codebook_rows_get_fresh_moments_and_nothing_else_changes():
+  import jax
+  for multiplier in (1.0, 10.0):  # plain chain, and multi_transform's nested states
+    tx = optimizers.make_optimizer(_opt(io_lr_multiplier=multiplier), 100)
+    params = {"encoder": {"kernel": jnp.ones((3, 3))},
+              "quantizer": {"codebook": jnp.ones((6, 2))}}
+    state = tx.init(params)
+    for seed in range(3):  # moments that differ by row
+      grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(seed), x.shape), params)
+      _, state = tx.update(grads, state, params)
+    rows = jnp.asarray([False, True, False, False, True, False])
+    new = optimizers.reset_rows(state, ("quantizer", "codebook"), rows)
+    (mu,), (nu,) = _moments(state, "mu"), _moments(state, "nu")
+    (new_mu,), (new_nu,) = _moments(new, "mu"), _moments(new, "nu")
+    assert not np.asarray(new_mu)[[1, 4]].any()
+    np.testing.assert_allclose(np.asarray(new_nu)[[1, 4]],
+                               np.repeat(np.asarray(nu)[[0, 2, 3, 5]].mean(0, keepdims=True), 2,
+                                         axis=0), rtol=1e-6)
+    keep = [0, 2, 3, 5]
+    np.testing.assert_array_equal(np.asarray(new_mu)[keep], np.asarray(mu)[keep])
+    np.testing.assert_array_equal(np.asarray(new_nu)[keep], np.asarray(nu)[keep])
+    # The other parameters' state and the step count are as they were.
+    others = lambda s: [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(s)[0]
+                        if getattr(path[-1], "key", None) != "codebook"]
+    for a, b in zip(others(state), others(new)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

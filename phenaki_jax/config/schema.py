@@ -235,6 +235,12 @@ def sample_defaults() -> ml_collections.ConfigDict:
   c.storyboard = ""
   c.story = ""
   c.story_defaults = sampling.story_defaults()
+  # A start for every video (or the story): an image (image-to-video) or a
+  # video file whose last start_frames frames are continued
+  # (phenaki_jax/sampling/start.py); -1: the longest start the generator takes.
+  c.start = ""
+  c.start_frames = -1
+  c.start_in_output = True  # the start's frames open the output unchanged
   c.sampling = sampling.defaults()
   c.output = ml_collections.ConfigDict()
   c.output.formats = "mp4,gif"  # comma list of 'mp4', 'gif'
@@ -259,6 +265,12 @@ def validate_sample(config: ml_collections.ConfigDict) -> None:
   errors.require(config.output.fps > 0, "output.fps", config.output.fps, "must be > 0")
   errors.require(not (config.storyboard and config.story), "story", config.story,
                  "give either config.story or config.storyboard, not both")
+  errors.require(isinstance(config.start_frames, int) and (config.start_frames == -1
+                                                           or config.start_frames >= 1),
+                 "start_frames", config.start_frames, "must be >= 1, or -1 for the longest start")
+  errors.require(not (config.start and config.num_frames != -1), "num_frames",
+                 config.num_frames, f"a start (config.start={config.start!r}) continues to the "
+                 "trained length: leave num_frames at -1")
   if config.storyboard:
     errors.require(storage.exists(config.storyboard), "storyboard", config.storyboard,
                    "no such file")

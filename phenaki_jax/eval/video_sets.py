@@ -306,19 +306,20 @@ class CheckpointSet(VideoSet):
                           "step": self.gen.tokenizer.step},
             "prompts": self.prompt_source, "num_samples": len(self.prompts),
             "seed": self.config.seed, "batch_size": self.config.batch_size,
-            "seeds": "batch i (batch_size prompts, the last padded) samples with seed + i",
+            "seeds": "sample i draws from seed + i alone (its own key: batch size and padding "
+                     "change nothing)",
             "sampling": dict(self.options.__dict__)}
 
   def __iter__(self) -> Iterator[Item]:
     bs = self.config.batch_size
     for b, first in enumerate(range(0, len(self.prompts), bs)):
       chunk = self.prompts[first:first + bs]
-      seed = self.config.seed + b
       # A short last batch is padded: one compilation.
-      videos = self.gen.generate(chunk + [chunk[-1]] * (bs - len(chunk)), seed=seed,
-                                 options=self.options)
+      videos = self.gen.generate(chunk + [chunk[-1]] * (bs - len(chunk)),
+                                 seed=self.config.seed + first, options=self.options)
       for k, (prompt, video) in enumerate(zip(chunk, videos)):
-        yield Item(f"sample {first + k:04d}", video, prompt, info={"batch_seed": seed})
+        yield Item(f"sample {first + k:04d}", video, prompt,
+                   info={"seed": self.config.seed + first + k})
 
 
 class RecordSet(VideoSet):

@@ -179,7 +179,9 @@ def decode(logits_fn: LogitsFn,
   Args:
     logits_fn: flat tokens (B, N) int32 -> logits (B, N, V) over the V real
       codes (no [MASK] entry, so [MASK] can never be sampled).
-    rng: PRNG key; step s uses fold_in(rng, s), so a seed fixes the result.
+    rng: PRNG key; step s uses fold_in(rng, s), so a seed fixes the result. Or
+      a key per example (shape (B,)): each example then draws from its own
+      key only, so its result does not depend on the rest of the batch.
     tokens: int32 (B, N) start state; entries equal to `mask_id` are generated,
       all others are frozen and returned unchanged.
     num_steps: 1 ≤ num_steps ≤ max_steps (clipped into that range when traced).
@@ -228,12 +230,20 @@ def decode(logits_fn: LogitsFn,
     prefix_frames = jnp.asarray(seam_prefix_frames, jnp.int32).reshape(batch, 1)
     in_prefix = frame < prefix_frames
 
+  # One key per example (rng of shape (B,)): each example's draws are its key's
+  # alone, so a sample does not depend on its batch or its place in it.
+  per_example = rng.ndim == 1
+  each = (lambda f, *xs: jax.vmap(f)(*xs)) if per_example else (lambda f, *xs: f(*xs))
+  if per_example and rng.shape[0] != batch:
+    raise ValueError(f"{rng.shape[0]} keys for a batch of {batch}")
+
   def body(step, state):
     tokens, mask_trace, token_trace, split_trace = state
-    step_rng = jax.random.fold_in(rng, step)
+    step_rng = each(lambda k: jax.random.fold_in(k, step), rng)
     if blend:
-      split = jax.random.randint(jax.random.fold_in(step_rng, 2), (batch, 1), 1,
-                                 jnp.maximum(prefix_frames, 1) + 1)
+      split = each(lambda k, top: jax.random.randint(jax.random.fold_in(k, 2),
+                                                     top.shape, 1, top + 1),
+                   step_rng, jnp.maximum(prefix_frames, 1))
       kept = in_prefix & (frame < split)
       blended = in_prefix & ~kept
       tokens = jnp.where(kept, prefix_values, jnp.where(blended, mask_id, tokens))
@@ -242,15 +252,17 @@ def decode(logits_fn: LogitsFn,
     logits = logits_fn(tokens).astype(jnp.float32) / temperature
     if top_k is not None:
       logits = _top_k_filter(logits, top_k)
-    sample_rng, choice_rng = jax.random.split(step_rng)
-    sampled = jax.random.categorical(sample_rng, logits, axis=-1).astype(jnp.int32)
+    sample_rng, choice_rng = each(lambda k: tuple(jax.random.split(k)), step_rng)
+    sampled = each(lambda k, x: jax.random.categorical(k, x, axis=-1), sample_rng,
+                   logits).astype(jnp.int32)
     sampled = jnp.where(unknown, sampled, tokens)
 
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]
     progress = (step + 1).astype(jnp.float32) / num_steps.astype(jnp.float32)
     noise_scale = choice_temperature * (1.0 - progress)
-    confidence = chosen + noise_scale * jax.random.gumbel(choice_rng, chosen.shape)
+    gumbel = each(lambda k, x: jax.random.gumbel(k, x.shape), choice_rng, chosen)
+    confidence = chosen + noise_scale * gumbel
     # Decided tokens are never re-masked.
     confidence = jnp.where(unknown, confidence, jnp.inf)
     if blend:  # re-sampled prefix frames are always kept, outside the count

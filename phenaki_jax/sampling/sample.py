@@ -42,6 +42,7 @@ from phenaki_jax.config.schema import ConfigError
 from phenaki_jax.data import video_io
 from phenaki_jax.eval import shapes_score
 from phenaki_jax.generator import Generator, SamplingOptions
+from phenaki_jax.sampling import start as start_lib
 from phenaki_jax.sampling import story as story_lib
 
 
@@ -183,14 +184,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   gen = load_generator(config, devices, check_batch=not story_mode)
   logging.info("sampling on mesh %s over %d devices of %d process(es)", dict(gen.mesh.shape),
                gen.mesh.devices.size, jax.process_count())
+  begin = read_start(config, gen)
   if story_mode:
-    return run_story(config, workdir, gen, segments, options, formats, start)
-  return run_prompts(config, workdir, gen, prompts, options, formats, start)
+    return run_story(config, workdir, gen, segments, options, formats, start, begin)
+  return run_prompts(config, workdir, gen, prompts, options, formats, start, begin)
+
+
+def read_start(config: ml_collections.ConfigDict, gen: Generator) -> start_lib.Start | None:
+  """config.start's frames, sized for the generator, or None; errors name the key and file."""
+  if not config.start:
+    return None
+  try:
+    begin = start_lib.load_start(config.start, gen, context_frames=config.start_frames,
+                                 fps=config.output.fps)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if not gen.trained_to_continue:
+    logging.warning("config.start=%r: this generator trained with prefix.probability=0, so it "
+                    "was never taught to continue given frames (the story prefix task teaches "
+                    "it; benchmarks/RESULTS.md); expect a weak continuation", config.start)
+  logging.info("starting every video from %s (%d frame(s) of %s)", config.start,
+               len(begin.frames), begin.kind)
+  return begin
 
 
 def run_prompts(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
                 prompts: list[str], options: SamplingOptions, formats: list[str],
-                start: float) -> dict[str, Any]:
+                start: float, begin: start_lib.Start | None = None) -> dict[str, Any]:
   """Every prompt × samples_per_prompt in batches: the videos, samples.png, samples.json."""
   g = config.generator
   num_frames = None if config.num_frames < 0 else config.num_frames
@@ -210,10 +230,15 @@ def run_prompts(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
     chunk = jobs[first:first + bs]
     # A short last batch is padded to the batch size: one compilation.
     batch_prompts = [p for p, _ in chunk] + [chunk[-1][0]] * (bs - len(chunk))
-    batch_seed = config.seed + first // bs
     t0 = time.perf_counter()
-    batch = gen.generate(batch_prompts, seed=batch_seed, options=options,
-                         num_frames=num_frames)[:len(chunk)]
+    # Sample i draws from seed + i alone, whatever the batch size or process count.
+    if begin is None:
+      batch = gen.generate(batch_prompts, seed=config.seed + first, options=options,
+                           num_frames=num_frames)[:len(chunk)]
+    else:
+      batch = gen.continue_from(batch_prompts, begin.frames, seed=config.seed + first,
+                                options=options,
+                                include_start=config.start_in_output)[:len(chunk)]
     sample_seconds += time.perf_counter() - t0
     for (prompt, k), video in zip(chunk, batch):
       index = len(records)
@@ -226,7 +251,7 @@ def run_prompts(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
         elif writer:
           video_io.write_gif(path, video, fps=config.output.fps)
         files.append(name)
-      record = {"index": index, "prompt": prompt, "sample": k, "batch_seed": batch_seed,
+      record = {"index": index, "prompt": prompt, "sample": k, "seed": config.seed + index,
                 "files": files, "frames": list(video.shape)}
       if shapes_score.is_shapes_prompt(prompt):
         reading = shapes_score.read_prompt_object(video, prompt)
@@ -245,7 +270,8 @@ def run_prompts(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
   # Every process: the tokenizer runs collectively on the mesh.
   ceiling = (tokenizer_ceiling(gen, list(dict.fromkeys(r["prompt"] for r in records
                                                       if "shapes" in r)),
-                               videos[0].shape[0], videos[0].shape[1], bs) if scored else None)
+                               num_frames or gen.num_frames, videos[0].shape[1], bs)
+             if scored else None)
   report = {
       "job": "sample",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -255,6 +281,8 @@ def run_prompts(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
       "tokenizer": {"workdir": storage.absolute(gen.tokenizer_workdir),
                     "step": gen.tokenizer.step},
       "sampling": {**options.__dict__, "batch_size": bs, "seed": config.seed},
+      "start": None if begin is None else {**begin.describe(),
+                                           "in_output": bool(config.start_in_output)},
       "samples": records,
       "shapes_accuracy": shapes_score.accuracy(scored) if scored else None,
       "tokenizer_ceiling": ceiling,
@@ -294,10 +322,19 @@ class _Discard:
 
 
 def read_story(config: ml_collections.ConfigDict) -> list[story_lib.Segment]:
-  """The segments of config.storyboard (a file) or config.story ('first;second;…')."""
+  """The segments of config.storyboard (a file) or config.story ('first;second;…').
+
+  A storyboard's own `start` becomes config.start (refused when both are set).
+  """
   try:
     if config.storyboard:
-      return story_lib.load_storyboard(config.storyboard)
+      segments, start = story_lib.read_storyboard(config.storyboard)
+      if start and config.start:
+        raise ValueError(f"its start {start!r} and config.start={config.start!r} both set "
+                         "one; keep one")
+      if start:
+        config.start = start
+      return segments
     prompts = [p.strip() for p in config.story.split(";") if p.strip()]
     return story_lib.parse_segments(prompts, where="config.story")
   except (ValueError, FileNotFoundError, TypeError) as e:
@@ -307,7 +344,7 @@ def read_story(config: ml_collections.ConfigDict) -> list[story_lib.Segment]:
 
 def run_story(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
               segments: list[story_lib.Segment], options: SamplingOptions, formats: list[str],
-              start: float) -> dict[str, Any]:
+              start: float, begin: start_lib.Start | None = None) -> dict[str, Any]:
   """One continuous video from the storyboard: story.mp4 (+ .gif), story.png, story.json."""
   d = config.story_defaults
   segments = [s if s.num_frames or s.seconds else dataclasses.replace(s, num_frames=d.num_frames)
@@ -334,7 +371,9 @@ def run_story(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
     try:
       result = story_lib.generate_story(
           gen, segments, sink=sink.write, options=options, seed=config.seed,
-          context_frames=d.context_frames, fps=config.output.fps, on_segment=score)
+          context_frames=d.context_frames, fps=config.output.fps, on_segment=score,
+          start=None if begin is None else begin.frames,
+          start_in_output=config.start_in_output)
     except ValueError as e:
       raise ConfigError(f"story_defaults / storyboard: {e}") from None
   seconds = time.perf_counter() - t0
@@ -366,6 +405,8 @@ def run_story(config: ml_collections.ConfigDict, workdir: str, gen: Generator,
       "window_frames": story_lib.StoryWindow(gen).frames,
       "num_frames": result.num_frames, "fps": config.output.fps,
       "files": files, "segments": result.segments,
+      "start": None if begin is None else {**begin.describe(),
+                                           "in_output": bool(config.start_in_output)},
       "shapes_accuracy": shapes_score.accuracy(scored) if scored else None,
       "sampling": dict(options.__dict__),
       "seconds": {"sampling": round(seconds, 3), "total": round(time.perf_counter() - start, 3)},

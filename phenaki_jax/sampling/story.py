@@ -99,7 +99,13 @@ def parse_segments(items: Sequence[Any], defaults: dict[str, Any] | None = None,
 
 def load_storyboard(path: str) -> list[Segment]:
   """A YAML or JSON file (local or gs://): a list of segments, or
-  {'defaults': {...}, 'segments': [...]}."""
+  {'defaults': {...}, 'segments': [...], 'start': FILE}."""
+  return read_storyboard(path)[0]
+
+
+def read_storyboard(path: str) -> tuple[list[Segment], str]:
+  """(segments, start) of a storyboard file; start: the image or video the story goes
+  on from (a path relative to the storyboard's folder, or absolute, or gs://), or ''."""
   try:
     text = storage.read_text(path)  # local or gs://
   except storage.StorageNotFoundError:
@@ -115,13 +121,16 @@ def load_storyboard(path: str) -> list[Segment]:
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"storyboard {path}: cannot parse it ({type(e).__name__}: {e})") from None
   if isinstance(data, dict):
-    extra = sorted(set(data) - {"defaults", "segments"})
+    extra = sorted(set(data) - {"defaults", "segments", "start"})
     if extra:
       raise ValueError(f"storyboard {path}: unknown top-level key(s) {extra}; "
-                       "expected 'defaults' and 'segments'")
-    return parse_segments(data.get("segments") or [], data.get("defaults"), where=path)
+                       "expected 'defaults', 'segments' and 'start'")
+    start = str(data.get("start") or "")
+    if start and not (start.startswith("/") or storage.is_remote(start)):
+      start = storage.join(storage.dirname(path) or ".", start)
+    return parse_segments(data.get("segments") or [], data.get("defaults"), where=path), start
   if isinstance(data, list):
-    return parse_segments(data, where=path)
+    return parse_segments(data, where=path), ""
   raise ValueError(f"storyboard {path}: expected a list of segments or a mapping with 'segments'")
 
 
@@ -150,6 +159,12 @@ class StoryWindow:
     fits = [k for k in self.allowed_contexts() if k <= (self.frames + 1) // 2]
     return fits[-1] if fits else 0
 
+  def fitting_context(self, k: int, available: int) -> int:
+    """The context a window takes: K frames, or the longest allowed one of the `available`
+    frames written since the story's start or its last cut (0: none)."""
+    fits = [c for c in self.allowed_contexts() if c <= min(k, available)]
+    return fits[-1] if fits else 0
+
   def check_context(self, k: int, where: str) -> int:
     """Token frames of a K-frame context; errors say which K are possible."""
     if k == 0:
@@ -167,12 +182,17 @@ def generate_story(gen: Generator, segments: Sequence[Segment], *, sink: Callabl
                    options: SamplingOptions = SamplingOptions(), seed: int = 0,
                    context_frames: int = -1, fps: float = 8.0,
                    strip_frames_per_segment: int = 3,
-                   on_segment: Callable[[int, np.ndarray], None] | None = None) -> StoryResult:
+                   on_segment: Callable[[int, np.ndarray], None] | None = None,
+                   start: np.ndarray | None = None,
+                   start_in_output: bool = True) -> StoryResult:
   """Generates the story window by window.
 
   Every new frame goes to `sink` as uint8 (n, H, W, 3) as soon as it is
   decoded; `on_segment(i, frames)`, when given, gets each finished segment's
   frames (one segment is held on the host for it, e.g. to score it).
+  `start` (uint8 (K, H, W, 3), phenaki_jax/sampling/start.py): frames the
+  story goes on from, as if written before its first segment (its context;
+  with start_in_output they open the video, the segments' frames after).
   """
   window = StoryWindow(gen)
   if context_frames < 0:
@@ -186,7 +206,7 @@ def generate_story(gen: Generator, segments: Sequence[Segment], *, sink: Callabl
     if n < 0:
       raise ValueError(f"{where}: num_frames={seg.num_frames} must be >= 0")
     if n == 0:  # one window's worth
-      n = window.frames if (i == 0 or k == 0) else window.frames - k
+      n = window.frames if ((i == 0 and start is None) or k == 0) else window.frames - k
     seg_options = _segment_options(options, seg)
     seg_options.check()
     if seg_options.memory_guidance_scale > 0 and not gen.memory_token_frames:
@@ -199,16 +219,27 @@ def generate_story(gen: Generator, segments: Sequence[Segment], *, sink: Callabl
   keep = max(max((k for _, k, _, _ in plan), default=1), 1)
   memory = None  # the first token frames of the story's first window, when it has memory
   total, records, strips = 0, [], []
+  if start is not None:
+    history = np.asarray(start, np.uint8)[-keep:]
+    if start_in_output:
+      sink(np.asarray(start, np.uint8))
+      total = len(start)
   for i, (seg, k, n, seg_options) in enumerate(plan):
     seg_seed = seed + i if seg.seed is None else seg.seed
     start, made, w = total, 0, 0
     segment_frames, window_starts = [], []
     picks = set(np.linspace(0, n - 1, min(n, strip_frames_per_segment)).round().astype(int))
+    if k == 0 and (i > 0 or start is not None):
+      history = None  # a hard cut: nothing before it is context for what follows
+    contexts = []
     while made < n:
-      use_context = k > 0 and history is not None
+      # The context is K frames, or the longest allowed one the video since the
+      # story's start or its last cut holds (a short segment before this one).
+      used = window.fitting_context(k, 0 if history is None else len(history))
+      use_context = used > 0
       prefix = None
       if use_context:
-        prefix = np.asarray(gen.tokenizer.encode(history[None, -k:]))
+        prefix = np.asarray(gen.tokenizer.encode(history[None, -used:]))
       # Window 0 of a segment samples with the segment's seed itself, so a
       # one-segment story is exactly gen.generate([prompt], seed=seed).
       tokens = gen.sample_tokens([seg.prompt], seed=seg_seed + 1_000_003 * w,
@@ -218,7 +249,8 @@ def generate_story(gen: Generator, segments: Sequence[Segment], *, sink: Callabl
       if memory is None and gen.memory_token_frames:
         memory = tokens[:, :gen.memory_token_frames]
       frames = gen.decode(tokens)[0]
-      new = frames[k:] if use_context else frames
+      new = frames[used:]
+      contexts.append(used)
       new = new[:n - made]
       window_starts.append(total)
       sink(new)
@@ -235,7 +267,8 @@ def generate_story(gen: Generator, segments: Sequence[Segment], *, sink: Callabl
       on_segment(i, np.concatenate(segment_frames))
     records.append({"index": i, "prompt": seg.prompt, "start_frame": start, "end_frame": total,
                     "num_frames": n, "windows": w, "window_starts": window_starts,
-                    "context_frames": k if i else 0,
+                    "context_frames": k if i or start is not None else 0,
+                    "window_contexts": contexts,
                     "guidance_scale": seg_options.guidance_scale, "seed": seg_seed,
                     "memory_guidance_scale": seg_options.memory_guidance_scale,
                     "seam_blending": seg_options.seam_blending,

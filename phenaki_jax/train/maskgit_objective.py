@@ -113,16 +113,19 @@ def _progress_from_ratio(ratio: jax.Array, schedule: str) -> jax.Array:
   return jnp.sqrt(1.0 - ratio)  # square
 
 
-def bucket_stats(ce: jax.Array, correct: jax.Array, masked: jax.Array, region: jax.Array,
+def bucket_stats(ce: jax.Array, correct: jax.Array, masked: jax.Array, maskable: jax.Array,
                  schedule: str) -> dict[str, jax.Array]:
   """Sums of loss / correct / count over masked tokens, per bucket of r.
+
+  An example's r comes from its masked share of `maskable`: the tokens the
+  mask was drawn from (real tokens outside its prefix and own memory frames).
 
   Sums (not means): a bucket can be empty in a step; the host divides after
   summing a whole log interval (finish_bucket_metrics).
   """
   b = masked.shape[0]
   weight = masked.reshape(b, -1).astype(jnp.float32)
-  eligible = region.reshape(b, -1).sum(axis=1)
+  eligible = maskable.reshape(b, -1).sum(axis=1)
   r = _progress_from_ratio(weight.sum(axis=1) / jnp.maximum(eligible, 1), schedule)
   bucket = jnp.clip(jnp.floor(r * len(R_BUCKETS)), 0, len(R_BUCKETS) - 1).astype(jnp.int32)
   ce, correct = ce.reshape(b, -1), correct.reshape(b, -1).astype(jnp.float32)
@@ -234,7 +237,11 @@ def compute_losses(generator: maskgit.MaskGitTransformer, text: TextEncoder, par
   count = jnp.maximum(jnp.sum(weight), 1.0)
   loss = jnp.sum(ce * weight) / count
   b = tokens.shape[0]
-  ratio = weight.reshape(b, -1).sum(1) / jnp.maximum(region.reshape(b, -1).sum(1), 1)
+  # Of the tokens the mask could take: the given prefix and own memory frames are context.
+  frozen = prefix_frames if own_memory is None else jnp.maximum(prefix_frames, own_memory)
+  maskable = region & (jax.lax.broadcasted_iota(jnp.int32, tokens.shape, 1)
+                       >= frozen.reshape((b,) + (1,) * (tokens.ndim - 1)))
+  ratio = weight.reshape(b, -1).sum(1) / jnp.maximum(maskable.reshape(b, -1).sum(1), 1)
   parts = {
       "train/loss": loss,
       "train/masked_accuracy": jnp.sum(correct * weight) / count,
@@ -244,7 +251,7 @@ def compute_losses(generator: maskgit.MaskGitTransformer, text: TextEncoder, par
   }
   if memory is not None:
     parts["train/memory_fraction"] = jnp.mean(memory_present.astype(jnp.float32))
-  parts.update(bucket_stats(ce, correct, masked, region, schedule))
+  parts.update(bucket_stats(ce, correct, masked, maskable, schedule))
   return loss, parts
 
 

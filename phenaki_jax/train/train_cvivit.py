@@ -81,6 +81,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
           errors=outputs["errors"])
       restarted_rows = jnp.any(codebook != old_codebook, axis=-1)
       params = {**params, "quantizer": {**params["quantizer"], "codebook": codebook}}
+      opt_state = optimizers.reset_rows(opt_state, ("quantizer", "codebook"), restarted_rows)
       parts["train/vq/restarted_codes"] = restarted
 
     disc_params, disc_opt_state, lecam_ema = (state.disc_params, state.disc_opt_state,

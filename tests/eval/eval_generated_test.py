@@ -200,9 +200,9 @@ def test_checkpoint_job_samples_shapes_prompts_and_scores_them(tmp_path, trained
   assert report["protocol"]["resolved"]["num_frames"] == 5
   assert report["protocol"]["resolved"]["resolution"] == 16
   assert "fvd" not in report["metrics"]
-  # The built-in benchmark prompts, one per clip, seeded per batch of 2.
+  # The built-in benchmark prompts, one per clip, each with its own seed.
   clips = report["clips"]
-  assert [c["batch_seed"] for c in clips] == [0, 0, 1, 1]
+  assert [c["seed"] for c in clips] == [0, 1, 2, 3]
   assert all(synthetic.parse_caption(c["caption"]) for c in clips)
   assert 0.0 <= report["metrics"]["shapes/all"] <= 1.0
   assert report["metrics"]["shapes/num_clips"] == 4

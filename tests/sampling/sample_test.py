@@ -97,6 +97,39 @@ def test_generate_makes_clips_and_images_of_the_tokenizer_frame_count(generator)
     generator.generate(PROMPTS, options=opts, num_frames=4)
 
 
+class _SeenInputs:
+  """The generator's module, recording the token grids the sampler feeds it."""
+
+  def __init__(self, model):
+    self.model, self.grids = model, []
+
+  def __getattr__(self, name):
+    return getattr(self.model, name)
+
+  def apply(self, variables, tokens, *args, **kw):
+    jax.debug.callback(lambda t: self.grids.append(np.asarray(t)), tokens)
+    return self.model.apply(variables, tokens, *args, **kw)
+
+
+def test_an_image_is_decoded_on_the_whole_grid_as_it_is_trained(generator):
+  """Training pads an image to the clip's token frames with [MASK]: sampling must too."""
+  from phenaki_jax import generator as generator_lib
+  seen = _SeenInputs(generator.model)
+  t, h, w = generator.token_grid
+  n = generator.placement.batch_ways  # a whole batch for the mesh the weights are on
+  ids, mask = generator.encode_prompts([PROMPTS[i % 2] for i in range(n)])
+  with generator.placement.context():
+    tokens = generator_lib._sample_tokens(  # pylint: disable=protected-access
+        seen, generator.text, generator.params, generator.frozen_text_params, ids, mask,
+        jax.random.key_data(jax.random.key(0)), np.full((n, 1, h, w), seen.mask_id, np.int32),
+        3, 2.0, 1.0, 4.5, max_steps=8, top_k=None, schedule="cosine")
+  assert tokens.shape == (n, 1, h, w) and (np.asarray(tokens) < seen.mask_id).all()
+  assert len(seen.grids) == 3
+  for grid in seen.grids:  # both CFG passes, every step
+    assert grid.shape == (2 * n, t, h, w)
+    assert (grid[:, 1:] == seen.mask_id).all()
+
+
 def test_sample_job_writes_valid_mp4_png_and_json(trained, tmp_path):
   config = _sample_config(trained[1], **{"output.formats": "mp4,gif", "samples_per_prompt": 2})
   report = sample_job.run(config, str(tmp_path))
@@ -323,3 +356,18 @@ def test_processes_other_than_0_sample_the_same_and_write_nothing(generator, tmp
   assert not (tmp_path / "p1").exists()
   assert sorted(os.listdir(tmp_path / "p0")) == [
       "0000.gif", "0000.mp4", "0001.gif", "0001.mp4", "samples.json", "samples.png"]
+
+
+def test_a_sample_depends_on_its_prompt_and_seed_not_on_its_batch(generator):
+  opts = SamplingOptions(num_steps=3, max_steps=8)
+  prompts = ["a large red circle moves right", "a small blue square moves up",
+             "a large green triangle moves left"]
+  together = generator.sample_tokens(prompts, seed=10, options=opts)
+  for i, prompt in enumerate(prompts):
+    alone = generator.sample_tokens([prompt], seed=10 + i, options=opts)
+    np.testing.assert_array_equal(alone[0], together[i])
+  # Other neighbours, the same example: the same tokens.
+  swapped = generator.sample_tokens([prompts[2], prompts[1]], seed=10, options=opts)
+  np.testing.assert_array_equal(swapped[1], together[1])
+  assert not np.array_equal(together[0], generator.sample_tokens(prompts[:1], seed=11,
+                                                                 options=opts)[0])

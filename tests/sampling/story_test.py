@@ -263,3 +263,32 @@ def test_story_job_takes_the_switches_from_the_sampling_keys(memory_trained, tmp
   defaults = schema.sample_defaults()
   assert (defaults.sampling.memory_guidance_scale, defaults.sampling.seam_blending) == (0.0,
                                                                                          False)
+
+
+def test_a_context_longer_than_the_video_so_far_shrinks_to_what_it_holds(generator, monkeypatch):
+  """After 2 frames, K = 3 cannot be had: the window takes 1 frame and drops only that."""
+  calls = _spy(generator, monkeypatch)
+  video, result = _run(generator, story.parse_segments([
+      {"prompt": "a small blue square", "num_frames": 2},
+      {"prompt": "the blue square moves up", "num_frames": 6}]), context_frames=3)
+  # Then, 6 frames in, the next window has its 3.
+  assert video.shape[0] == 8 and result.segments[1]["window_contexts"] == [1, 3]
+  _, (kw, second), _ = calls
+  np.testing.assert_array_equal(kw["prefix_tokens"],
+                                np.asarray(generator.tokenizer.encode(video[1:2][None])))
+  # The new frames are the window's frames after its one context frame.
+  np.testing.assert_array_equal(video[2:6], generator.decode(second)[0][1:5])
+
+
+def test_a_cut_ends_the_history_the_next_context_is_taken_from(generator, monkeypatch):
+  calls = _spy(generator, monkeypatch)
+  video, result = _run(generator, story.parse_segments([
+      "a small blue square",
+      {"prompt": "a large red circle", "num_frames": 1, "context_frames": 0},
+      {"prompt": "the red circle moves up", "num_frames": 2}]), context_frames=3)
+  assert video.shape[0] == 5 + 1 + 2
+  kw, _ = calls[2]
+  # Only the cut segment's one frame is context, not the frames before the cut.
+  np.testing.assert_array_equal(kw["prefix_tokens"],
+                                np.asarray(generator.tokenizer.encode(video[5:6][None])))
+  assert result.segments[2]["window_contexts"] == [1]

@@ -296,3 +296,29 @@ def test_with_memory_on_the_loss_sees_the_memory_and_reports_its_rate():
   b = dict(batch, memory_codes=jnp.full((8, 1, H, W), 5, jnp.int32))
   assert float(loss(params, a, 0.0)[0]) != float(loss(params, b, 0.0)[0])
   assert float(loss(params, a, 1.0)[0]) == float(loss(params, b, 1.0)[0])
+
+
+def test_mask_ratio_and_its_buckets_count_only_the_tokens_the_mask_could_take():
+  """A prefix is context: train/mask_ratio and the per-r buckets divide by the rest."""
+  generator, text, params, batch = _setup(0)
+  rng = train_loop.step_rng(0, 4)
+  _, parts = jax.jit(lambda p: maskgit_objective.compute_losses(
+      generator, text, p, {}, batch, batch["codes"], rng, text_drop_rate=0.0,
+      label_smoothing=0.0, schedule="cosine", prefix_probability=1.0))(params)
+  # The same draws, recomputed: the masked share of each example's tokens after its prefix.
+  tokens, region = maskgit_objective.pad_token_grid(batch["codes"], T, MASK, batch["token_frames"])
+  _, masked, prefix = maskgit_objective.training_inputs(
+      rng, tokens, region, schedule="cosine", mask_id=MASK, codebook_size=V,
+      prefix_probability=1.0)
+  masked, prefix, region = np.asarray(masked), np.asarray(prefix), np.asarray(region)
+  assert (prefix[np.asarray(batch["token_frames"]) > 1] > 0).all()  # every clip has a prefix
+  after = region & (np.arange(T)[None, :, None, None] >= prefix[:, None, None, None])
+  share = masked.sum((1, 2, 3)) / after.sum((1, 2, 3))
+  np.testing.assert_allclose(float(parts["train/mask_ratio"]), share.mean(), rtol=1e-6)
+  # Each example's masked tokens land in the bucket of the r its share came from.
+  r = np.arccos(np.clip(share, 0, 1)) * 2 / math.pi
+  bucket = np.clip(np.floor(r * len(maskgit_objective.R_BUCKETS)), 0,
+                   len(maskgit_objective.R_BUCKETS) - 1).astype(int)
+  for k, name in enumerate(maskgit_objective.R_BUCKETS):
+    want = masked.sum((1, 2, 3))[bucket == k].sum()
+    assert float(parts[f"bucket_stats/{name}/count"]) == want, name

@@ -1,4 +1,4 @@
-"""Trainer smoke runs: exact resume, outputs, and config errors before compiling."""
+"""Trainer smoke runs: exact resume, outputs, config errors before compiling; dead-code restarts."""
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from phenaki_jax.config import schema
-from phenaki_jax import metrics
+from phenaki_jax import metrics, optimizers, sharding, train_state
 from phenaki_jax.train import train_cvivit
 from tests.helpers import REPO, load_config
 
@@ -115,3 +115,38 @@ def test_tokenizer_api_loads_checkpoint_and_round_trips(uninterrupted):
   assert older.step == 3
   assert not np.allclose(older.params["first_frame_embed"]["kernel"],
                          tok.params["first_frame_embed"]["kernel"])
+
+
+def _codebook_moment(opt_state, name):
+  (leaf,) = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+             if any(getattr(k, "name", None) == name for k in path)
+             and getattr(path[-1], "key", None) == "codebook"]
+  return np.asarray(leaf)
+
+
+def test_a_restarted_code_does_not_keep_the_moments_of_the_code_it_replaced():
+  config = schema.complete(load_config("cvivit", "tiny,l2vq"))
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  noise = np.random.default_rng(0).integers(0, 256, (3, 8, 5, 16, 16, 3), dtype=np.uint8)
+  with sharding.use_mesh(mesh, config.logical_axis_rules):
+    model = train_state.build_cvivit(config)
+    tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
+    _, shardings, init = train_state.cvivit_abstract_state(config, model, tx, mesh)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    step = jax.jit(train_cvivit.make_train_step(model, tx, config))
+    for frames in noise:  # most codes get picked, so get moments of their own
+      state, _, _ = step(state, {"frames": frames})
+    before = _codebook_moment(state.opt_state, "mu")
+    # Every code counts as dead again, and black clips pick few: the others restart.
+    state = state.replace(code_usage=state.code_usage * 0)
+    new_state, parts, _ = step(state, {"frames": np.zeros_like(noise[0])})
+  k = config.model.codebook_size
+  restarted = np.isclose(np.asarray(new_state.code_usage), 1.0 / k)
+  assert restarted.sum() == int(parts["train/vq/restarted_codes"]) > 0
+  moved = restarted & np.abs(before).sum(axis=1).astype(bool)
+  assert moved.any()  # some restarted code had moments of its own
+  mu, nu = (_codebook_moment(new_state.opt_state, n) for n in ("mu", "nu"))
+  assert not mu[restarted].any()
+  np.testing.assert_allclose(nu[restarted], np.broadcast_to(nu[~restarted].mean(axis=0),
+                                                            nu[restarted].shape), rtol=1e-5)
+  assert mu[~restarted].any()
