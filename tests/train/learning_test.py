@@ -10,6 +10,7 @@ from what the working ones reach.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from phenaki_jax import generator as generator_lib
 from phenaki_jax import optimizers, sharding, train_state
@@ -85,6 +86,7 @@ def test_the_tokenizer_memorises_a_few_clips():
   assert (trained > PSNR_BAR_DB).all(), trained
 
 
+@pytest.mark.slow  # 18 s cold: the break check; CI keeps both memorisation tests
 def test_a_tokenizer_whose_encoder_gets_no_gradient_does_not(monkeypatch):
   # Without the straight-through gradient only the commitment term moves the
   # encoder, towards the codes it already picks: the codes stop telling the

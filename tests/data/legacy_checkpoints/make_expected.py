@@ -1,3 +1,5 @@
+# expected.npz's tokens were regenerated on 2026-12-02 (issue 25), when every sample
+# got its own key (seed + index): the same checkpoints, the same frames and codes.
 import numpy as np
 from phenaki_jax.tokenizer import Tokenizer
 from phenaki_jax.generator import Generator, SamplingOptions
