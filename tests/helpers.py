@@ -126,3 +126,14 @@ def prepare_media(out, **overrides):
                      resolution=16, num_frames=5, num_workers=1, progress=False))
   config.update(overrides)
   return prepare.run(config, str(out))
+
+
+def tokenizer_train_state(config, mesh):
+  """(model, optimizer, initial TokenizerState on `mesh`) of a completed cvivit config, as the
+  trainer builds them; call it inside sharding.use_mesh(mesh, config.logical_axis_rules)."""
+  import jax
+  from phenaki_jax import optimizers, train_state
+  model = train_state.build_cvivit(config)
+  tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
+  _, shardings, init = train_state.cvivit_abstract_state(config, model, tx, mesh)
+  return model, tx, jax.jit(init, out_shardings=shardings)(jax.random.key(0))

@@ -283,6 +283,24 @@ def _wait_for(logs: list[str], procs, text: str, timeout_s: float) -> bool:
   return False
 
 
+def _sigterm_process_1_once(procs, ready, timeout_s: float, exit_timeout_s: float) -> None:
+  """Waits until ready() (or a process exits, or timeout_s), then SIGTERMs process 1 only
+  and gives every process exit_timeout_s to exit."""
+  deadline = time.monotonic() + timeout_s
+  while not ready() and time.monotonic() < deadline:
+    if any(p.poll() is not None for p in procs):
+      return
+    time.sleep(0.1)
+  if any(p.poll() is not None for p in procs):
+    return
+  procs[1].send_signal(signal.SIGTERM)
+  for p in procs:
+    try:
+      p.wait(timeout=exit_timeout_s)
+    except subprocess.TimeoutExpired:
+      pass
+
+
 def test_a_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
   port = _free_port()
   logs = [str(tmp_path / f"preempted_{i}.log") for i in range(2)]
@@ -291,12 +309,7 @@ def test_a_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
   try:
     if _wait_for(logs, procs, "ready", 120):
       time.sleep(1.0)  # both are stepping, process 0 well ahead
-      procs[1].send_signal(signal.SIGTERM)
-      for p in procs:
-        try:
-          p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-          pass
+      _sigterm_process_1_once(procs, lambda: True, 0, 60)
   finally:
     texts = _stop(procs, handles, logs)
   tails = _tails(logs, [p.returncode for p in procs], texts)
@@ -317,18 +330,7 @@ def test_the_trainer_on_two_processes_saves_one_step_on_a_sigterm_and_resumes_fr
   logs = [str(tmp_path / f"sigterm_{i}.log") for i in range(2)]
   procs, handles = _start(_commands(workdir, "--config.total_steps=1000"), logs)
   try:
-    start = time.monotonic()
-    while not _committed(workdir, 2) and time.monotonic() < start + 300:
-      if any(p.poll() is not None for p in procs):
-        break
-      time.sleep(0.1)
-    if all(p.poll() is None for p in procs):
-      procs[1].send_signal(signal.SIGTERM)
-      for p in procs:
-        try:
-          p.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-          pass
+    _sigterm_process_1_once(procs, lambda: _committed(workdir, 2), 300, 120)
   finally:
     texts = _stop(procs, handles, logs)
   tails = _tails(logs, [p.returncode for p in procs], texts)

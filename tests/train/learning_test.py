@@ -20,7 +20,7 @@ from phenaki_jax.eval import recon
 from phenaki_jax.models import quantizer
 from phenaki_jax.text import encoder as text_encoder
 from phenaki_jax.train import train_cvivit, train_maskgit
-from tests.helpers import load_config
+from tests.helpers import load_config, tokenizer_train_state
 
 # --- The tokenizer memorises a few clips.
 
@@ -55,10 +55,7 @@ def _train_tokenizer_on(clips, config):
   """(PSNR per clip before training, after config.total_steps steps on the one batch)."""
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    model = train_state.build_cvivit(config)
-    tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-    _, shardings, init = train_state.cvivit_abstract_state(config, model, tx, mesh)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    model, tx, state = tokenizer_train_state(config, mesh)
     psnr = jax.jit(lambda params: _psnr_per_clip(model, params, clips))
     untrained = np.asarray(psnr(state.params))
     step = jax.jit(train_cvivit.make_train_step(model, tx, config))

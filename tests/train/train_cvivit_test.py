@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from phenaki_jax.config import schema
-from phenaki_jax import metrics, optimizers, sharding, train_state
+from phenaki_jax import metrics, sharding
 from phenaki_jax.train import train_cvivit
-from tests.helpers import REPO, load_config
+from tests.helpers import REPO, load_config, tokenizer_train_state
 
 
 def _losses(workdir):
@@ -129,10 +129,7 @@ def test_a_restarted_code_does_not_keep_the_moments_of_the_code_it_replaced():
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   noise = np.random.default_rng(0).integers(0, 256, (3, 8, 5, 16, 16, 3), dtype=np.uint8)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    model = train_state.build_cvivit(config)
-    tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-    _, shardings, init = train_state.cvivit_abstract_state(config, model, tx, mesh)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    model, tx, state = tokenizer_train_state(config, mesh)
     step = jax.jit(train_cvivit.make_train_step(model, tx, config))
     for frames in noise:  # most codes get picked, so get moments of their own
       state, _, _ = step(state, {"frames": frames})
