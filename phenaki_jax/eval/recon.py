@@ -116,7 +116,7 @@ def lpips_frame_indices(num_frames: int, frames_per_clip: int) -> tuple[int, ...
   return tuple(int(i) for i in np.round(np.linspace(0, num_frames - 1, frames_per_clip)))
 
 
-def _batch_metrics(lpips_params: Any, inputs: jax.Array, recons: jax.Array, *,
+def clip_metrics(lpips_params: Any, inputs: jax.Array, recons: jax.Array, *,
                    lpips_net: str | None, lpips_frames: tuple[int, ...]) -> dict[str, jax.Array]:
   """Per-clip PSNR / SSIM / LPIPS of a batch: uint8 inputs, [-1, 1] float recons."""
   x = inputs.astype(jnp.float32) / 255.0
@@ -145,7 +145,7 @@ def _batch_eval(lpips_params: Any, inputs: jax.Array, recons: jax.Array, *,
                 ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
   """(per-clip metrics, uint8 reconstructions, clipped float reconstructions) of a batch."""
   recons = _clipped(recons)
-  metrics = _batch_metrics(lpips_params, inputs, recons, lpips_net=lpips_net,
+  metrics = clip_metrics(lpips_params, inputs, recons, lpips_net=lpips_net,
                            lpips_frames=lpips_frames)
   return metrics, jnp.round((recons + 1.0) * 127.5).astype(jnp.uint8), recons
 

@@ -558,3 +558,21 @@ def test_data_position_from_other_process_count(tmp_path, positions, first_batch
   np.testing.assert_array_equal(restored["w"], state["w"])
   # Agreeing positions carry over; disagreeing ones restart the data.
   np.testing.assert_array_equal(next(it), first_batch)
+
+
+# --- Frame prediction on 1 and on 2 processes.
+
+@pytest.mark.slow
+def test_frame_prediction_on_two_processes_reports_the_figures_of_one(generator_layouts):
+  root, _, generators = generator_layouts
+  flags = ("--config=configs/eval.py:frame_prediction_tiny", "--config.batch_size=4",
+           f"--config.generator.workdir={generators['1x4']}", "--distributed_timeout_s=300")
+  reports = _run_layouts(root, "frame_prediction", flags)
+  figures = {}
+  for layout, workdir in reports.items():
+    name, = [n for n in os.listdir(workdir) if n.endswith(".json")]
+    with open(os.path.join(workdir, name)) as f:
+      figures[layout] = json.load(f)["metrics"]
+  assert sorted(figures["2x2"]) == sorted(figures["1x4"])
+  for key, value in figures["1x4"].items():
+    np.testing.assert_allclose(figures["2x2"][key], value, rtol=1e-4, err_msg=key)
