@@ -120,11 +120,12 @@ def _token_grid_per_caption(config):
   return rng.integers(0, config.model.codebook_size, (len(CAPTIONS),) + grid).astype(np.int32)
 
 
-def _train_generator_and_sample(config, grids, scales):
-  """{guidance scale: tokens sampled for the training batch's captions} after training on it."""
-  copies = config.input.batch_size // len(CAPTIONS)
-  text = text_encoder.build_text_encoder(config.text)
-  ids, mask = text.tokenizer.encode_batch(list(CAPTIONS) * copies, config.text.max_length)
+def _trained_generator(config, text, codes_of_step):
+  """(model, params) after config.total_steps train steps; step i trains on codes_of_step(i).
+
+  Every step's batch is those codes with the caption ids and mask that
+  codes_of_step returns beside them: (codes, text_ids, text_mask).
+  """
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     model = train_state.build_maskgit(config)
@@ -132,25 +133,38 @@ def _train_generator_and_sample(config, grids, scales):
     _, shardings, init = train_state.maskgit_abstract_state(config, model, text, tx, mesh)
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     step = jax.jit(train_maskgit.make_train_step(model, text, None, tx, config))
-    batch = {"codes": jnp.asarray(np.tile(grids, (copies, 1, 1, 1))),
-             "text_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask)}
     frozen = {"tokenizer": {}, "text_encoder": {}}
-    for _ in range(config.total_steps):
+    for i in range(config.total_steps):
+      codes, ids, mask = codes_of_step(i)
+      batch = {"codes": jnp.asarray(codes), "text_ids": jnp.asarray(ids),
+               "text_mask": jnp.asarray(mask)}
       state, _, _ = step(state, batch, frozen)
+  return model, state.params
 
-    sample = jax.jit(generator_lib.sample_fn(model, text),
-                     static_argnames=generator_lib.SAMPLE_STATIC)
-    start = np.full((len(ids),) + grids.shape[1:], model.mask_id, np.int32)
-    key = jax.random.key_data(jax.random.key(0))
-    samples = {}
-    for scale in scales:
-      options = generator_lib.SamplingOptions(guidance_scale=scale)
-      samples[scale] = np.asarray(sample(
-          state.params, {}, ids, mask, key, start, np.int32(options.num_steps),
-          np.float32(options.guidance_scale), np.float32(options.temperature),
-          np.float32(options.choice_temperature), max_steps=options.num_steps, top_k=None,
-          schedule=config.mask_schedule, guidance_schedule=options.guidance_schedule))
-    return samples
+
+def _sample(model, text, params, config, ids, mask, keys, start, guidance_scale):
+  """Tokens decoded from `start` ([MASK] where to generate) at a guidance scale, defaults otherwise."""
+  sample = jax.jit(generator_lib.sample_fn(model, text),
+                   static_argnames=generator_lib.SAMPLE_STATIC)
+  options = generator_lib.SamplingOptions(guidance_scale=guidance_scale)
+  return np.asarray(sample(
+      params, {}, ids, mask, keys, start, np.int32(options.num_steps),
+      np.float32(options.guidance_scale), np.float32(options.temperature),
+      np.float32(options.choice_temperature), max_steps=options.num_steps, top_k=None,
+      schedule=config.mask_schedule, guidance_schedule=options.guidance_schedule))
+
+
+def _train_generator_and_sample(config, grids, scales):
+  """{guidance scale: tokens sampled for the training batch's captions} after training on it."""
+  copies = config.input.batch_size // len(CAPTIONS)
+  text = text_encoder.build_text_encoder(config.text)
+  ids, mask = text.tokenizer.encode_batch(list(CAPTIONS) * copies, config.text.max_length)
+  codes = np.tile(grids, (copies, 1, 1, 1))
+  model, params = _trained_generator(config, text, lambda _: (codes, ids, mask))
+  start = np.full((len(ids),) + grids.shape[1:], model.mask_id, np.int32)
+  key = jax.random.key_data(jax.random.key(0))
+  return {scale: _sample(model, text, params, config, ids, mask, key, start, scale)
+          for scale in scales}
 
 
 def _agreement(tokens, grids):
@@ -213,35 +227,19 @@ def _train_continuation_and_sample(config, shuffle_later_frames=False):
   text = text_encoder.build_text_encoder(config.text)
   ids, mask = text.tokenizer.encode_batch([CONTINUATION_CAPTION] * b, config.text.max_length)
   train_rng, held_out_rng = np.random.default_rng(1), np.random.default_rng(2)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  with sharding.use_mesh(mesh, config.logical_axis_rules):
-    model = train_state.build_maskgit(config)
-    tx = optimizers.make_optimizer(config.optimizer, config.total_steps)
-    _, shardings, init = train_state.maskgit_abstract_state(config, model, text, tx, mesh)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-    step = jax.jit(train_maskgit.make_train_step(model, text, None, tx, config))
-    frozen = {"tokenizer": {}, "text_encoder": {}}
-    for _ in range(config.total_steps):
-      codes = _clips_by_rule(rule, train_rng, b, grid)
-      if shuffle_later_frames:
-        codes[:, 1:] = codes[train_rng.permutation(b), 1:]
-      batch = {"codes": jnp.asarray(codes), "text_ids": jnp.asarray(ids),
-               "text_mask": jnp.asarray(mask)}
-      state, _, _ = step(state, batch, frozen)
 
-    real = _clips_by_rule(rule, held_out_rng, b, grid)
-    start = np.full(real.shape, model.mask_id, np.int32)
-    start[:, 0] = real[:, 0]  # the given first frame, kept as the window's frozen prefix
-    sample = jax.jit(generator_lib.sample_fn(model, text),
-                     static_argnames=generator_lib.SAMPLE_STATIC)
-    options = generator_lib.SamplingOptions(guidance_scale=CONDITIONAL)
-    keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(i))) for i in range(b)])
-    sampled = np.asarray(sample(
-        state.params, {}, ids, mask, keys, start, np.int32(options.num_steps),
-        np.float32(options.guidance_scale), np.float32(options.temperature),
-        np.float32(options.choice_temperature), max_steps=options.num_steps, top_k=None,
-        schedule=config.mask_schedule, guidance_schedule=options.guidance_schedule))
-    return sampled, real
+  def fresh_clips(_):
+    codes = _clips_by_rule(rule, train_rng, b, grid)
+    if shuffle_later_frames:
+      codes[:, 1:] = codes[train_rng.permutation(b), 1:]
+    return codes, ids, mask
+
+  model, params = _trained_generator(config, text, fresh_clips)
+  real = _clips_by_rule(rule, held_out_rng, b, grid)
+  start = np.full(real.shape, model.mask_id, np.int32)
+  start[:, 0] = real[:, 0]  # the given first frame, kept as the window's frozen prefix
+  keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(i))) for i in range(b)])
+  return _sample(model, text, params, config, ids, mask, keys, start, CONDITIONAL), real
 
 
 def _continuation_config():
